@@ -1,0 +1,3 @@
+from cfmjax.cli import run
+
+run()

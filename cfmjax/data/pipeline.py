@@ -1,0 +1,322 @@
+"""From a data config to batches of fixed-length token rows.
+
+    data = build_data(config.data, workdir)
+    it = data.train_iterator(per_host_batch=32,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count(), seed=0)
+    batch = next(it)                 # np.int32 [32, seq_len]
+    state = it.get_state()           # JSON-serialisable; it.set_state(state)
+    eval_batch = data.eval_rows(256) # the same held-out rows every call
+
+Text sources (text files, the bible, TFDS) run through Grain:
+
+    random-access documents -> shard by process -> shuffle -> repeat
+      -> tokenize (+ end-of-document token) -> concatenate-then-split into
+         rows of seq_len -> batch
+
+Rows are plain token windows (no next-token shift): the flow models denoise the
+whole row. The Markov source needs no files: row i is a pure function of i.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import os
+import sys
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from cfmjax.data import sources
+from cfmjax.data.markov import MarkovSource
+from cfmjax.data.tokenizer import IdentityTokenizer
+from cfmjax.data.tokenizer import SentencePieceTokenizer
+from cfmjax.data.tokenizer import train_sentencepiece
+
+SOURCES = ("markov", "text", "tfds", "bible")
+_TOKENS = "tokens"
+_SPLIT_SEED = 0
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every data option, with its default (each one settable from the CLI)."""
+  config = ml_collections.ConfigDict()
+  config.source = "bible"  # One of SOURCES.
+  config.seq_len = 128
+  config.shuffle_seed = 0
+  config.cache_dir = ""  # "" -> $CFMJAX_CACHE or ~/.cache/cfmjax.
+  config.heldout_fraction = 0.02  # Of the documents, for text and bible.
+  config.max_doc_chars = 1_000_000  # Longer text-file documents are split.
+
+  config.markov = ml_collections.ConfigDict()
+  config.markov.vocab_size = 16
+  config.markov.order = 2
+  config.markov.concentration = 0.3
+  config.markov.seed = 0
+
+  config.text = ml_collections.ConfigDict()
+  config.text.paths = ""  # A path, a glob, or a comma-separated list.
+
+  config.tfds = ml_collections.ConfigDict()
+  config.tfds.name = ""
+  config.tfds.data_dir = ""
+  config.tfds.train_split = "train"
+  config.tfds.eval_split = "validation"
+  config.tfds.text_key = "text"
+
+  config.tokenizer = ml_collections.ConfigDict()
+  config.tokenizer.vocab_size = 2048  # An upper bound for tiny corpora.
+  config.tokenizer.model_type = "bpe"
+  config.tokenizer.model_path = ""  # A trained .model to load instead.
+  config.tokenizer.max_train_docs = 200_000
+  return config
+
+
+# Grain may pickle the transformations into worker processes, so they are
+# small classes rather than closures.
+
+
+class _Tokenize:
+  """Document text -> {"tokens": int32 ids + [eod]}."""
+
+  def __init__(self, tokenizer: SentencePieceTokenizer):
+    self._tokenizer = tokenizer
+
+  def __call__(self, text: str) -> dict[str, np.ndarray]:
+    ids = self._tokenizer.encode(text)
+    ids.append(self._tokenizer.eod_id)
+    return {_TOKENS: np.asarray(ids, np.int32)}
+
+
+def _is_full_row(packed: dict[str, np.ndarray]) -> bool:
+  # The packer pads the very last row of a finite stream; segment id 0 marks
+  # padding. A padded row would teach the model a run of token 0.
+  return bool(packed[f"{_TOKENS}_segment_ids"].all())
+
+
+def _tokens_of(packed: dict[str, np.ndarray]) -> np.ndarray:
+  return packed[_TOKENS]
+
+
+class _MarkovRows:
+  """A batch of global row indices -> int32 [batch, seq_len] Markov rows."""
+
+  def __init__(self, markov: MarkovSource, seq_len: int, stream: int):
+    self._markov = markov
+    self._seq_len = seq_len
+    self._stream = stream
+
+  def __call__(self, indices: np.ndarray) -> np.ndarray:
+    return self._markov.rows(indices.tolist(), self._seq_len, "train",
+                             stream=self._stream)
+
+
+@dataclasses.dataclass
+class Data:
+  """A dataset ready to be iterated: the vocabulary follows the data.
+
+  Attributes:
+    source_name: "markov", "text", "tfds" or "bible".
+    seq_len: tokens per row.
+    vocab_size: the model's vocabulary size: the Markov chain's, or the
+      tokenizer's.
+    tokenizer: turns rows back into text (and text into ids).
+    markov: the chain, for exact likelihoods; None for text.
+    stats: counts from preparation, for logging (documents, bad bytes, ...).
+    train_records / eval_records: random-access document texts (text sources).
+  """
+  source_name: str
+  seq_len: int
+  vocab_size: int
+  tokenizer: SentencePieceTokenizer | IdentityTokenizer
+  markov: MarkovSource | None
+  stats: dict
+  train_records: Sequence[str] | None = dataclasses.field(
+      default=None, repr=False)
+  eval_records: Sequence[str] | None = dataclasses.field(
+      default=None, repr=False)
+
+  def train_iterator(self, per_host_batch: int, process_index: int = 0,
+                     process_count: int = 1, seed: int = 0,
+                     num_epochs: int | None = None) -> grain.DatasetIterator:
+    """Batches of training rows, np.int32 [per_host_batch, seq_len].
+
+    Each process reads its own disjoint shard (record i belongs to process
+    i % process_count). The stream is a deterministic function of (seed,
+    process_index, process_count); `get_state()` is JSON-serialisable and
+    `set_state()` resumes exactly.
+
+    Args:
+      per_host_batch: rows per batch on this process.
+      process_index: this process, in [0, process_count).
+      process_count: how many processes share the data.
+      seed: the shuffle seed (for Markov: which rows are drawn).
+      num_epochs: passes over the documents; None repeats forever. Ignored
+        for Markov, whose stream of fresh rows is endless.
+    """
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} must lie in "
+                       f"[0, process_count={process_count}).")
+    if per_host_batch < 1:
+      raise ValueError(f"per_host_batch must be >= 1, got {per_host_batch}.")
+    if self.markov is not None:
+      return self._markov_iterator(per_host_batch, process_index,
+                                   process_count, seed)
+    return self._text_iterator(per_host_batch, process_index, process_count,
+                               seed, num_epochs)
+
+  def _markov_iterator(self, per_host_batch, process_index, process_count,
+                       seed):
+    # An (effectively) endless range of global row ids; row i is drawn from
+    # its own seed, so sharding by id gives disjoint rows across processes.
+    rows = grain.MapDataset.range(0, sys.maxsize)
+    rows = rows[process_index::process_count]
+    batches = rows.batch(per_host_batch, drop_remainder=True)
+    batches = batches.map(_MarkovRows(self.markov, self.seq_len, stream=seed))
+    return iter(batches.to_iter_dataset())
+
+  def _text_iterator(self, per_host_batch, process_index, process_count, seed,
+                     num_epochs):
+    docs = grain.MapDataset.source(self.train_records)
+    docs = docs[process_index::process_count]
+    if not len(docs):
+      raise ValueError(
+          f"the training split has {len(self.train_records)} documents, too "
+          f"few to give each of {process_count} processes one.")
+    docs = docs.shuffle(seed=seed).repeat(num_epochs)
+    tokens = docs.map(_Tokenize(self.tokenizer)).to_iter_dataset()
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        tokens, length_struct={_TOKENS: self.seq_len})
+    rows = packed.filter(_is_full_row).map(_tokens_of)
+    return iter(rows.batch(per_host_batch, drop_remainder=True))
+
+  def eval_rows(self, num_rows: int) -> np.ndarray:
+    """The first `num_rows` held-out rows, int32 [num_rows, seq_len].
+
+    Deterministic: the held-out documents are read in order and packed the way
+    training rows are (joined by the end-of-document token), so every call
+    returns the same rows.
+    """
+    if self.markov is not None:
+      return self.markov.rows(range(num_rows), self.seq_len, "validation")
+    needed = num_rows * self.seq_len
+    stream, num_tokens = [], 0
+    for index in range(len(self.eval_records)):
+      if num_tokens >= needed:
+        break
+      ids = self.tokenizer.encode(self.eval_records[index])
+      ids.append(self.tokenizer.eod_id)
+      stream.append(np.asarray(ids, np.int32))
+      num_tokens += len(ids)
+    if num_tokens < needed:
+      raise ValueError(
+          f"the held-out split has {num_tokens} tokens "
+          f"({num_tokens // self.seq_len} rows of {self.seq_len}); "
+          f"{num_rows} rows were asked for. Ask for fewer eval rows or raise "
+          "data.heldout_fraction (or use a bigger eval split).")
+    return np.concatenate(stream)[:needed].reshape(num_rows, self.seq_len)
+
+
+def _cache_dir(config: ml_collections.ConfigDict) -> str:
+  return os.path.expanduser(config.cache_dir or os.environ.get(
+      "CFMJAX_CACHE", "~/.cache/cfmjax"))
+
+
+def _tokenizer_for(config: ml_collections.ConfigDict,
+                   train_records: Sequence[str],
+                   default_path: str) -> SentencePieceTokenizer:
+  """Loads the configured tokenizer, or trains (and caches) one."""
+  tok_config = config.tokenizer
+  if tok_config.model_path:
+    return SentencePieceTokenizer(os.path.expanduser(tok_config.model_path))
+  if os.path.exists(default_path):
+    logging.info("Reusing the tokenizer %s.", default_path)
+    return SentencePieceTokenizer(default_path)
+  # Spread the training documents over the whole split: the start of a
+  # corpus is rarely representative (a bible starts with Genesis).
+  num_docs = min(len(train_records), tok_config.max_train_docs)
+  picks = np.linspace(0, len(train_records), num_docs, endpoint=False)
+  return train_sentencepiece(
+      (train_records[int(i)] for i in picks), default_path,
+      vocab_size=tok_config.vocab_size, model_type=tok_config.model_type)
+
+
+def build_data(data_config: ml_collections.ConfigDict,
+               workdir: str | None) -> Data:
+  """Prepares the configured source (once; later calls reuse the cache).
+
+  Args:
+    data_config: see `default_data_config`.
+    workdir: the run's directory; a trained tokenizer is kept there as
+      tokenizer.model (in the cache directory when None).
+  """
+  config = data_config
+  if config.source not in SOURCES:
+    raise ValueError(
+        f"data.source must be one of {SOURCES}, got {config.source!r}.")
+  if config.seq_len < 1:
+    raise ValueError(f"data.seq_len must be >= 1, got {config.seq_len}.")
+
+  if config.source == "markov":
+    markov = MarkovSource(config.markov.vocab_size, config.markov.order,
+                          config.markov.concentration, config.markov.seed)
+    stats = {
+        "entropy_rate": markov.entropy_rate(),
+        "expected_nll_per_token": markov.expected_nll_per_token(
+            config.seq_len),
+    }
+    logging.info("Markov source V=%d order=%d: %.4f nats/token at best.",
+                 markov.vocab_size, markov.order,
+                 stats["expected_nll_per_token"])
+    return Data("markov", config.seq_len, markov.vocab_size,
+                IdentityTokenizer(markov.vocab_size), markov, stats)
+
+  cache_dir = _cache_dir(config)
+  if config.source == "tfds":
+    if not config.tfds.name:
+      raise ValueError("data.source='tfds' needs data.tfds.name.")
+    args = (config.tfds.data_dir, config.tfds.text_key)
+    train = sources.tfds_source(config.tfds.name, config.tfds.train_split,
+                                *args)
+    evals = sources.tfds_source(config.tfds.name, config.tfds.eval_split,
+                                *args)
+    stats = {"train_documents": len(train), "validation_documents": len(evals)}
+    tokenizer_dir = os.path.join(
+        cache_dir, "tfds-" + config.tfds.name.replace("/", "_"))
+  else:
+    if config.source == "bible":
+      name = sources.BIBLE_CORPUS_NAME
+      source_stats = {}
+
+      def documents():
+        yield from sources.bible_documents()
+    else:
+      name = sources.text_corpus_name(config.text.paths, config.max_doc_chars)
+      source_stats = {}
+
+      def documents():
+        yield from sources.text_documents(
+            config.text.paths, source_stats, config.max_doc_chars)
+
+    # The held-out split has a fixed seed: it must not move when a run changes
+    # its shuffle seed, or eval numbers would stop being comparable.
+    stats = sources.prepare_corpus(name, documents(), cache_dir,
+                                   config.heldout_fraction, _SPLIT_SEED,
+                                   source_stats)
+    train = sources.corpus_split(stats["corpus_dir"], "train")
+    evals = sources.corpus_split(stats["corpus_dir"], "validation")
+    tokenizer_dir = stats["corpus_dir"]
+
+  if workdir is not None:
+    tokenizer_path = os.path.join(workdir, "tokenizer.model")
+  else:
+    tok = config.tokenizer
+    tokenizer_path = os.path.join(
+        tokenizer_dir, f"tokenizer-{tok.model_type}-{tok.vocab_size}-"
+        f"{tok.max_train_docs}.model")
+  tokenizer = _tokenizer_for(config, train, tokenizer_path)
+  logging.info("Data %s: %d train / %d held-out documents, vocab %d.",
+               config.source, len(train), len(evals), tokenizer.vocab_size)
+  return Data(config.source, config.seq_len, tokenizer.vocab_size, tokenizer,
+              None, stats, train_records=train, eval_records=evals)

@@ -1,0 +1,146 @@
+"""The flow-map distillation objective (SPEC §3): diagonal cross-entropy + a consistency loss.
+
+One network f_θ(x, τ_s, τ_t) is both the denoiser (s = t) and the flow map (s < t). Each batch is
+split: the first `diag_fraction` of the rows keeps training the diagonal with the base flow's
+cross-entropy; the rest draws a time pair s < t and is trained with KL(teacher ‖ ψθ(x_s, s, t)),
+where the teacher (PSD, LSD or ESD, see `distill_losses.py`) is built from a stop-gradient copy of the
+network: either the live student or its EMA (`distill.teacher`).
+
+Time pairs are drawn in model time τ (gap d ~ U(0, 1), s ~ U(0, 1 − d), t = s + d, PSD's u the
+midpoint), with the boundary pair (0, 1) at probability `boundary_prob`; the flow algebra is in
+γ = g(τ). For LSD and ESD, t is capped at `t_max` < 1, where their identities degenerate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cfmjax import corruption, distill_losses, losses
+
+LOSSES = ("psd", "lsd", "esd")
+MODES = ("two_stage", "joint")
+TEACHERS = ("ema", "student")
+
+
+def validate(config):
+  d = config.distill
+  if d.loss not in LOSSES:
+    raise ValueError(f"unknown distill.loss={d.loss!r}; choose one of {LOSSES}")
+  if d.mode not in MODES:
+    raise ValueError(f"unknown distill.mode={d.mode!r}; choose one of {MODES}")
+  if d.teacher not in TEACHERS:
+    raise ValueError(f"unknown distill.teacher={d.teacher!r}; choose one of {TEACHERS}")
+  if d.mode == "two_stage" and not config.init_from:
+    raise ValueError("distill.mode='two_stage' needs --config.init_from=<base-flow workdir or exported "
+                     "checkpoint>; use distill.mode='joint' to train from scratch")
+  if d.loss in ("lsd", "esd") and config.model.attention == "cudnn":
+    raise ValueError(f"distill.loss={d.loss!r} differentiates the network forward (jax.jvp), which the "
+                     "fused cuDNN attention kernel does not support; set --config.model.attention=xla")
+  if d.gradient_surgery and d.loss != "psd":
+    raise ValueError("distill.gradient_surgery is implemented for psd only")
+  if not 0.0 <= d.diag_fraction < 1.0:
+    raise ValueError(f"distill.diag_fraction must lie in [0, 1), got {d.diag_fraction}")
+
+
+def num_diagonal_rows(batch_size: int, diag_fraction: float) -> int:
+  return int(round(batch_size * diag_fraction))
+
+
+def sample_time_pairs(rng, num: int, boundary_prob: float, t_max: float = 1.0):
+  """(τ_s, τ_u, τ_t) for `num` rows: s < u < t, u the midpoint; (0, 1) with prob `boundary_prob`."""
+  rng_gap, rng_start, rng_boundary = jax.random.split(rng, 3)
+  gap = jax.random.uniform(rng_gap, (num,), minval=1e-3, maxval=1.0)
+  start = jax.random.uniform(rng_start, (num,)) * (1.0 - gap)
+  boundary = jax.random.uniform(rng_boundary, (num,)) < boundary_prob
+  tau_s = jnp.where(boundary, 0.0, start)
+  tau_t = jnp.where(boundary, 1.0, start + gap)
+  tau_t = jnp.minimum(tau_t, t_max)
+  return tau_s, 0.5 * (tau_s + tau_t), tau_t
+
+
+def make_losses(apply_fn, schedule, vocab_size: int, config):
+  """Returns (diagonal_loss, consistency_loss), each f(params, teacher_params, tokens, rng) -> (loss, metrics)."""
+  d = config.distill
+  t_max = 1.0 if d.loss == "psd" else d.t_max
+
+  def diagonal_loss(params, teacher_params, tokens, rng):
+    del teacher_params
+    return losses.flow_matching_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
+                                     vocab_size=vocab_size, adaptive_weighting=config.flow.adaptive_weighting,
+                                     weight_power=config.flow.weight_power,
+                                     weight_offset=config.flow.weight_offset)
+
+  def consistency_loss(params, teacher_params, tokens, rng):
+    rng_time, rng_noise = jax.random.split(rng)
+    tau_s, tau_u, tau_t = sample_time_pairs(rng_time, tokens.shape[0], d.boundary_prob, t_max)
+    gamma_s, gamma_u, gamma_t = schedule.gamma(tau_s), schedule.gamma(tau_u), schedule.gamma(tau_t)
+    x = corruption.noisy_state(rng_noise, tokens, gamma_s, vocab_size)
+
+    # The teacher network in flow time γ (what the identities of SPEC §3 differentiate).
+    net = lambda x, gs, gt: apply_fn(teacher_params, x, schedule.tau(gs), schedule.tau(gt))
+    if d.loss == "psd":
+      teacher = distill_losses.psd_teacher(net, x, gamma_s, gamma_u, gamma_t)
+    elif d.loss == "lsd":
+      teacher = distill_losses.lsd_teacher(net, x, gamma_s, gamma_t, d.min_ratio)
+    else:
+      teacher = distill_losses.esd_teacher(net, x, gamma_s, gamma_t, d.min_ratio)
+    teacher = jax.lax.stop_gradient(teacher)
+
+    student_logits = apply_fn(params, x, tau_s, tau_t)
+    kl = distill_losses.kl_to_teacher(teacher, student_logits)
+    if d.adaptive_weighting:  # the detached weight of SPEC §2 with the teacher in place of x1
+      probs = jax.nn.softmax(student_logits, axis=-1)
+      weight = jax.lax.stop_gradient(
+          (jnp.sum(jnp.square(probs - teacher), axis=-1) + config.flow.weight_offset) ** (-config.flow.weight_power))
+    else:
+      weight = jnp.ones_like(kl)
+    loss = jnp.mean(weight * kl)
+    return loss, {"consistency_kl": jnp.mean(kl)}
+
+  return diagonal_loss, consistency_loss
+
+
+def project_conflict(g_cons, g_diag):
+  """Gradient surgery: removes from g_cons its component along g_diag when the two conflict."""
+  dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_cons), jax.tree_util.tree_leaves(g_diag)))
+  norm_sq = sum(jnp.vdot(b, b) for b in jax.tree_util.tree_leaves(g_diag))
+  coef = jnp.where(dot < 0.0, dot / jnp.maximum(norm_sq, 1e-30), 0.0)
+  return jax.tree_util.tree_map(lambda a, b: a - coef * b, g_cons, g_diag), dot < 0.0
+
+
+def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
+  """(params, tokens, rng, ema_params) -> (grads, metrics) for the distillation stage."""
+  d = config.distill
+  diagonal_loss, consistency_loss = make_losses(apply_fn, schedule, vocab_size, config)
+  num_diag = num_diagonal_rows(config.train.batch_size, d.diag_fraction)
+
+  def split(tokens):
+    return tokens[:num_diag], tokens[num_diag:]
+
+  def grad_fn(params, tokens, rng, ema_params):
+    teacher_params = ema_params if d.teacher == "ema" else jax.lax.stop_gradient(params)
+    rng_diag, rng_cons = jax.random.split(rng)
+    diag_tokens, cons_tokens = split(tokens)
+    n_diag, n_cons = diag_tokens.shape[0], cons_tokens.shape[0]
+    frac = n_diag / (n_diag + n_cons)
+
+    cons_grad = jax.value_and_grad(consistency_loss, has_aux=True)
+    (cons, cons_metrics), g_cons = cons_grad(params, teacher_params, cons_tokens, rng_cons)
+    metrics = dict(cons_metrics, consistency_loss=cons)
+    if n_diag == 0:
+      return g_cons, dict(metrics, loss=cons)
+
+    diag_grad = jax.value_and_grad(diagonal_loss, has_aux=True)
+    (diag, diag_metrics), g_diag = diag_grad(params, teacher_params, diag_tokens, rng_diag)
+    metrics.update(diagonal_loss=diag, diagonal_accuracy=diag_metrics["accuracy"])
+    if d.gradient_surgery:
+      g_cons, conflicted = project_conflict(g_cons, g_diag)
+      metrics["surgery_applied"] = conflicted.astype(jnp.float32)
+    # Row-weighted mix, so the total is the mean over the batch's rows of their own losses.
+    grads = jax.tree_util.tree_map(lambda a, b: frac * a + (1 - frac) * b, g_diag, g_cons)
+    metrics["loss"] = frac * diag + (1 - frac) * cons
+    return grads, metrics
+
+  return grad_fn

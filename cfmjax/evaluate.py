@@ -1,0 +1,74 @@
+"""Scoring generated text (SPEC §7): judges, unigram entropy, and the results file.
+
+A record in `eval/results.json` describes one (sampler, steps, judge) evaluation:
+  sampler, steps, judge, num_samples, gen_nll_per_token, gen_ppl, entropy, data_entropy,
+  and for the Markov source entropy_rate (nats/token) and data_nll_per_token (the exact expected
+  per-token NLL of real sequences of this length, the floor gen_nll_per_token is judged against).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def unigram_entropy(tokens) -> float:
+  """Mean over sequences of −Σ_v (c_v/L) ln(c_v/L) over each sequence's own token counts."""
+  tokens = np.asarray(tokens)
+  values = []
+  for row in tokens:
+    counts = np.bincount(row)
+    p = counts[counts > 0] / row.size
+    values.append(float(-np.sum(p * np.log(p))))
+  return float(np.mean(values))
+
+
+def exact_markov_nll(markov, tokens) -> float:
+  """Σ NLL / Σ tokens under the true chain (pooled, as generative perplexity is defined)."""
+  tokens = np.asarray(tokens)
+  return float(-np.sum(markov.log_likelihood(tokens)) / tokens.size)
+
+
+def score(data, tokens, held_out) -> dict:
+  """Judges `tokens` with the best judge the data source offers."""
+  record = {"num_samples": int(len(tokens)), "entropy": unigram_entropy(tokens),
+            "data_entropy": unigram_entropy(held_out)}
+  if data.markov is not None:
+    nll = exact_markov_nll(data.markov, tokens)
+    record.update(judge="exact", gen_nll_per_token=nll, gen_ppl=math.exp(nll),
+                  entropy_rate=data.markov.entropy_rate(),
+                  data_nll_per_token=data.markov.expected_nll_per_token(tokens.shape[1]))
+  else:
+    # Model judges for text (an autoregressive cfmjax model, GPT-2) arrive with the evaluation suite.
+    record.update(judge="none", gen_nll_per_token=None, gen_ppl=None)
+  return record
+
+
+def write_results(path: str, new_records: list[dict]) -> list[dict]:
+  """Merges records into `path`, replacing earlier ones with the same (sampler, steps, judge)."""
+  key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"))
+  records = []
+  if os.path.exists(path):
+    with open(path) as f:
+      records = json.load(f)
+  replaced = {key(r) for r in new_records}
+  records = [r for r in records if key(r) not in replaced] + list(new_records)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(records, f, indent=2)
+  os.replace(tmp, path)
+  return records
+
+
+def format_table(records: list[dict]) -> str:
+  cols = ["sampler", "steps", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
+          "data_entropy", "entropy_rate", "data_nll_per_token"]
+  cols = [c for c in cols if any(c in r for r in records)]
+  fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in records]
+  return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Stage handoff: starting a distillation run from a base-flow workdir.
+
+The flow map shares the base network (SPEC §3), so the distillation run inherits the base run's
+model, data (tokenizer included) and time schedule, and starts from its EMA parameters, restored
+onto the *current* mesh: Orbax reshards on restore, so the base may have been trained on any mesh.
+The optimizer starts fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+
+from cfmjax import checkpointing, experiment, inference
+
+log = logging.getLogger(__name__)
+
+
+def inherit_base_config(config, workdir: str):
+  """Copies model, data and schedule settings from the base run named by `config.init_from`."""
+  base = inference.load_config(config.init_from)
+  with config.unlocked():
+    config.model = base.model
+    config.data = base.data
+    config.flow.schedule = base.flow.schedule
+    tokenizer = os.path.join(config.init_from, "tokenizer.model")
+    if os.path.exists(tokenizer):
+      os.makedirs(workdir, exist_ok=True)
+      local = os.path.join(workdir, "tokenizer.model")
+      if jax.process_index() == 0 and not os.path.exists(local):
+        shutil.copyfile(tokenizer, local)
+      config.data.tokenizer.model_path = os.path.abspath(tokenizer)
+  log.info("distilling from %s: model, data and schedule (%s) taken from its config",
+           config.init_from, config.flow.schedule)
+  return config
+
+
+def load_base_params(exp: experiment.Experiment):
+  """The base run's EMA parameters, restored onto `exp`'s mesh and parameter shardings."""
+  config = exp.config
+  base_config = inference.load_config(config.init_from)
+  base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
+  abstract, _ = experiment.state_layout(exp.init_fn, base_optimizer, exp.mesh, exp.rules,
+                                        config.data.seq_len)
+  ckpt = checkpointing.Checkpointer(os.path.join(config.init_from, "checkpoints"))
+  step = ckpt.latest_step() if config.init_step < 0 else config.init_step
+  if step is None:
+    raise FileNotFoundError(f"init_from={config.init_from} has no checkpoint to distil from")
+  params = ckpt.restore_params(step, abstract)
+  ckpt.close()
+  log.info("initialised from %s step %d (EMA parameters)", config.init_from, step)
+  return params
+
+
+def start_from_base(exp: experiment.Experiment, state):
+  """Replaces a fresh state's params and EMA with the base model's EMA parameters."""
+  params = load_base_params(exp)
+  copy = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
+                 out_shardings=exp.state_shardings["params"])
+  # Two separate buffers: the train step donates the state, and one buffer cannot be donated twice.
+  return dict(state, params=params, ema_params=copy(params))

@@ -1,0 +1,81 @@
+"""Loading a trained model and generating from it (shared by `cfmjax sample` and `cfmjax eval`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from cfmjax import checkpointing, experiment, flow_map, samplers, sharding
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("euler", "flowmap")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a cfmjax workdir written by `cfmjax train`?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load(workdir: str, step: int | None = None):
+  """Returns (experiment, EMA params, step) for the latest (or given) checkpoint in `workdir`.
+
+  The mesh is rebuilt from the saved config; when this machine has a different number of devices,
+  the data axis absorbs the difference, since inference needs no particular layout.
+  """
+  config = load_config(workdir)
+  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
+  if -1 not in sizes and int(np.prod(sizes)) != jax.device_count():
+    log.info("saved mesh %s does not fit %d devices; using data=-1, fsdp=1, tensor=1",
+                 sizes, jax.device_count())
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  exp = experiment.build(config, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (`cfmjax train`)")
+  params = ckpt.restore_params(step, exp.abstract_state)
+  ckpt.close()
+  return exp, params, step
+
+
+def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_size: int):
+  """A jitted function (params, rng) -> tokens [batch_size, L] for the named sampler."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+  length, vocab = exp.config.data.seq_len, exp.vocab_size
+
+  def generate(params, rng):
+    if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
+      jump = lambda x, tau_s, tau_t: exp.apply_fn(params, x, tau_s, tau_t)
+      tokens, _ = flow_map.flowmap_sample(jump, rng, batch_size, length, vocab, exp.schedule, steps)
+    else:  # Euler steps of the base flow's denoiser, the diagonal s = t (SPEC §2)
+      denoise = lambda x, tau: exp.apply_fn(params, x, tau, tau)
+      tokens, _ = samplers.euler_sample(denoise, rng, batch_size, length, vocab, exp.schedule, steps)
+    return tokens
+
+  return jax.jit(generate, in_shardings=(exp.state_shardings["ema_params"], None),
+                 out_shardings=exp.batch_sharding)
+
+
+def generate(exp, params, sampler: str, steps: int, num_samples: int, batch_size: int, seed: int,
+             progress=None) -> np.ndarray:
+  """`num_samples` sequences as int32 [num_samples, L], generated `batch_size` at a time."""
+  dp = sharding.data_parallel_size(exp.mesh, exp.rules)
+  batch_size = max(dp, (min(batch_size, num_samples) + dp - 1) // dp * dp)
+  fn = make_generator(exp, sampler, steps, batch_size)
+  out = []
+  with jax.set_mesh(exp.mesh):
+    for i in range(0, num_samples, batch_size):
+      out.append(np.asarray(jax.device_get(fn(params, jax.random.key(seed + i)))))
+      if progress is not None:
+        progress(min(i + batch_size, num_samples), num_samples)
+  return np.concatenate(out)[:num_samples]

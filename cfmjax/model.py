@@ -1,0 +1,226 @@
+"""The network: a bidirectional DiT-style transformer over per-position vocabulary vectors.
+
+    logits = f_θ(x, τ_s, τ_t)      x: [B, L, V] state, τ_s, τ_t: [B] model times → [B, L, V] logits
+
+The flow map ψ(x, s, t) = softmax(f_θ(x, τ_s, τ_t)) and the denoiser μ(x, t) = ψ(x, t, t) share
+this one network (SPEC §3): the base flow is trained with s = t from day one.
+
+Architecture: linear input projection of the state (no bias, so that it commutes with the affine
+updates of the samplers, SPEC §4), rotary positions, adaLN-zero conditioning on sinusoidal features
+of both times, pre-LN blocks (optionally under `nn.scan`, one compiled layer for any depth), and an
+untied output head. Parameters and activations carry logical axis names; `sharding.py` maps them to
+mesh axes with the rules in the config.
+
+The module is used only through `apply`: callers see a plain function of (params, inputs), which is
+what `jax.jit`, `jax.grad` and `jax.jvp` want.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  time_features: int = 256  # width of each time's sinusoidal embedding
+  dtype: str = "float32"  # activations; parameters are always kept in float32
+  attention: str = "xla"  # 'xla' (differentiable in both modes) | 'cudnn' (fused, reverse-mode only)
+  scan_layers: bool = True
+  remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs only)
+  causal: bool = False  # True only for the autoregressive baseline
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}")
+    if (self.d_model // self.num_heads) % 2:
+      raise ValueError("rotary positions need an even head dimension (d_model / num_heads)")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"unknown model.attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown model.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def model_config_from(config) -> ModelConfig:
+  """Builds a ModelConfig from the `model` section of an experiment config plus the data's vocab."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  kwargs = {k: v for k, v in config.model.items() if k in fields}
+  return ModelConfig(**kwargs)
+
+
+def _dense(features, names, name, zero=False, use_bias=True, dtype=jnp.float32):
+  init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
+  return nn.Dense(features, name=name, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.with_logical_partitioning(init, names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
+
+
+def sinusoidal_features(tau, dim: int, max_period: float = 10_000.0):
+  """Sinusoidal features of τ ∈ [0, 1] (scaled by 1000, as in diffusion models), [B] → [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = 1000.0 * tau.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def rotary_tables(length: int, head_dim: int):
+  """cos/sin tables [L, head_dim/2] for rotary positions."""
+  half = head_dim // 2
+  inv_freq = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x, cos, sin):
+  """Rotates pairs (x_i, x_{i+half}) of x [B, L, N, H] by position-dependent angles."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _layer_norm(x, eps: float = 1e-6):
+  # adaLN supplies the scale and shift, so the norm itself has no parameters (as in DiT).
+  # Statistics in float32 whatever the activation dtype.
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block with adaLN-zero: every residual branch starts switched off."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cond, rope):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    mod = _dense(6 * cfg.d_model, ("embed", "mlp"), "adaln", zero=True, dtype=dtype)(nn.silu(cond))
+    # Gather the modulation over the tensor axis before splitting it six ways: splitting a tensor-
+    # sharded feature axis forces the partitioner into a full rematerialisation.
+    mod = nn.with_logical_constraint(mod, ("batch", None))
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+
+    h = _layer_norm(x) * (1.0 + scale1) + shift1
+    qkv = nn.DenseGeneral(
+        (3, cfg.num_heads, cfg.head_dim), name="qkv", dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 ("embed", None, "heads", "kv")),
+        use_bias=False)(h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=cfg.attention)
+    attn = nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), name="attn_out", dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
+        use_bias=False)(attn)
+    x = x + gate1 * attn
+
+    h = _layer_norm(x) * (1.0 + scale2) + shift2
+    h = _dense(cfg.mlp_dim, ("embed", "mlp"), "mlp_in", dtype=dtype)(h)
+    h = nn.gelu(h)
+    h = _dense(cfg.d_model, ("mlp", "embed"), "mlp_out", dtype=dtype)(h)
+    x = x + gate2 * h
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class ScannedBlock(Block):
+  """The same block with the (carry, per-step output) signature that `nn.scan` expects."""
+
+  @nn.compact
+  def __call__(self, x, cond, rope):
+    return Block.__call__(self, x, cond, rope), None
+
+
+def _remat(block_cls, policy: str, scanned: bool):
+  if policy == "none":
+    return block_cls
+  checkpoint_policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                       if policy == "dots" else None)
+  return nn.remat(block_cls, policy=checkpoint_policy, prevent_cse=not scanned)
+
+
+class FlowTransformer(nn.Module):
+  """f_θ(x, τ_s, τ_t) → logits. See the module docstring."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    # The state's projection W (V × D): the only place the V-dimensional input is touched.
+    self.embed = _dense(cfg.d_model, ("vocab", "embed"), "embed", use_bias=False, dtype=dtype)
+    self.time_in = _dense(cfg.d_model, ("mlp", "embed"), "time_in", dtype=jnp.float32)
+    self.time_out = _dense(cfg.d_model, ("embed", "mlp"), "time_out", dtype=jnp.float32)
+    if cfg.scan_layers:
+      block = _remat(ScannedBlock, cfg.remat, scanned=True)
+      self.blocks = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
+    else:
+      block = _remat(Block, cfg.remat, scanned=False)
+      self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.final_adaln = _dense(2 * cfg.d_model, ("embed", "mlp"), "final_adaln", zero=True, dtype=dtype)
+    self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype=dtype)
+
+  def conditioning(self, tau_s, tau_t):
+    """Both times → one conditioning vector [B, D]."""
+    feats = jnp.concatenate([sinusoidal_features(tau_s, self.config.time_features),
+                             sinusoidal_features(tau_t, self.config.time_features)], axis=-1)
+    return self.time_out(nn.silu(self.time_in(feats)))
+
+  def __call__(self, x, tau_s, tau_t):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    h = self.embed(x.astype(dtype))
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    cond = self.conditioning(tau_s, tau_t).astype(dtype)
+    rope = rotary_tables(x.shape[1], cfg.head_dim)
+    if cfg.scan_layers:
+      h, _ = self.blocks(h, cond, rope)
+    else:
+      for block in self.blocks:
+        h = block(h, cond, rope)
+    final_mod = nn.with_logical_constraint(self.final_adaln(nn.silu(cond)), ("batch", None))
+    shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
+    h = _layer_norm(h) * (1.0 + scale) + shift
+    logits = self.head(h).astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def build(config: ModelConfig):
+  """Returns (init_fn, apply_fn): plain functions of (rng | params, inputs)."""
+  module = FlowTransformer(config)
+
+  def init_fn(rng, batch_size: int, length: int):
+    x = jnp.zeros((batch_size, length, config.vocab_size), jnp.float32)
+    tau = jnp.zeros((batch_size,), jnp.float32)
+    return module.init(rng, x, tau, tau)["params"]
+
+  def apply_fn(params, x, tau_s, tau_t):
+    return module.apply({"params": params}, x, tau_s, tau_t)
+
+  return init_fn, apply_fn
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

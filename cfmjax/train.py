@@ -1,0 +1,254 @@
+"""The trainer for both stages. Reads top to bottom: setup, state, step function, loop, shutdown.
+
+    cfmjax train   --config=experiments/base_flow/markov_tiny.py --workdir=/tmp/w
+    cfmjax distill --config=experiments/flow_map/markov_tiny_psd.py --workdir=/tmp/w2 --config.init_from=/tmp/w
+
+The stage (config.stage) only changes what a step differentiates (`grad_fn_for`) and, for two-stage
+distillation, where the parameters start (`handoff`).
+
+Running it again on the same workdir resumes from the latest checkpoint, data position included.
+SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, writes a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cfmjax import checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib
+from cfmjax import model as model_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Step functions (pure; compiled once per shape).
+
+
+def loss_fn_for(exp: experiment.Experiment):
+  """The base flow's loss: (params, tokens, rng) -> (loss, metrics)."""
+  flow = exp.config.flow
+  return functools.partial(
+      losses.flow_matching_loss, apply_fn=exp.apply_fn, schedule=exp.schedule,
+      vocab_size=exp.vocab_size, adaptive_weighting=flow.adaptive_weighting,
+      weight_power=flow.weight_power, weight_offset=flow.weight_offset)
+
+
+def grad_fn_for(exp: experiment.Experiment):
+  """(params, tokens, rng, ema_params) -> (grads, metrics) for the stage the config describes."""
+  if exp.config.stage == "distill":
+    return distill.make_grad_fn(exp.apply_fn, exp.schedule, exp.vocab_size, exp.config)
+  loss_fn = loss_fn_for(exp)
+
+  def base_grad_fn(params, tokens, rng, ema_params):
+    del ema_params  # the base flow has no teacher
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, rng)
+    return grads, metrics
+
+  return base_grad_fn
+
+
+def step_rng(state):
+  # Randomness is a pure function of (base key, step): a resumed run draws exactly the same noise.
+  return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+
+def ema_update(ema, params, step, max_decay: float):
+  # Warm-up of the decay ((1 + n)/(10 + n)) keeps short runs from averaging in the random init.
+  decay = jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
+  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def make_train_step(exp: experiment.Experiment, grad_fn=None):
+  grad_fn = grad_fn or grad_fn_for(exp)
+
+  def train_step(state, tokens):
+    grads, metrics = grad_fn(state["params"], tokens, step_rng(state), state["ema_params"])
+    updates, opt_state = exp.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step = state["step"]
+    new_state = {
+        "step": step + 1,
+        "params": params,
+        "ema_params": ema_update(state["ema_params"], params, step.astype(jnp.float32),
+                                 exp.config.optim.ema_decay),
+        "opt_state": opt_state,
+        "rng": state["rng"],
+    }
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=exp.learning_rate(step))
+    return new_state, metrics
+
+  return jax.jit(train_step, in_shardings=(exp.state_shardings, exp.batch_sharding),
+                 out_shardings=(exp.state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(exp: experiment.Experiment, loss_fn=None):
+  """Held-out loss of the EMA parameters at fixed noise (comparable across evaluations)."""
+  loss_fn = loss_fn or loss_fn_for(exp)
+
+  def eval_step(params, tokens, rng):
+    return loss_fn(params, tokens, rng)[1]
+
+  return jax.jit(eval_step, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
+
+
+def global_batch(exp: experiment.Experiment, local_rows: np.ndarray) -> jax.Array:
+  """Assembles each process's rows into one array sharded over the mesh's batch axes."""
+  shape = (local_rows.shape[0] * jax.process_count(),) + local_rows.shape[1:]
+  return jax.make_array_from_process_local_data(exp.batch_sharding, local_rows, shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workdir bookkeeping.
+
+
+def write_config(config, workdir: str):
+  """Writes config.json; on resume, logs which settings differ from the saved run."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    changed = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+    if changed:
+      log.warning("config differs from the one saved in %s: %s", path,
+                      ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed))
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. under some test runners): no handler.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the base flow in `workdir`. Returns the last logged metrics."""
+  # --- Setup --------------------------------------------------------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  if config.stage == "distill":
+    distill.validate(config)
+    if config.init_from:
+      config = handoff.inherit_base_config(config, workdir)
+  exp = experiment.build(config, workdir)
+  write_config(exp.config, workdir)
+  cfg = exp.config.train
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  writer = metrics_lib.MetricsWriter(workdir)
+  per_host_batch = cfg.batch_size // jax.process_count()
+  data_iter = exp.data.train_iterator(per_host_batch, jax.process_index(), jax.process_count(),
+                                      seed=exp.config.data.shuffle_seed)
+
+  # --- State: resume from the latest checkpoint, or initialise ------------------------------
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, exp.abstract_state)
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    log.info("resumed from step %d in %s", start, ckpt.directory)
+  else:
+    state = experiment.init_state(exp, exp.config.seed)
+    if exp.config.stage == "distill" and exp.config.distill.mode == "two_stage":
+      state = handoff.start_from_base(exp, state)
+    start = 0
+  log.info("model: %s parameters, vocab %d, seq_len %d", f"{model_lib.count_params(state['params']):,}",
+               exp.vocab_size, exp.config.data.seq_len)
+
+  # --- Step functions -----------------------------------------------------------------------
+  train_step = make_train_step(exp)
+  eval_step = make_eval_step(exp)
+  eval_rows = exp.data.eval_rows(cfg.eval_batch_size) if cfg.eval_every else None
+
+  # --- Loop ---------------------------------------------------------------------------------
+  tokens_per_step = cfg.batch_size * exp.config.data.seq_len
+  progress = metrics_lib.Progress(cfg.num_steps, tokens_per_step, start_step=start)
+  pending = []  # per-step metrics still on device; fetched at log time so dispatch stays async
+  last_logged = {}
+  step = start
+  t_log = time.time()
+  with jax.set_mesh(exp.mesh), StopRequest() as stop:
+    while step < cfg.num_steps:
+      batch = global_batch(exp, np.asarray(next(data_iter)))
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, step_metrics))
+
+      is_last = step == cfg.num_steps
+      if step % cfg.log_every == 0 or is_last or stop.signal_name:
+        fetched = jax.device_get(pending)
+        pending = []
+        for s, m in fetched:
+          if not np.isfinite(m["loss"]):
+            ckpt.close()
+            raise NonFiniteLossError(
+                f"loss is {m['loss']} at step {s}; stopping. The last good checkpoint is step "
+                f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the data.")
+        elapsed = time.time() - t_log
+        t_log = time.time()
+        record = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+        record["steps_per_sec"] = len(fetched) / max(elapsed, 1e-9)
+        record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
+        writer.write(step, record)
+        last_logged = dict(record, step=step)
+        progress.update(step, loss=record["loss"])
+
+      if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
+        m = jax.device_get(eval_step(state["ema_params"], global_batch(exp, eval_rows), jax.random.key(0)))
+        writer.write(step, {f"eval_{k}": v for k, v in m.items()})
+
+      if step % cfg.checkpoint_every == 0 or is_last or stop.signal_name:
+        ckpt.save(step, state, data_iter.get_state(), force=True)
+      if stop.signal_name:
+        log.warning("received %s: wrote checkpoint at step %d, exiting", stop.signal_name, step)
+        break
+
+  # --- Shutdown: make sure the last checkpoint is on disk -----------------------------------
+  ckpt.close()
+  writer.close()
+  return last_logged

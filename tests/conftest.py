@@ -1,0 +1,50 @@
+"""Shared test setup: 8 fake CPU devices (so sharding is exercised) and a tiny Markov config."""
+
+import os
+
+# Must be set before JAX initialises its backend.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from cfmjax.configs import base_config  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """A model small enough that a train step compiles in seconds on 2 cores."""
+  c = base_config()
+  c.data.source = "markov"
+  c.data.seq_len = 16
+  c.data.markov.vocab_size = 8
+  c.data.markov.order = 1
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.mlp_dim = 64
+  c.model.time_features = 16
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 2
+  c.optim.ema_decay = 0.9
+  c.train.batch_size = 16
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 2
+  c.sample.num_samples = 8
+  c.sample.batch_size = 8
+  c.eval.num_samples = 16
+  c.eval.batch_size = 16
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv("CFMJAX_CACHE", str(tmp_path / "cache"))
+  return tmp_path / "cache"

@@ -1,0 +1,58 @@
+"""Every experiment file loads, names only known keys, and describes the model it claims."""
+
+import glob
+import os
+
+import jax
+import pytest
+
+from cfmjax import configs, distill, model, schedules
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "experiments", "**", "*.py"), recursive=True))
+
+
+def test_there_are_configs():
+  names = {os.path.relpath(p, os.path.join(REPO, "experiments")) for p in CONFIG_FILES}
+  for expected in ["base_flow/markov_tiny.py", "base_flow/text_tiny.py", "base_flow/lm1b_170m.py",
+                   "base_flow/owt_170m.py", "flow_map/markov_tiny_psd.py", "flow_map/markov_tiny_lsd.py",
+                   "flow_map/markov_tiny_esd.py", "flow_map/text_tiny_psd.py"]:
+    assert expected in names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.relpath(p, REPO))
+def test_config_is_complete_and_valid(path):
+  c = configs.from_file(path)
+  module_doc = open(path).read().split('"""')[1]
+  assert "cfmjax " in module_doc, "the docstring must give the command that runs this config"
+  # Only keys that base_config() defines (a typo would silently do nothing otherwise).
+  base_keys = set(_flatten(configs.base_config().to_dict()))
+  assert set(_flatten(c.to_dict())) <= base_keys | {"model.vocab_size"}
+  schedules.get_schedule(c.flow.schedule, 8)
+  if c.stage == "distill":
+    with c.unlocked():
+      c.init_from = "/somewhere"
+    distill.validate(c)
+
+
+@pytest.mark.parametrize("name,low,high", [("lm1b_170m", 150e6, 200e6), ("owt_170m", 150e6, 230e6)])
+def test_full_size_configs_have_the_papers_size(name, low, high):
+  c = configs.from_file(os.path.join(REPO, "experiments", "base_flow", f"{name}.py"))
+  with c.unlocked():
+    c.model.vocab_size = c.data.tokenizer.vocab_size
+  init_fn, _ = model.build(model.model_config_from(c))
+  abstract = jax.eval_shape(lambda r: init_fn(r, 1, 8), jax.random.key(0))
+  import flax.linen as nn  # noqa: PLC0415
+
+  n = model.count_params(nn.meta.unbox(abstract))
+  assert low < n < high, n
+
+
+def _flatten(d, prefix=""):
+  out = []
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out += _flatten(v, f"{prefix}{k}.")
+    else:
+      out.append(prefix + k)
+  return out

@@ -1,0 +1,75 @@
+"""Distillation stage: handoff across meshes, each loss runs, config errors, gradient surgery."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfmjax import distill, train
+from tests.conftest import tiny_config
+from tests.test_cli import TINY, cfmjax
+
+
+def test_handoff_from_a_different_mesh_and_each_loss_runs(tmp_path):
+  base = tmp_path / "base"
+  env = {"CFMJAX_CACHE": str(tmp_path)}
+  cfmjax("train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={base}", *TINY,
+         "--config.train.num_steps=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", env_extra=env)
+  for loss in ("psd", "lsd", "esd"):
+    w = tmp_path / loss
+    proc = cfmjax("distill", f"--config=experiments/flow_map/markov_tiny_{loss}.py", f"--workdir={w}",
+                  f"--config.init_from={base}", "--config.train.num_steps=2", "--config.train.batch_size=16",
+                  "--config.train.log_every=1", "--config.mesh.data=8", env_extra=env)
+    assert "initialised from" in proc.stderr
+    records = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["consistency_kl"]) and r["consistency_kl"] >= 0 for r in records)
+    config = json.loads((w / "config.json").read_text())
+    assert config["model"]["d_model"] == 32  # inherited from the base run, not the distill file
+  cfmjax("eval", f"--workdir={tmp_path / 'psd'}", "--sampler=flowmap", "--steps=1,2", "--num_samples=16")
+  results = json.loads((tmp_path / "psd" / "eval" / "results.json").read_text())
+  assert [(r["sampler"], r["steps"]) for r in results] == [("flowmap", 1), ("flowmap", 2)]
+
+
+def _distill_config(**overrides):
+  c = tiny_config(**{"stage": "distill", "distill.mode": "joint", **overrides})
+  return c
+
+
+def test_joint_self_distillation_from_scratch(tmp_path, cache_dir):
+  last = train.train(_distill_config(**{"distill.loss": "esd", "distill.teacher": "student"}),
+                     str(tmp_path / "joint"))
+  assert np.isfinite(last["loss"]) and last["step"] == 4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"distill.mode": "two_stage"}, "needs --config.init_from"),
+    ({"distill.loss": "lsd", "model.attention": "cudnn"}, "does not support"),
+    ({"distill.loss": "xyz"}, "unknown distill.loss"),
+    ({"distill.loss": "esd", "distill.gradient_surgery": True}, "psd only"),
+])
+def test_bad_distill_configs_are_refused(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    distill.validate(_distill_config(**overrides))
+
+
+def test_gradient_surgery_removes_only_the_conflicting_component():
+  g_diag = {"w": jnp.array([1.0, 0.0])}
+  conflicting = {"w": jnp.array([-1.0, 1.0])}
+  projected, applied = distill.project_conflict(conflicting, g_diag)
+  np.testing.assert_allclose(projected["w"], [0.0, 1.0])
+  assert bool(applied)
+  agreeing = {"w": jnp.array([1.0, 1.0])}
+  same, applied = distill.project_conflict(agreeing, g_diag)
+  np.testing.assert_allclose(same["w"], agreeing["w"])
+  assert not bool(applied)
+
+
+def test_time_pairs_are_ordered_and_hit_the_boundary():
+  s, u, t = distill.sample_time_pairs(jax.random.key(0), 10_000, boundary_prob=0.1)
+  s, u, t = map(np.asarray, (s, u, t))
+  assert np.all(s < t) and np.all(s <= u) and np.all(u <= t) and s.min() >= 0 and t.max() <= 1
+  boundary = (s == 0) & (t == 1)
+  assert 0.08 < boundary.mean() < 0.12

@@ -1,0 +1,121 @@
+"""The base flow's math against exact oracles (SPEC §1, §2, §6), not against itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfmjax import corruption, losses, oracles, samplers, schedules
+
+
+@pytest.mark.parametrize("vocab_size", [2, 8, 1000])
+def test_argmax_schedule_matches_monte_carlo(vocab_size):
+  """q(γ) from quadrature equals the frequency with which argmax(x_γ) is the clean token."""
+  rng = np.random.default_rng(0)
+  num = 20_000
+  for gamma in (0.05, 0.2, 0.4, 0.6):
+    eps = rng.standard_normal((num, vocab_size)).astype(np.float32)
+    x = (1 - gamma) * eps
+    x[:, 0] += gamma  # the clean token is 0; by symmetry any token would do
+    freq = np.mean(np.argmax(x, axis=1) == 0)
+    q = schedules.argmax_probability(np.array([gamma]), vocab_size)[0]
+    stderr = np.sqrt(q * (1 - q) / num)
+    assert abs(freq - q) < 4 * stderr + 1e-3, (gamma, freq, q)
+
+
+@pytest.mark.parametrize("name", schedules.SCHEDULES)
+def test_schedules_are_monotone_bijections(name):
+  s = schedules.get_schedule(name, 64)
+  tau = jnp.linspace(0.0, 1.0, 1001)
+  gamma = np.asarray(s.gamma(tau))
+  assert gamma[0] == 0.0 and gamma[-1] == 1.0
+  assert np.all(np.diff(gamma) >= 0)
+  np.testing.assert_allclose(np.asarray(s.tau(s.gamma(tau[1:-1]))), np.asarray(tau[1:-1]), atol=2e-3)
+
+
+def test_argmax_schedule_tau_is_rescaled_accuracy():
+  s = schedules.get_schedule("argmax", 16)
+  gamma = np.array([0.3, 0.5, 0.7])
+  q = schedules.argmax_probability(gamma, 16)
+  np.testing.assert_allclose(np.asarray(s.tau(gamma)), (16 * q - 1) / 15, atol=1e-4)
+
+
+def test_unknown_schedule_is_refused():
+  with pytest.raises(ValueError, match="unknown schedule"):
+    schedules.get_schedule("cosine", 8)
+
+
+def _toy():
+  return oracles.random_finite_support(seed=3, num_sequences=5, length=2, vocab_size=3)
+
+
+def _toy_batch(toy, rng, num):
+  idx = jax.random.choice(rng, len(toy.probs), (num,), p=jnp.asarray(toy.probs))
+  return jnp.asarray(toy.sequences)[idx]
+
+
+def test_exact_denoiser_is_a_probability_and_recovers_data():
+  toy = _toy()
+  x = toy.one_hot()  # at γ → 1 the state is the data itself
+  mu = toy.denoiser(x, jnp.full((len(toy.probs),), 0.999))
+  np.testing.assert_allclose(np.asarray(mu), np.asarray(x), atol=1e-5)
+  noise = jax.random.normal(jax.random.key(0), (7, 2, 3))
+  mu0 = toy.denoiser(noise, jnp.zeros(7))  # at γ = 0 the posterior is the prior
+  expected = np.einsum("k,klv->lv", toy.probs, np.asarray(toy.one_hot()))
+  np.testing.assert_allclose(np.asarray(mu0), np.broadcast_to(expected, mu0.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "mixed"])
+def test_loss_is_lowest_at_the_exact_denoiser(schedule_name):
+  """E[CE] is minimised by the true posterior: every perturbation of it scores worse."""
+  toy = _toy()
+  schedule = schedules.get_schedule(schedule_name, toy.vocab_size)
+  direction = jax.random.normal(jax.random.key(1), (2, 3))
+
+  def apply_fn(perturbation, x, tau_s, tau_t):
+    temperature, shift = perturbation
+    logits = toy.denoiser_logits(x, schedule.gamma(tau_t))
+    logits = jnp.maximum(logits, -30.0)  # keep perturbed logits finite
+    return logits * temperature + shift * direction
+
+  tokens = _toy_batch(toy, jax.random.key(2), 8192)
+  loss = lambda p: losses.flow_matching_loss(p, tokens, jax.random.key(3), apply_fn=apply_fn,
+                                             schedule=schedule, vocab_size=3)[0]
+  exact = float(loss((1.0, 0.0)))
+  for perturbation in [(0.7, 0.0), (1.4, 0.0), (1.0, 0.3), (1.0, -0.3)]:
+    assert float(loss(perturbation)) > exact + 1e-3, perturbation
+
+
+def test_euler_sampler_with_exact_denoiser_reproduces_the_toy_distribution():
+  toy = _toy()
+  schedule = schedules.get_schedule("linear", toy.vocab_size)
+  denoise = lambda x, tau: toy.denoiser_logits(x, schedule.gamma(tau))
+  num = 4000
+  tokens, mu = samplers.euler_sample(denoise, jax.random.key(0), num, 2, 3, schedule, steps=200)
+  tokens = np.asarray(tokens)
+  freq = np.array([np.mean(np.all(tokens == s[None], axis=1)) for s in toy.sequences])
+  assert freq.sum() > 0.99, "samples left the support"
+  tv = 0.5 * np.abs(freq - toy.probs).sum()
+  assert tv < 0.04, (freq, toy.probs)
+  # And a deliberately wrong denoiser (too cold) is detectably off, so the check has teeth.
+  cold = lambda x, tau: 3.0 * jnp.maximum(toy.denoiser_logits(x, schedule.gamma(tau)), -30.0)
+  bad, _ = samplers.euler_sample(cold, jax.random.key(0), num, 2, 3, schedule, steps=200)
+  bad_freq = np.array([np.mean(np.all(np.asarray(bad) == s[None], axis=1)) for s in toy.sequences])
+  assert 0.5 * np.abs(bad_freq - toy.probs).sum() > 2 * tv
+
+
+def test_euler_step_lands_on_the_denoiser_at_the_end():
+  x = jnp.array([[0.3, -1.0, 2.0]])
+  mu = jnp.array([[0.2, 0.5, 0.3]])
+  np.testing.assert_allclose(samplers.euler_step(x, mu, 0.8, 1.0), mu)
+  np.testing.assert_allclose(samplers.euler_step(x, mu, 0.0, 0.0), x)
+
+
+def test_noisy_state_statistics():
+  tokens = jnp.zeros((4000, 1), jnp.int32)
+  gamma = jnp.full((4000,), 0.25)
+  x = corruption.noisy_state(jax.random.key(0), tokens, gamma, 4)
+  np.testing.assert_allclose(np.asarray(x.mean(axis=(0, 1))), [0.25, 0, 0, 0], atol=0.05)
+  np.testing.assert_allclose(np.asarray(x.std(axis=(0, 1))), [0.75] * 4, atol=0.03)
+  tau = corruption.stratified_uniform(jax.random.key(1), 8)
+  assert np.all((np.floor(np.asarray(tau) * 8)) == np.arange(8))
