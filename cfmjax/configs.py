@@ -104,3 +104,29 @@ def from_file(path: str, *args):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
+
+
+def as_distillation(c: ml_collections.ConfigDict, loss: str, *, num_steps: int, lr: float,
+                    warmup_steps: int, ema_decay: float, boundary_prob: float = 0.1,
+                    gradient_surgery: bool = False) -> ml_collections.ConfigDict:
+  """Turns a base-flow config into the two-stage distillation config that starts from its run.
+
+  The model, data and schedule are taken from the base workdir at run time (`handoff.py`); what is
+  set here is the distillation itself and a fresh optimizer.
+  """
+  c.stage = "distill"
+  c.init_from = ""  # set on the command line: --config.init_from=<base workdir>
+  c.distill.mode = "two_stage"
+  c.distill.loss = loss
+  c.distill.diag_fraction = 0.25
+  c.distill.boundary_prob = boundary_prob
+  c.distill.teacher = "ema"
+  c.distill.gradient_surgery = gradient_surgery
+  c.optim.lr = lr
+  c.optim.warmup_steps = warmup_steps
+  c.optim.decay = "constant"
+  c.optim.ema_decay = ema_decay
+  c.train.num_steps = num_steps
+  c.train.eval_every = 0  # the held-out diagonal loss says little about the flow map
+  c.eval.steps = "1,2,4,8"
+  return c

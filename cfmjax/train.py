@@ -168,15 +168,18 @@ class StopRequest:
 # ----------------------------------------------------------------------------------------------
 
 
-def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the base flow in `workdir`. Returns the last logged metrics."""
+def train(config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) `config`'s stage in `workdir` on `devices` (default: all).
+
+  Returns the last logged metrics.
+  """
   # --- Setup --------------------------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
   if config.stage == "distill":
     distill.validate(config)
     if config.init_from:
       config = handoff.inherit_base_config(config, workdir)
-  exp = experiment.build(config, workdir)
+  exp = experiment.build(config, workdir, devices)
   write_config(exp.config, workdir)
   cfg = exp.config.train
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)

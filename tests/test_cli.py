@@ -21,12 +21,12 @@ def cfmjax(*args, env_extra=None):
   return proc
 
 
-def test_train_sample_eval_on_markov(tmp_path):
+def test_train_sample_eval_on_markov(tmp_path, cache_dir):
   workdir = tmp_path / "w"
   base = ["--config=experiments/base_flow/markov_tiny.py", f"--workdir={workdir}",
           "--config.data.markov.vocab_size=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *TINY]
-  cfmjax("train", *base, "--config.train.num_steps=2", env_extra={"CFMJAX_CACHE": str(tmp_path)})
-  proc = cfmjax("train", *base, "--config.train.num_steps=4", env_extra={"CFMJAX_CACHE": str(tmp_path)})
+  cfmjax("train", *base, "--config.train.num_steps=2", env_extra={"CFMJAX_CACHE": str(cache_dir)})
+  proc = cfmjax("train", *base, "--config.train.num_steps=4", env_extra={"CFMJAX_CACHE": str(cache_dir)})
   assert "resumed from step 2" in proc.stderr
 
   for name in ("config.json", "metrics.jsonl", "checkpoints", "tensorboard"):

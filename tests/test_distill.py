@@ -1,36 +1,46 @@
 """Distillation stage: handoff across meshes, each loss runs, config errors, gradient surgery."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import distill, train
+from cfmjax import configs, distill, train
 from tests.conftest import tiny_config
-from tests.test_cli import TINY, cfmjax
+from tests.test_cli import REPO, TINY, cfmjax
 
 
-def test_handoff_from_a_different_mesh_and_each_loss_runs(tmp_path):
+def test_handoff_from_a_different_mesh_and_each_loss_runs(tmp_path, cache_dir):
   base = tmp_path / "base"
-  env = {"CFMJAX_CACHE": str(tmp_path)}
+  env = {"CFMJAX_CACHE": str(cache_dir)}
   cfmjax("train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={base}", *TINY,
          "--config.train.num_steps=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", env_extra=env)
+  # PSD through the command line, on a mesh of another shape than the base run's (2x2x2 -> 8x1x1).
+  psd = tmp_path / "psd"
+  proc = cfmjax("distill", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={psd}",
+                f"--config.init_from={base}", "--config.train.num_steps=2", "--config.train.batch_size=16",
+                "--config.train.log_every=1", "--config.mesh.data=8", env_extra=env)
+  assert "initialised from" in proc.stderr
+  cfmjax("eval", f"--workdir={psd}", "--sampler=flowmap", "--steps=1,2", "--num_samples=16", env_extra=env)
+  results = json.loads((psd / "eval" / "results.json").read_text())
+  assert [(r["sampler"], r["steps"]) for r in results] == [("flowmap", 1), ("flowmap", 2)]
+  # LSD and ESD in process (the same code below the command line), on one device: a third layout.
+  for loss in ("lsd", "esd"):
+    config = configs.from_file(os.path.join(REPO, "experiments", "flow_map", f"markov_tiny_{loss}.py"))
+    with config.unlocked():
+      config.init_from = str(base)
+      config.train.update(num_steps=2, batch_size=16, log_every=1)
+      config.mesh.update(data=1, fsdp=1, tensor=1)
+    train.train(config, str(tmp_path / loss), devices=jax.devices()[:1])
   for loss in ("psd", "lsd", "esd"):
-    w = tmp_path / loss
-    proc = cfmjax("distill", f"--config=experiments/flow_map/markov_tiny_{loss}.py", f"--workdir={w}",
-                  f"--config.init_from={base}", "--config.train.num_steps=2", "--config.train.batch_size=16",
-                  "--config.train.log_every=1", "--config.mesh.data=8", env_extra=env)
-    assert "initialised from" in proc.stderr
-    records = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["consistency_kl"]) and r["consistency_kl"] >= 0 for r in records)
-    config = json.loads((w / "config.json").read_text())
-    assert config["model"]["d_model"] == 32  # inherited from the base run, not the distill file
-  cfmjax("eval", f"--workdir={tmp_path / 'psd'}", "--sampler=flowmap", "--steps=1,2", "--num_samples=16")
-  results = json.loads((tmp_path / "psd" / "eval" / "results.json").read_text())
-  assert [(r["sampler"], r["steps"]) for r in results] == [("flowmap", 1), ("flowmap", 2)]
+    saved = json.loads((tmp_path / loss / "config.json").read_text())
+    assert saved["model"]["d_model"] == 32  # inherited from the base run, not the distill file
 
 
 def _distill_config(**overrides):
@@ -39,8 +49,8 @@ def _distill_config(**overrides):
 
 
 def test_joint_self_distillation_from_scratch(tmp_path, cache_dir):
-  last = train.train(_distill_config(**{"distill.loss": "esd", "distill.teacher": "student"}),
-                     str(tmp_path / "joint"))
+  config = _distill_config(**{"distill.loss": "esd", "distill.teacher": "student", "mesh.data": 1})
+  last = train.train(config, str(tmp_path / "joint"), devices=jax.devices()[:1])
   assert np.isfinite(last["loss"]) and last["step"] == 4
 
 

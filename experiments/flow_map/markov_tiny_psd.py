@@ -16,30 +16,12 @@ entropy close to the data's. Switch `distill.loss` to lsd / esd for the other co
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.configs import as_distillation, from_file
 
 
 def get_config(loss: str = "psd"):
-  # Start from the base run's config file so the two stay in step (the model itself is taken from
-  # the base workdir's config.json at run time).
-  c = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "markov_tiny.py"))
-  c.stage = "distill"
-  c.init_from = ""  # set on the command line: --config.init_from=<base workdir>
-  c.distill.mode = "two_stage"
-  c.distill.loss = loss
-  c.distill.diag_fraction = 0.25
-  c.distill.boundary_prob = 0.1
-  c.distill.teacher = "ema"
-
-  c.optim.lr = 3e-4
-  c.optim.warmup_steps = 50
-  c.optim.decay = "constant"
-  c.optim.ema_decay = 0.99
-
-  c.train.num_steps = 600
+  base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "markov_tiny.py"))
+  c = as_distillation(base, loss, num_steps=600, lr=3e-4, warmup_steps=50, ema_decay=0.99)
   c.train.log_every = 25
-  c.train.eval_every = 0
   c.train.checkpoint_every = 200
-
-  c.eval.steps = "1,2,4,8"
   return c

@@ -12,26 +12,10 @@ Reported (gen PPL under GPT-2 Large at 1 / 2 / 4 steps): collapsed at 1 step (en
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.configs import as_distillation, from_file
 
 
 def get_config():
-  c = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "owt_170m.py"))
-  c.stage = "distill"
-  c.init_from = ""  # --config.init_from=<base workdir>
-  c.distill.mode = "two_stage"
-  c.distill.loss = "esd"
-  c.distill.diag_fraction = 0.25
-  c.distill.boundary_prob = 0.05
-  c.distill.teacher = "ema"
-  c.distill.gradient_surgery = False
-
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 1000
-  c.optim.decay = "constant"
-  c.optim.ema_decay = 0.9999
-
-  c.train.num_steps = 150_000
-  c.train.eval_every = 0
-  c.eval.steps = "1,2,4,8"
-  return c
+  base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "owt_170m.py"))
+  return as_distillation(base, "esd", num_steps=150_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
+                         boundary_prob=0.05, gradient_surgery=False)

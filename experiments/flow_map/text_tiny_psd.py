@@ -12,25 +12,9 @@ grammar at this size) rather than the base flow's blurry few-step output.
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.configs import as_distillation, from_file
 
 
 def get_config():
-  c = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "text_tiny.py"))
-  c.stage = "distill"
-  c.init_from = ""  # --config.init_from=<base workdir>
-  c.distill.mode = "two_stage"
-  c.distill.loss = "psd"
-  c.distill.diag_fraction = 0.25
-  c.distill.boundary_prob = 0.1
-  c.distill.teacher = "ema"
-
-  c.optim.lr = 3e-4
-  c.optim.warmup_steps = 50
-  c.optim.decay = "constant"
-  c.optim.ema_decay = 0.99
-
-  c.train.num_steps = 400
-  c.train.eval_every = 0
-  c.eval.steps = "1,2,4,8"
-  return c
+  base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "text_tiny.py"))
+  return as_distillation(base, "psd", num_steps=400, lr=3e-4, warmup_steps=50, ema_decay=0.99)
