@@ -31,6 +31,9 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Number of sequences to
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences generated per compiled call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (default: latest).")
+_LIKELIHOOD = flags.DEFINE_bool("likelihood", False, "eval: also bound the NLL of held-out rows (SPEC §5).")
+_LIKELIHOOD_POINTS = flags.DEFINE_integer("likelihood_points", 128, "eval: quadrature points in log-SNR.")
+_LIKELIHOOD_ROWS = flags.DEFINE_integer("likelihood_rows", 256, "eval: held-out rows for the bound.")
 
 
 def _steps_list(default) -> list[int]:
@@ -130,6 +133,14 @@ def cmd_eval():
                                 _SEED.value, progress=_progress_bar(f"{_SAMPLER.value} {steps} steps"))
     record = {"sampler": _SAMPLER.value, "steps": steps, "checkpoint_step": step}
     record.update(evaluate.score(exp.data, tokens, held_out))
+    records.append(record)
+    print(json.dumps(record))
+  if _LIKELIHOOD.value:
+    rows = exp.data.eval_rows(_LIKELIHOOD_ROWS.value)
+    record = evaluate.likelihood_bound(exp, params, rows, _LIKELIHOOD_POINTS.value,
+                                       _BATCH_SIZE.value or cfg.batch_size, _SEED.value,
+                                       progress=_progress_bar("likelihood bound"))
+    record["checkpoint_step"] = step
     records.append(record)
     print(json.dumps(record))
   path = os.path.join(workdir, "eval", "results.json")

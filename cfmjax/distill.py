@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cfmjax import corruption, distill_losses, losses
+from cfmjax import corruption, distill_losses, loss_weights, losses
 
 LOSSES = ("psd", "lsd", "esd")
 MODES = ("two_stage", "joint")
@@ -40,6 +40,9 @@ def validate(config):
                      "fused cuDNN attention kernel does not support; set --config.model.attention=xla")
   if d.gradient_surgery and d.loss != "psd":
     raise ValueError("distill.gradient_surgery is implemented for psd only")
+  if d.learned_weighting not in loss_weights.INPUTS:
+    raise ValueError(f"unknown distill.learned_weighting={d.learned_weighting!r}; choose one of "
+                     f"{loss_weights.INPUTS}")
   if not 0.0 <= d.diag_fraction < 1.0:
     raise ValueError(f"distill.diag_fraction must lie in [0, 1), got {d.diag_fraction}")
 
@@ -48,10 +51,14 @@ def num_diagonal_rows(batch_size: int, diag_fraction: float) -> int:
   return int(round(batch_size * diag_fraction))
 
 
-def sample_time_pairs(rng, num: int, boundary_prob: float, t_max: float = 1.0):
-  """(τ_s, τ_u, τ_t) for `num` rows: s < u < t, u the midpoint; (0, 1) with prob `boundary_prob`."""
+def sample_time_pairs(rng, num: int, boundary_prob: float, t_max: float = 1.0, max_gap=1.0):
+  """(τ_s, τ_u, τ_t) for `num` rows: s < u < t, u the midpoint; (0, 1) with prob `boundary_prob`.
+
+  `max_gap` < 1 restricts the gaps t − s (a curriculum: short jumps first, where the teachers rely
+  least on the still-untrained long-jump predictions).
+  """
   rng_gap, rng_start, rng_boundary = jax.random.split(rng, 3)
-  gap = jax.random.uniform(rng_gap, (num,), minval=1e-3, maxval=1.0)
+  gap = jax.random.uniform(rng_gap, (num,), minval=1e-3, maxval=max_gap)
   start = jax.random.uniform(rng_start, (num,)) * (1.0 - gap)
   boundary = jax.random.uniform(rng_boundary, (num,)) < boundary_prob
   tau_s = jnp.where(boundary, 0.0, start)
@@ -61,20 +68,25 @@ def sample_time_pairs(rng, num: int, boundary_prob: float, t_max: float = 1.0):
 
 
 def make_losses(apply_fn, schedule, vocab_size: int, config):
-  """Returns (diagonal_loss, consistency_loss), each f(params, teacher_params, tokens, rng) -> (loss, metrics)."""
+  """(diagonal_loss, consistency_loss), each f(params, teacher_params, tokens, rng, step) -> (loss, metrics)."""
   d = config.distill
   t_max = 1.0 if d.loss == "psd" else d.t_max
 
-  def diagonal_loss(params, teacher_params, tokens, rng):
-    del teacher_params
+  def diagonal_loss(params, teacher_params, tokens, rng, step):
+    del teacher_params, step
     return losses.flow_matching_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
                                      vocab_size=vocab_size, adaptive_weighting=config.flow.adaptive_weighting,
                                      weight_power=config.flow.weight_power,
                                      weight_offset=config.flow.weight_offset)
 
-  def consistency_loss(params, teacher_params, tokens, rng):
+  def consistency_loss(params, teacher_params, tokens, rng, step):
     rng_time, rng_noise = jax.random.split(rng)
-    tau_s, tau_u, tau_t = sample_time_pairs(rng_time, tokens.shape[0], d.boundary_prob, t_max)
+    if d.gap_warmup_steps > 0:  # gaps up to 5% at step 0, growing linearly to the full range
+      max_gap = jnp.minimum(1.0, 0.05 + 0.95 * step / d.gap_warmup_steps)
+      boundary_prob = jnp.where(step >= d.gap_warmup_steps, d.boundary_prob, 0.0)
+    else:
+      max_gap, boundary_prob = 1.0, d.boundary_prob
+    tau_s, tau_u, tau_t = sample_time_pairs(rng_time, tokens.shape[0], boundary_prob, t_max, max_gap)
     gamma_s, gamma_u, gamma_t = schedule.gamma(tau_s), schedule.gamma(tau_u), schedule.gamma(tau_t)
     x = corruption.noisy_state(rng_noise, tokens, gamma_s, vocab_size)
 
@@ -96,8 +108,13 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
           (jnp.sum(jnp.square(probs - teacher), axis=-1) + config.flow.weight_offset) ** (-config.flow.weight_power))
     else:
       weight = jnp.ones_like(kl)
-    loss = jnp.mean(weight * kl)
-    return loss, {"consistency_kl": jnp.mean(kl)}
+    row_loss = jnp.mean(weight * kl, axis=-1)
+    metrics = {"consistency_kl": jnp.mean(kl)}
+    if d.learned_weighting != "none":
+      log_w = loss_weights.log_weight(params, tau_s, tau_t, d.learned_weighting)
+      row_loss = loss_weights.weighted(row_loss, log_w)
+      metrics["mean_log_weight"] = jnp.mean(log_w)
+    return jnp.mean(row_loss), metrics
 
   return diagonal_loss, consistency_loss
 
@@ -111,7 +128,7 @@ def project_conflict(g_cons, g_diag):
 
 
 def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
-  """(params, tokens, rng, ema_params) -> (grads, metrics) for the distillation stage."""
+  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for the distillation stage."""
   d = config.distill
   diagonal_loss, consistency_loss = make_losses(apply_fn, schedule, vocab_size, config)
   num_diag = num_diagonal_rows(config.train.batch_size, d.diag_fraction)
@@ -119,7 +136,7 @@ def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
   def split(tokens):
     return tokens[:num_diag], tokens[num_diag:]
 
-  def grad_fn(params, tokens, rng, ema_params):
+  def grad_fn(params, tokens, rng, ema_params, step):
     teacher_params = ema_params if d.teacher == "ema" else jax.lax.stop_gradient(params)
     rng_diag, rng_cons = jax.random.split(rng)
     diag_tokens, cons_tokens = split(tokens)
@@ -127,13 +144,13 @@ def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
     frac = n_diag / (n_diag + n_cons)
 
     cons_grad = jax.value_and_grad(consistency_loss, has_aux=True)
-    (cons, cons_metrics), g_cons = cons_grad(params, teacher_params, cons_tokens, rng_cons)
+    (cons, cons_metrics), g_cons = cons_grad(params, teacher_params, cons_tokens, rng_cons, step)
     metrics = dict(cons_metrics, consistency_loss=cons)
     if n_diag == 0:
       return g_cons, dict(metrics, loss=cons)
 
     diag_grad = jax.value_and_grad(diagonal_loss, has_aux=True)
-    (diag, diag_metrics), g_diag = diag_grad(params, teacher_params, diag_tokens, rng_diag)
+    (diag, diag_metrics), g_diag = diag_grad(params, teacher_params, diag_tokens, rng_diag, step)
     metrics.update(diagonal_loss=diag, diagonal_accuracy=diag_metrics["accuracy"])
     if d.gradient_surgery:
       g_cons, conflicted = project_conflict(g_cons, g_diag)

@@ -4,6 +4,8 @@ A record in `eval/results.json` describes one (sampler, steps, judge) evaluation
   sampler, steps, judge, num_samples, gen_nll_per_token, gen_ppl, entropy, data_entropy,
   and for the Markov source entropy_rate (nats/token) and data_nll_per_token (the exact expected
   per-token NLL of real sequences of this length, the floor gen_nll_per_token is judged against).
+A likelihood-bound record (`cfmjax eval --likelihood`) carries metric = "nll_bound_per_token", value,
+stderr, ppl_bound and num_tokens (SPEC §5).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
+
+from cfmjax import likelihood, sharding
 
 
 def unigram_entropy(tokens) -> float:
@@ -47,9 +52,37 @@ def score(data, tokens, held_out) -> dict:
   return record
 
 
+def likelihood_bound(exp, params, rows, num_points: int, batch_size: int, seed: int, progress=None) -> dict:
+  """The SPEC §5 bound on held-out `rows` [N, L] under the model's denoiser (EMA parameters)."""
+  dp = sharding.data_parallel_size(exp.mesh, exp.rules)
+  batch_size = max(dp, batch_size // dp * dp)
+  num_rows = len(rows) // batch_size * batch_size
+  if num_rows == 0:
+    raise ValueError(f"need at least {batch_size} held-out rows for the likelihood bound, got {len(rows)}")
+
+  def bounds(params, tokens, rng):
+    denoise = lambda x, gamma: exp.apply_fn(params, x, exp.schedule.tau(gamma), exp.schedule.tau(gamma))
+    return likelihood.sequence_bounds(denoise, tokens, rng, exp.vocab_size, num_points=num_points,
+                                      points_per_call=min(16, num_points))[0]
+
+  fn = jax.jit(bounds, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
+  per_sequence = []
+  with jax.set_mesh(exp.mesh):
+    for i in range(0, num_rows, batch_size):
+      chunk = np.asarray(rows[i:i + batch_size])
+      # Every process holds the same held-out rows; each device takes its slice of them.
+      tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
+      per_sequence.append(np.asarray(fn(params, tokens, jax.random.key(seed + i))))
+      if progress is not None:
+        progress(i + batch_size, num_rows)
+  record = likelihood.summarize(np.concatenate(per_sequence), rows.shape[1])
+  record["num_points"] = num_points
+  return record
+
+
 def write_results(path: str, new_records: list[dict]) -> list[dict]:
-  """Merges records into `path`, replacing earlier ones with the same (sampler, steps, judge)."""
-  key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"))
+  """Merges records into `path`, replacing earlier ones with the same (sampler, steps, judge, metric)."""
+  key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"), r.get("metric"))
   records = []
   if os.path.exists(path):
     with open(path) as f:
@@ -65,6 +98,7 @@ def write_results(path: str, new_records: list[dict]) -> list[dict]:
 
 
 def format_table(records: list[dict]) -> str:
+  records = [r for r in records if "sampler" in r]
   cols = ["sampler", "steps", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
           "data_entropy", "entropy_rate", "data_nll_per_token"]
   cols = [c for c in cols if any(c in r for r in records)]

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from cfmjax import model as model_lib
-from cfmjax import schedules, sharding
+from cfmjax import loss_weights, schedules, sharding
 from cfmjax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,8 @@ def build(config, workdir: str | None, devices=None) -> Experiment:
     config.model.vocab_size = data.vocab_size  # the model's vocabulary follows the data source
   model_config = model_lib.model_config_from(config)
   init_fn, apply_fn = model_lib.build(model_config)
+  if config.stage == "distill":  # the consistency loss may carry learnable weights w(s[, t])
+    init_fn, apply_fn = loss_weights.attach(init_fn, apply_fn, config.distill.learned_weighting)
   schedule = schedules.get_schedule(config.flow.schedule, data.vocab_size)
   optimizer, lr = make_optimizer(config.optim, config.train.num_steps)
   abstract_state, shardings = state_layout(init_fn, optimizer, mesh, rules, config.data.seq_len)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cfmjax import checkpointing, experiment, inference
+from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def load_base_params(exp: experiment.Experiment):
   config = exp.config
   base_config = inference.load_config(config.init_from)
   base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
-  abstract, _ = experiment.state_layout(exp.init_fn, base_optimizer, exp.mesh, exp.rules,
+  base_init_fn, _ = model_lib.build(exp.model_config)  # the bare network, as the base run saved it
+  abstract, _ = experiment.state_layout(base_init_fn, base_optimizer, exp.mesh, exp.rules,
                                         config.data.seq_len)
   ckpt = checkpointing.Checkpointer(os.path.join(config.init_from, "checkpoints"))
   step = ckpt.latest_step() if config.init_step < 0 else config.init_step
@@ -57,8 +59,11 @@ def load_base_params(exp: experiment.Experiment):
 
 
 def start_from_base(exp: experiment.Experiment, state):
-  """Replaces a fresh state's params and EMA with the base model's EMA parameters."""
-  params = load_base_params(exp)
+  """Replaces a fresh state's params and EMA with the base model's EMA parameters.
+
+  Parameters the base run did not have (the learnable loss weights) keep their fresh values.
+  """
+  params = dict(state["params"], **load_base_params(exp))
   copy = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
                  out_shardings=exp.state_shardings["params"])
   # Two separate buffers: the train step donates the state, and one buffer cannot be donated twice.

@@ -7,10 +7,9 @@ import logging
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
-from cfmjax import checkpointing, experiment, flow_map, samplers, sharding
+from cfmjax import checkpointing, configs, experiment, flow_map, samplers, sharding
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a cfmjax workdir written by `cfmjax train`?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return configs.from_saved(json.load(f))
 
 
 def load(workdir: str, step: int | None = None):

@@ -36,6 +36,10 @@ class ModelConfig:
   num_heads: int = 4
   mlp_dim: int = 1024
   time_features: int = 256  # width of each time's sinusoidal embedding
+  # τ is multiplied by this before the sinusoidal features. Diffusion models use 1000; the flow map's
+  # LSD/ESD losses differentiate the network in time (jax.jvp), and high-frequency time features make
+  # those derivatives large and the clamped teachers useless, so the default is much lower.
+  time_scale: float = 10.0
   dtype: str = "float32"  # activations; parameters are always kept in float32
   attention: str = "xla"  # 'xla' (differentiable in both modes) | 'cudnn' (fused, reverse-mode only)
   scan_layers: bool = True
@@ -71,11 +75,11 @@ def _dense(features, names, name, zero=False, use_bias=True, dtype=jnp.float32):
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
 
 
-def sinusoidal_features(tau, dim: int, max_period: float = 10_000.0):
-  """Sinusoidal features of τ ∈ [0, 1] (scaled by 1000, as in diffusion models), [B] → [B, dim]."""
+def sinusoidal_features(tau, dim: int, scale: float = 1000.0, max_period: float = 10_000.0):
+  """Sinusoidal features of τ ∈ [0, 1] scaled by `scale`, [B] → [B, dim]."""
   half = dim // 2
   freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  angles = 1000.0 * tau.astype(jnp.float32)[:, None] * freqs[None, :]
+  angles = scale * tau.astype(jnp.float32)[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
@@ -184,8 +188,9 @@ class FlowTransformer(nn.Module):
 
   def conditioning(self, tau_s, tau_t):
     """Both times → one conditioning vector [B, D]."""
-    feats = jnp.concatenate([sinusoidal_features(tau_s, self.config.time_features),
-                             sinusoidal_features(tau_t, self.config.time_features)], axis=-1)
+    cfg = self.config
+    feats = jnp.concatenate([sinusoidal_features(tau_s, cfg.time_features, cfg.time_scale),
+                             sinusoidal_features(tau_t, cfg.time_features, cfg.time_scale)], axis=-1)
     return self.time_out(nn.silu(self.time_in(feats)))
 
   def __call__(self, x, tau_s, tau_t):

@@ -48,13 +48,13 @@ def loss_fn_for(exp: experiment.Experiment):
 
 
 def grad_fn_for(exp: experiment.Experiment):
-  """(params, tokens, rng, ema_params) -> (grads, metrics) for the stage the config describes."""
+  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for the stage the config describes."""
   if exp.config.stage == "distill":
     return distill.make_grad_fn(exp.apply_fn, exp.schedule, exp.vocab_size, exp.config)
   loss_fn = loss_fn_for(exp)
 
-  def base_grad_fn(params, tokens, rng, ema_params):
-    del ema_params  # the base flow has no teacher
+  def base_grad_fn(params, tokens, rng, ema_params, step):
+    del ema_params, step  # the base flow has no teacher and no curriculum
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, rng)
     return grads, metrics
 
@@ -76,7 +76,7 @@ def make_train_step(exp: experiment.Experiment, grad_fn=None):
   grad_fn = grad_fn or grad_fn_for(exp)
 
   def train_step(state, tokens):
-    grads, metrics = grad_fn(state["params"], tokens, step_rng(state), state["ema_params"])
+    grads, metrics = grad_fn(state["params"], tokens, step_rng(state), state["ema_params"], state["step"])
     updates, opt_state = exp.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"]
@@ -132,6 +132,14 @@ def write_config(config, workdir: str):
       json.dump(new, f, indent=2, sort_keys=True)
 
 
+def write_data_stats(stats: dict, workdir: str):
+  """What data preparation counted (documents, skipped bad bytes, empty documents...), for people."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+      json.dump(stats, f, indent=2, sort_keys=True, default=str)
+  log.info("data: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if not isinstance(v, dict)))
+
+
 def _flatten(tree, prefix=""):
   out = {}
   for k, v in tree.items():
@@ -181,6 +189,7 @@ def train(config, workdir: str, devices=None) -> dict:
       config = handoff.inherit_base_config(config, workdir)
   exp = experiment.build(config, workdir, devices)
   write_config(exp.config, workdir)
+  write_data_stats(exp.data.stats, workdir)
   cfg = exp.config.train
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir)
@@ -201,7 +210,10 @@ def train(config, workdir: str, devices=None) -> dict:
       state = handoff.start_from_base(exp, state)
     start = 0
   log.info("model: %s parameters, vocab %d, seq_len %d", f"{model_lib.count_params(state['params']):,}",
-               exp.vocab_size, exp.config.data.seq_len)
+           exp.vocab_size, exp.config.data.seq_len)
+  if start >= cfg.num_steps:
+    log.info("already at step %d of %d: nothing to do (raise --config.train.num_steps to continue)",
+             start, cfg.num_steps)
 
   # --- Step functions -----------------------------------------------------------------------
   train_step = make_train_step(exp)

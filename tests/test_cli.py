@@ -1,6 +1,7 @@
 """End to end through the real command line: train -> (resume) -> sample -> eval on the Markov source."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,9 +44,18 @@ def test_train_sample_eval_on_markov(tmp_path, cache_dir):
   assert len(samples) == 5 and all(len(s["tokens"]) == 16 for s in samples)
   assert all(0 <= t < 12 for s in samples for t in s["tokens"])
 
-  cfmjax("eval", f"--workdir={workdir}", "--sampler=euler", "--steps=8,2", "--num_samples=16")
-  results = json.loads((workdir / "eval" / "results.json").read_text())
+  cfmjax("eval", f"--workdir={workdir}", "--sampler=euler", "--steps=8,2", "--num_samples=16",
+         "--likelihood", "--likelihood_points=32", "--likelihood_rows=32", "--batch_size=16")
+  records = json.loads((workdir / "eval" / "results.json").read_text())
+  results = [r for r in records if "sampler" in r]
   assert [r["steps"] for r in results] == [8, 2]
+  (bound,) = [r for r in records if r.get("metric") == "nll_bound_per_token"]
+  assert bound["num_tokens"] == 32 * 16 and bound["stderr"] > 0
+  assert bound["value"] > results[0]["data_nll_per_token"]  # a 4-step model is far from the data
+  if bound["value"] < 700:
+    assert abs(bound["ppl_bound"] - math.exp(bound["value"])) < 1e-6 * bound["ppl_bound"]
+  else:  # an untrained model's bound can overflow exp: recorded as null, not as Infinity
+    assert bound["ppl_bound"] is None
   for r in results:
     for key in ("sampler", "steps", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
                 "data_entropy", "entropy_rate"):
@@ -59,3 +69,4 @@ def test_usage_errors_are_reported():
   proc = subprocess.run([sys.executable, "-m", "cfmjax", "fly"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "usage: cfmjax" in proc.stderr
+

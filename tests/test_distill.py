@@ -1,16 +1,15 @@
 """Distillation stage: handoff across meshes, each loss runs, config errors, gradient surgery."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import configs, distill, train
+from cfmjax import distill, train
 from tests.conftest import tiny_config
-from tests.test_cli import REPO, TINY, cfmjax
+from tests.test_cli import TINY, cfmjax
 
 
 def test_handoff_from_a_different_mesh_and_each_loss_runs(tmp_path, cache_dir):
@@ -27,14 +26,12 @@ def test_handoff_from_a_different_mesh_and_each_loss_runs(tmp_path, cache_dir):
   cfmjax("eval", f"--workdir={psd}", "--sampler=flowmap", "--steps=1,2", "--num_samples=16", env_extra=env)
   results = json.loads((psd / "eval" / "results.json").read_text())
   assert [(r["sampler"], r["steps"]) for r in results] == [("flowmap", 1), ("flowmap", 2)]
-  # LSD and ESD in process (the same code below the command line), on one device: a third layout.
+  # LSD and ESD on a single-device process: a third layout, and a much cheaper compile of the JVPs.
+  one_device = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   for loss in ("lsd", "esd"):
-    config = configs.from_file(os.path.join(REPO, "experiments", "flow_map", f"markov_tiny_{loss}.py"))
-    with config.unlocked():
-      config.init_from = str(base)
-      config.train.update(num_steps=2, batch_size=16, log_every=1)
-      config.mesh.update(data=1, fsdp=1, tensor=1)
-    train.train(config, str(tmp_path / loss), devices=jax.devices()[:1])
+    cfmjax("distill", f"--config=experiments/flow_map/markov_tiny_{loss}.py", f"--workdir={tmp_path / loss}",
+           f"--config.init_from={base}", "--config.train.num_steps=2", "--config.train.batch_size=16",
+           "--config.train.log_every=1", env_extra=one_device)
   for loss in ("psd", "lsd", "esd"):
     records = [json.loads(l) for l in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
@@ -83,3 +80,21 @@ def test_time_pairs_are_ordered_and_hit_the_boundary():
   assert np.all(s < t) and np.all(s <= u) and np.all(u <= t) and s.min() >= 0 and t.max() <= 1
   boundary = (s == 0) & (t == 1)
   assert 0.08 < boundary.mean() < 0.12
+
+
+def test_learned_weights_train_and_sit_at_log_of_the_loss(tmp_path, cache_dir):
+  from cfmjax import loss_weights  # noqa: PLC0415
+
+  # exp(-w) L + w is minimised at w = log L: the gradient in w vanishes there and nowhere else.
+  grad = jax.grad(lambda w: loss_weights.weighted(jnp.array(0.3), w))
+  assert abs(float(grad(jnp.log(0.3)))) < 1e-6 and abs(float(grad(0.0))) > 0.5
+  config = _distill_config(**{"distill.loss": "psd", "distill.learned_weighting": "st", "mesh.data": 1,
+                              "train.num_steps": 3})
+  last = train.train(config, str(tmp_path / "weighted"), devices=jax.devices()[:1])
+  assert np.isfinite(last["loss"]) and "mean_log_weight" in last
+
+
+def test_gap_curriculum_limits_the_jumps():
+  s, _, t = distill.sample_time_pairs(jax.random.key(1), 5000, boundary_prob=0.0, max_gap=0.05)
+  gaps = np.asarray(t - s)
+  assert gaps.max() <= 0.05 + 1e-6 and gaps.min() > 0

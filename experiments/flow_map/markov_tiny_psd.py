@@ -21,7 +21,8 @@ from cfmjax.configs import as_distillation, from_file
 
 def get_config(loss: str = "psd"):
   base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "markov_tiny.py"))
-  c = as_distillation(base, loss, num_steps=600, lr=3e-4, warmup_steps=50, ema_decay=0.99)
+  c = as_distillation(base, loss, num_steps=600, lr=3e-4, warmup_steps=50, ema_decay=0.99,
+                      gap_warmup_steps=400)
   c.train.log_every = 25
   c.train.checkpoint_every = 200
   return c

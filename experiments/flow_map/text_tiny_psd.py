@@ -17,4 +17,5 @@ from cfmjax.configs import as_distillation, from_file
 
 def get_config():
   base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "text_tiny.py"))
-  return as_distillation(base, "psd", num_steps=400, lr=3e-4, warmup_steps=50, ema_decay=0.99)
+  return as_distillation(base, "psd", num_steps=400, lr=3e-4, warmup_steps=50, ema_decay=0.99,
+                         gap_warmup_steps=250)
