@@ -3,10 +3,12 @@
   cfmjax train --config=experiments/base_flow/markov_tiny.py --workdir=/tmp/markov_tiny
   cfmjax eval  --workdir=/tmp/markov_tiny --sampler=euler --steps=128,16,4
 
-Expect (2 CPU cores): training in under 5 minutes; at 128 Euler steps a gen NLL per token close
-to the source's exact per-token entropy (the `data_nll_per_token` field; the chain's entropy rate is
-`entropy_rate`), with sample entropy close to the data's. Fewer steps give higher gen NLL: that gap is
-what the distillation stage closes. Any data key can be overridden alone, e.g.
+Expect (2 CPU cores): about 4.5 minutes of training (1200 steps at ~5 steps/s); then, measured
+with 512 samples: Euler gen NLL per token 2.37 at 128 steps, 2.60 at 8, 2.83 at 4, 3.37 at 2, and a
+collapse onto one repeated token at 1 step (entropy 0.01), against the data's exact 1.43
+(`data_nll_per_token`; the chain's entropy rate is 1.39) and sample entropy 2.30 vs the data's 2.31.
+The gap at few steps is what the flow-map stage closes (experiments/flow_map/markov_tiny_*.py).
+Any data key can be overridden alone, e.g.
 --config.data.markov.vocab_size=32 (the model's vocabulary follows).
 """
 

@@ -7,8 +7,10 @@
 
 Same settings as markov_tiny_psd.py with the Lagrangian (one JVP in t) teacher;
 its JVPs need the forward-differentiable attention (model.attention = "xla", the default).
-Expect 1/2/4-step gen NLL clearly below the base flow's Euler sampler at the same steps;
-a distillation step costs about two base steps (one JVP + one teacher forward).
+Measured (512 samples, exact judge; Euler in brackets): gen NLL per token 3.29 (Euler collapses)
+at 1 step, 2.70 (3.37) at 2, 2.58 (2.83) at 4, 2.79 (2.60) at 8; sample entropy 2.27 / 2.08 / 2.07 /
+2.25 against the data's 2.31 (sharper than the data at 2-4 steps). Without the gap curriculum
+(distill.gap_warmup_steps=0) LSD was worse than Euler at every step count.
 """
 
 import os
