@@ -68,11 +68,6 @@ def rules_from_config(config) -> tuple:
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh, rules):
-  """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, length, ...] input array."""
   spec = nn.logical_to_mesh_axes(("batch",) + ("length",) * (ndim - 1), rules)
