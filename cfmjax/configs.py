@@ -101,7 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A workdir's config.json on top of today's defaults, so that workdirs written before a key
-  existed still load (the new key takes its default, which is what those runs did)."""
+  existed still load. A missing key takes today's default, which matches what the old run did only
+  if the default never changed: config.json records every key, so this matters only for workdirs
+  older than the key itself."""
   config = base_config()
 
   def merge(node, values):

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("euler", "flowmap")
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_config(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a cfmjax workdir written by `cfmjax train`?")
