@@ -91,10 +91,10 @@ def _columns(name: str, records: list[dict]) -> list[tuple[str, list[dict]]]:
   keys = flow_keys or list(dict.fromkeys((AR_SAMPLER, r.get("judge")) for r in gen))
   if not keys:
     return [(name, [])]
-  several_judges = len({judge for _, judge in keys}) > 1
+  several_samplers, several_judges = (len({key[i] for key in keys}) > 1 for i in (0, 1))
   columns = []
   for sampler, judge in keys:
-    tags = ([SAMPLER_NAMES.get(sampler, sampler)] if len(keys) > 1 else []) + ([judge] if several_judges else [])
+    tags = ([SAMPLER_NAMES.get(sampler, sampler)] if several_samplers else []) + ([judge] if several_judges else [])
     label = name + (f" [{', '.join(map(str, tags))}]" if tags else "")
     picked = [r for r in gen if r.get("judge") == judge and r["sampler"] in (sampler, AR_SAMPLER)]
     columns.append((label, picked))
@@ -153,6 +153,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.ticker  # noqa: PLC0415
 
   fig, (ax_ppl, ax_ent) = plt.subplots(1, 2, figsize=(11, 4.2))
   data_entropies = set()
@@ -167,7 +168,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
         groups.append((r["sampler"], r.get("judge")))
     for sampler, judge in groups:
       rows = sorted((r for r in gen if (r["sampler"], r.get("judge")) == (sampler, judge)), key=lambda r: r["steps"])
-      label = f"{name} ({SAMPLER_NAMES.get(sampler, sampler)}" + (f", {judge})" if len(judges) > 1 else ")")
+      kind = "AR sampling, 1 evaluation/token" if sampler == AR_SAMPLER else SAMPLER_NAMES.get(sampler, sampler)
+      label = f"{name} ({kind}" + (f", {judge})" if len(judges) > 1 else ")")
       color = next(colors)
       if sampler == AR_SAMPLER:
         for ax, key in ((ax_ppl, "gen_ppl"), (ax_ent, "entropy")):
@@ -182,6 +184,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
   ax_ent.set_ylabel("unigram entropy (nats)")
   for ax in (ax_ppl, ax_ent):
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("network evaluations")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -203,6 +206,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
 
 def write_eval_report(eval_dir: str, records: list[dict], name: str = "model") -> tuple[str, str]:
   """eval/results.md and eval/results.png for one run's records; returns their paths."""
+  os.makedirs(eval_dir, exist_ok=True)
   table_path = os.path.join(eval_dir, "results.md")
   with open(table_path, "w") as f:
     f.write(eval_table(records) + "\n")

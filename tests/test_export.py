@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from cfmjax import export, handoff, inference, train
 from cfmjax import experiment
 from tests.conftest import tiny_config
-from tests.test_cli import cfmjax
+from tests.test_report import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,12 @@ def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
   assert last["step"] == 1 and np.isfinite(last["loss"])
 
 
-def test_export_and_eval_through_the_command_line(base_workdir, tmp_path, cache_dir):
+def test_export_and_eval_through_the_command_line(base_workdir, tmp_path):
   out = tmp_path / "exported"
-  cfmjax("export", f"--workdir={base_workdir}", f"--out={out}", "--dtype=bfloat16")
+  run_cli("export", f"--workdir={base_workdir}", f"--out={out}", "--dtype=bfloat16")
   info = json.loads((out / "export_info.json").read_text())
   assert info["dtype"] == "bfloat16" and info["step"] == 2 and info["source_workdir"] == str(base_workdir)
-  cfmjax("eval", f"--checkpoint={out}", "--steps=2", "--num_samples=16", "--batch_size=16")
+  run_cli("eval", f"--checkpoint={out}", "--steps=2", "--num_samples=16", "--batch_size=16")
   (record,) = json.loads((out / "eval" / "results.json").read_text())  # results live next to the export
   assert record["steps"] == 2 and record["judge"] == "exact" and record["gen_ppl"] > 1
   assert (out / "eval" / "results.md").exists() and (out / "eval" / "results.png").exists()
