@@ -100,12 +100,14 @@ def cmd_distill():
 def _load_for_inference():
   from cfmjax import export  # noqa: PLC0415
 
-  if _CHECKPOINT.value:  # an export (or a workdir); results go to --workdir if given, else next to it
-    exp, params, step = export.load_any(_CHECKPOINT.value, _STEP.value)
-    return _WORKDIR.value or _CHECKPOINT.value, exp, params, step
-  workdir = _require_workdir()
-  exp, params, step = export.load_any(workdir, _STEP.value)
-  return workdir, exp, params, step
+  # --checkpoint: an export (or a workdir); results go to --workdir if given, else next to it.
+  source = _CHECKPOINT.value or _require_workdir()
+  try:
+    export.checkpoint_kind(source)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
+  exp, params, step = export.load_any(source, _STEP.value)
+  return _WORKDIR.value or source, exp, params, step
 
 
 def cmd_sample():

@@ -88,6 +88,7 @@ def export(workdir: str, out: str, dtype: str = "float32", step: int | None = No
     os.makedirs(out, exist_ok=True)
     safetensors_np.save_file(tensors, os.path.join(out, PARAMS_FILE),
                              metadata={"format": FORMAT, "step": str(step), "dtype": dtype})
+    os.chmod(os.path.join(out, PARAMS_FILE), 0o644)  # safetensors writes 0600; exports are for sharing
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
       saved_config = json.load(f)
     tokenizer = os.path.join(workdir, TOKENIZER_FILE)

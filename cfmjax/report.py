@@ -23,10 +23,12 @@ SAMPLER_NAMES = {"euler": "Euler", "flowmap": "flow map", AR_SAMPLER: "AR"}
 
 
 def _fmt(value, digits: int = 4) -> str:
+  """Numbers for tables: up to `digits` decimals below 100, 2 below 1e5, else scientific."""
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return "-"
   if isinstance(value, float):
-    return f"{value:.{digits}g}" if abs(value) >= 10 ** digits else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    text = f"{value:.{digits}f}" if abs(value) < 100 else f"{value:.2f}" if abs(value) < 1e5 else f"{value:.4g}"
+    return text.rstrip("0").rstrip(".") if "." in text and "e" not in text else text
   return str(value)
 
 
@@ -102,7 +104,7 @@ def _columns(name: str, records: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def _gen_cell(r: dict | None) -> str:
-  if r is None or r.get("gen_ppl") is None:
+  if r is None:
     return "-"
   return f"{_fmt(r['gen_ppl'])} / {_fmt(r.get('entropy'), 3)}"
 
@@ -124,7 +126,8 @@ def comparison_table(runs: list[tuple[str, list[dict]]], steps=REPORT_STEPS) -> 
   rows = [["held-out perplexity (AR, exact)"] + [
       "-" if h is None else f"{_fmt(h.get('ppl'))} ({_fmt(h.get('value'))} nats)" for _, _, h, _ in columns]]
   rows.append(["held-out perplexity bound (flow, SPEC §5)"] + [
-      "-" if b is None else f"≤ {_fmt(b.get('ppl_bound'))} ({_fmt(b.get('value'))} ± {_fmt(b.get('stderr'), 2)} nats)"
+      "-" if b is None else ("≤ " + _fmt(b["ppl_bound"]) if b.get("ppl_bound") else "exp overflows")
+      + f" ({_fmt(b.get('value'))} ± {_fmt(b.get('stderr'), 2)} nats)"
       for _, _, _, b in columns])
   for k in all_steps:
     rows.append([f"gen PPL / entropy, {k} step{'s' if k > 1 else ''}"] + [
@@ -160,24 +163,21 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
   colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
   judges = {r.get("judge") for _, records in runs for r in generation_records(records)}
   for name, records in runs:
-    gen = [r for r in generation_records(records) if r.get("gen_ppl") is not None]
+    gen = generation_records(records)  # entropy is plotted even where no judge gave a gen PPL
     data_entropies |= {round(r["data_entropy"], 4) for r in gen if r.get("data_entropy") is not None}
-    groups = []
-    for r in gen:
-      if (r["sampler"], r.get("judge")) not in groups:
-        groups.append((r["sampler"], r.get("judge")))
-    for sampler, judge in groups:
+    for sampler, judge in dict.fromkeys((r["sampler"], r.get("judge")) for r in gen):
       rows = sorted((r for r in gen if (r["sampler"], r.get("judge")) == (sampler, judge)), key=lambda r: r["steps"])
       kind = "AR sampling, 1 evaluation/token" if sampler == AR_SAMPLER else SAMPLER_NAMES.get(sampler, sampler)
       label = f"{name} ({kind}" + (f", {judge})" if len(judges) > 1 else ")")
       color = next(colors)
-      if sampler == AR_SAMPLER:
-        for ax, key in ((ax_ppl, "gen_ppl"), (ax_ent, "entropy")):
-          ax.axhline(rows[-1][key], color=color, linestyle="--", label=label)
-      else:
-        xs = [r["steps"] for r in rows]
-        ax_ppl.plot(xs, [r["gen_ppl"] for r in rows], marker="o", color=color, label=label)
-        ax_ent.plot(xs, [r["entropy"] for r in rows], marker="o", color=color, label=label)
+      for ax, key in ((ax_ppl, "gen_ppl"), (ax_ent, "entropy")):
+        points = [(r["steps"], r[key]) for r in rows if r.get(key) is not None]
+        if not points:
+          continue
+        if sampler == AR_SAMPLER:
+          ax.axhline(points[-1][1], color=color, linestyle="--", label=label)
+        else:
+          ax.plot(*zip(*points), marker="o", color=color, label=label)
   for value in sorted(data_entropies):
     ax_ent.axhline(value, color="grey", linestyle=":", label=f"data entropy {value:.3f}")
   ax_ppl.set_ylabel("gen perplexity (judge)")
