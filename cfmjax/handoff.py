@@ -1,4 +1,4 @@
-"""Stage handoff: starting a distillation run from a base-flow workdir.
+"""Stage handoff: starting a distillation run from a base-flow workdir (or its `cfmjax export`).
 
 The flow map shares the base network (SPEC §3), so the distillation run inherits the base run's
 model, data (tokenizer included) and time schedule, and starts from its EMA parameters, restored
@@ -12,10 +12,11 @@ import logging
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfmjax import checkpointing, experiment, inference
+from cfmjax import checkpointing, experiment, export, inference
 from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def inherit_base_config(config, workdir: str):
   """Copies model, data and schedule settings from the base run named by `config.init_from`."""
-  base = inference.load_config(config.init_from)
+  kind = export.checkpoint_kind(config.init_from)  # raises clearly for anything else
+  base = (export.load_config if kind == "export" else inference.load_config)(config.init_from)
   with config.unlocked():
     config.model = base.model
     config.data = base.data
@@ -43,6 +45,8 @@ def inherit_base_config(config, workdir: str):
 def load_base_params(exp: experiment.Experiment):
   """The base run's EMA parameters, restored onto `exp`'s mesh and parameter shardings."""
   config = exp.config
+  if export.checkpoint_kind(config.init_from) == "export":
+    return _load_exported_base_params(exp)
   base_config = inference.load_config(config.init_from)
   base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
   base_init_fn, _ = model_lib.build(exp.model_config)  # the bare network, as the base run saved it
@@ -55,6 +59,23 @@ def load_base_params(exp: experiment.Experiment):
   params = ckpt.restore_params(step, abstract)
   ckpt.close()
   log.info("initialised from %s step %d (EMA parameters)", config.init_from, step)
+  return params
+
+
+def _load_exported_base_params(exp: experiment.Experiment):
+  """An exported base's parameters (`cfmjax export`), placed onto `exp`'s parameter shardings."""
+  config = exp.config
+  info = export.read_info(config.init_from)
+  if config.init_step >= 0 and config.init_step != info["step"]:
+    raise ValueError(f"init_from={config.init_from} is an export of step {info['step']} only "
+                     f"(init_step={config.init_step})")
+  base_init_fn, _ = model_lib.build(exp.model_config)  # the bare network, without loss weights
+  boxed = jax.eval_shape(lambda rng: base_init_fn(rng, 1, config.data.seq_len), jax.random.key(0))
+  shardings = experiment.param_shardings(boxed, exp.mesh, exp.rules)
+  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    nn.meta.unbox(boxed), shardings)
+  params = export.load_params(config.init_from, abstract, ignore_extra=True)
+  log.info("initialised from the export %s (step %d, %s)", config.init_from, info["step"], info["dtype"])
   return params
 
 

@@ -24,18 +24,23 @@ def load_config(workdir: str):
     return configs.from_saved(json.load(f))
 
 
+def fit_mesh_to_devices(config):
+  """Lets the data axis absorb all devices when the saved mesh does not fit this machine."""
+  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
+  if -1 not in sizes and int(np.prod(sizes)) != jax.device_count():
+    log.info("saved mesh %s does not fit %d devices; using data=-1, fsdp=1, tensor=1",
+                 sizes, jax.device_count())
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  return config
+
+
 def load(workdir: str, step: int | None = None):
   """Returns (experiment, EMA params, step) for the latest (or given) checkpoint in `workdir`.
 
   The mesh is rebuilt from the saved config; when this machine has a different number of devices,
   the data axis absorbs the difference, since inference needs no particular layout.
   """
-  config = load_config(workdir)
-  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
-  if -1 not in sizes and int(np.prod(sizes)) != jax.device_count():
-    log.info("saved mesh %s does not fit %d devices; using data=-1, fsdp=1, tensor=1",
-                 sizes, jax.device_count())
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  config = fit_mesh_to_devices(load_config(workdir))
   exp = experiment.build(config, workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.latest_step() if step is None else step

@@ -1,0 +1,85 @@
+"""Reports: Markdown tables carry the records' numbers, plots are valid PNGs, `cfmjax report` merges
+several workdirs."""
+
+import json
+import math
+import struct
+
+from cfmjax import report
+
+
+def run_cli(*argv):
+  """`cfmjax ARGV` in this process (flags parsed as absl would), sparing a JAX start-up."""
+  from absl import flags  # noqa: PLC0415
+  from cfmjax import cli  # noqa: PLC0415
+
+  flags.FLAGS.unparse_flags()
+  try:
+    cli.main(flags.FLAGS(["cfmjax", *argv]))
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def gen(sampler, steps, ppl, entropy, judge="ar:judge", data_entropy=4.31):
+  return {"sampler": sampler, "steps": steps, "judge": judge, "num_samples": 256,
+          "gen_nll_per_token": math.log(ppl), "gen_ppl": ppl, "entropy": entropy,
+          "data_entropy": data_entropy}
+
+
+AR = [gen("ar", 64, 41.5, 4.12), {"metric": "nll_per_token", "value": 3.25, "ppl": 25.79, "num_tokens": 4096}]
+BASE = [gen("euler", k, p, h) for k, p, h in [(1, 900.0, 2.5), (2, 400.0, 3.1), (4, 150.0, 3.6), (8, 90.0, 3.9),
+                                               (128, 55.25, 4.2)]]
+BASE.append({"metric": "nll_bound_per_token", "value": 3.61, "stderr": 0.02, "ppl_bound": 36.97, "num_tokens": 4096})
+PSD = [gen("flowmap", k, p, h) for k, p, h in [(1, 120.5, 3.95), (2, 88.0, 4.01), (4, 70.0, 4.05), (8, 61.0, 4.1)]]
+
+
+def _row(table, label):
+  (line,) = [l for l in table.splitlines() if l.startswith(f"| {label} |")]
+  return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_comparison_table_puts_each_number_in_its_cell():
+  table = report.comparison_table([("AR", AR), ("base", BASE), ("PSD", PSD)])
+  assert table.splitlines()[0] == "| model | AR | base | PSD |"
+  assert _row(table, "held-out perplexity (AR, exact)") == ["25.79 (3.25 nats)", "-", "-"]
+  assert _row(table, "held-out perplexity bound (flow, SPEC §5)") == ["-", "≤ 36.97 (3.61 ± 0.02 nats)", "-"]
+  assert _row(table, "gen PPL / entropy, 1 step") == ["-", "900 / 2.5", "120.5 / 3.95"]
+  assert _row(table, "gen PPL / entropy, 8 steps") == ["-", "90 / 3.9", "61 / 4.1"]
+  assert _row(table, "gen PPL / entropy, 128 steps") == ["-", "55.25 / 4.2", "-"]
+  assert _row(table, "gen PPL / entropy, AR sampling (1 evaluation per token)") == ["41.5 / 4.12", "-", "-"]
+  assert _row(table, "data entropy (held-out)") == ["4.31", "4.31", "4.31"]
+  assert _row(table, "judge") == ["ar:judge", "ar:judge", "ar:judge"]
+
+
+def test_eval_table_and_several_judges_get_separate_columns():
+  table = report.eval_table(BASE)
+  assert "| euler | 4 | ar:judge | 256 | 5.0106 | 150 | 3.6 | 4.31 |" in table
+  assert "| held-out NLL bound per token (SPEC §5) | 3.61 | 0.02 | 36.97 | 4096 |" in table
+  mixed = BASE[:2] + [gen("euler", 1, 700.0, 2.6, judge="gpt2:gpt2-large")]
+  header = report.comparison_table([("base", mixed)]).splitlines()[0]
+  assert header == "| model | base [ar:judge] | base [gpt2:gpt2-large] |"
+
+
+def _png_size(path):
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+  return struct.unpack(">II", data[16:24])
+
+
+def test_plots_are_written_as_png(tmp_path):
+  table_path, plot_path = report.write_eval_report(str(tmp_path / "eval"), BASE, "base")
+  width, height = _png_size(tmp_path / "eval" / "results.png")
+  assert width > 500 and height > 300
+  assert "| euler | 128 |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_report_command_merges_workdirs(tmp_path, capsys):
+  for name, records in (("w_base", BASE), ("w_psd", PSD)):
+    (tmp_path / name / "eval").mkdir(parents=True)
+    (tmp_path / name / "eval" / "results.json").write_text(json.dumps(records))
+  out = tmp_path / "out"
+  run_cli("report", str(tmp_path / "w_base"), str(tmp_path / "w_psd"), f"--out={out}", "--names=base,psd")
+  table = (out / "report.md").read_text()
+  assert table.splitlines()[0] == "| model | base | psd |" and "| model | base | psd |" in capsys.readouterr().out
+  assert _row(table, "gen PPL / entropy, 2 steps") == ["400 / 3.1", "88 / 4.01"]
+  _png_size(out / "report.png")
