@@ -75,6 +75,13 @@ def test_two_processes_match_one_process_and_resume_in_one(tmp_path, cache_dir):
   assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
   data = json.loads(next((two / "checkpoints" / "3" / "data").glob("*")).read_text())
   assert data["process_count"] == 2 and data["global_batch"] == 16
+  # The saved position, read by one process, continues with the rows an uninterrupted run reads next.
+  source = pipeline.build_data(tiny_config().data, None)
+  resumed, straight = source.train_iterator(16), source.train_iterator(16)
+  resumed.set_state(data["iterator"])
+  for _ in range(3):
+    next(straight)
+  np.testing.assert_array_equal(next(resumed), next(straight))
 
   # Elastic: the 2-process checkpoint (state and data position) resumes in this single process.
   train.train(tiny_config(**dict(overrides, **{"train.num_steps": 5})), str(two))
@@ -83,16 +90,31 @@ def test_two_processes_match_one_process_and_resume_in_one(tmp_path, cache_dir):
   np.testing.assert_allclose([got[s] for s in (4, 5)], [ref[s] for s in (4, 5)], rtol=1e-5)
 
 
-def test_processes_read_disjoint_slices_of_the_same_global_batches():
+def _markov(tmp_path):
+  return pipeline.build_data(tiny_config().data, None)
+
+
+def _text(tmp_path):
+  from tests.test_data import _text_data  # noqa: PLC0415 (a small corpus of unique paragraphs)
+
+  return _text_data(tmp_path)
+
+
+@pytest.mark.parametrize("make_data", [_markov, _text])
+def test_processes_read_disjoint_slices_of_the_same_global_batches(tmp_path, make_data):
   """Process p of P holds rows [p*B/P, (p+1)*B/P) of the global batch a single process would read."""
-  config = tiny_config().data
-  data = pipeline.build_data(config, None)
+  data = make_data(tmp_path)
   single = data.train_iterator(16)
   shards = [data.train_iterator(4, process_index=p, process_count=4) for p in range(4)]
   for _ in range(3):
     np.testing.assert_array_equal(np.concatenate([next(s) for s in shards]), next(single))
   states = {json.dumps(s.get_state()) for s in shards}
   assert states == {json.dumps(single.get_state())}  # one position, valid for any process count
+  # ... so 4 processes' position resumes in 2 processes, continuing the same global stream.
+  halves = [data.train_iterator(8, process_index=p, process_count=2) for p in range(2)]
+  for h in halves:
+    h.set_state(shards[0].get_state())
+  np.testing.assert_array_equal(np.concatenate([next(h) for h in halves]), next(single))
 
 
 @pytest.mark.slow
