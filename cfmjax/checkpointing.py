@@ -3,18 +3,59 @@
 Each step directory holds two items:
   state: params, EMA params, optimizer state, step and the base RNG key (sharded arrays, written
          collectively by every process; restorable onto any mesh by passing target shardings),
-  data:  the Grain iterator state as JSON (per process in multi-host runs; see `save`).
+  data:  the data iterator's state as JSON, with the process count and global batch size it was
+         written under. The stream of global batches is the same on every process (see
+         data/pipeline.py), so one copy serves all processes, and any process count can resume it.
 Saves are asynchronous: training continues while the previous checkpoint is written, and Orbax
 only marks a step complete (atomic rename) once every file is on disk, so a crash mid-save never
 leaves a checkpoint that looks valid.
+
+Damage that happens after that (a truncated or deleted array file, lost metadata, a save
+interrupted before its rename) is caught by `restore_latest`: it warns, moves the bad directory
+aside (to `damaged_<name>_<time>`, kept for inspection) and falls back to the previous good step.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# Orbax writes a step into "<step>.orbax-checkpoint-tmp-<id>" and renames it when complete.
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class BatchSizeMismatchError(ValueError):
+  pass
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else ""
+
+
+# State entries that checkpoints written by older versions lack; they restore as zeros.
+_ADDED_STATE_KEYS = ("skipped_steps",)
+
+
+def _keys_added_since(step_dir: str, abstract_state) -> list[str]:
+  try:
+    with open(os.path.join(step_dir, "state", "_METADATA")) as f:
+      saved = json.load(f)["tree_metadata"]
+  except (OSError, ValueError, KeyError):
+    return []  # unreadable metadata: let the restore itself report it
+  return [k for k in _ADDED_STATE_KEYS if k in abstract_state and repr((k,)) not in saved]
+
+
+def _zeros_like(abstract):
+  return jax.device_put(np.zeros(abstract.shape, abstract.dtype), abstract.sharding)
 
 
 class Checkpointer:
@@ -31,22 +72,98 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
-    # Every process writes its own iterator state under its index, so a multi-host run resumes each
-    # host's shard of the data where that host stopped.
-    data = {f"process_{jax.process_index()}": data_state}
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state, data_state: dict | None, force: bool = False,
+           global_batch: int | None = None) -> bool:
+    # The iterator state is process-independent (every process walks the same global batches), so
+    # the primary process's copy, which is what Orbax's JsonSave writes, serves every process.
+    data = {"iterator": data_state, "process_count": jax.process_count(), "global_batch": global_batch}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
     return self.manager.save(step, args=args, force=force)
 
-  def restore(self, step: int, abstract_state):
+  def restore(self, step: int, abstract_state, global_batch: int | None = None):
     """Restores `state` onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
 
-    Returns (state, data_state or None).
+    Returns (state, data_state or None). With `global_batch`, refuses a data state written for
+    another global batch size (its position would mean different rows).
     """
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    added = _keys_added_since(self.step_dir(step), abstract_state)
+    target = {k: v for k, v in abstract_state.items() if k not in added}
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     restored = self.manager.restore(step, args=args)
+    state = dict(restored.state, **{k: _zeros_like(abstract_state[k]) for k in added})
     data = restored.data or {}
-    return restored.state, data.get(f"process_{jax.process_index()}")
+    if "iterator" not in data:  # written before the data stream was process-independent
+      return state, data.get(f"process_{jax.process_index()}")
+    saved_batch = data.get("global_batch")
+    if global_batch is not None and saved_batch is not None and saved_batch != global_batch:
+      raise BatchSizeMismatchError(
+          f"checkpoint step {step} in {self.directory} was written with train.batch_size={saved_batch}; "
+          f"this run has {global_batch}, which would change which rows follow. Resume with "
+          f"--config.train.batch_size={saved_batch}, or start a new workdir.")
+    if data.get("process_count") not in (None, jax.process_count()):
+      log.info("checkpoint step %d was written by %d processes; resuming its data stream in %d",
+               step, data["process_count"], jax.process_count())
+    return state, data["iterator"]
+
+  def restore_latest(self, abstract_state, global_batch: int | None = None):
+    """(step, state, data_state) from the newest checkpoint that restores, or None if there is none.
+
+    A newer checkpoint that fails to restore while an older one restores is damaged: it is reported
+    (naming both), set aside, and the run continues from the older one rather than failing or
+    starting over. If no checkpoint restores, the cause is more likely this run's config (another
+    model size, say) than damage: nothing is moved and the newest error is raised.
+    """
+    self._set_aside_interrupted_saves()
+    steps = sorted(self.all_steps(), reverse=True)
+    failed = []  # (step, error), newest first
+    for step in steps:
+      try:
+        state, data = self.restore(step, abstract_state, global_batch)
+      except BatchSizeMismatchError:
+        raise  # a config mismatch, not damage
+      except Exception as e:  # noqa: BLE001 (tensorstore, JSON and file errors all mean "damaged")
+        failed.append((step, e))
+        continue
+      for bad_step, error in failed:
+        log.warning("checkpoint step %d in %s is damaged (%s: %s); falling back to step %d in %s",
+                    bad_step, self.step_dir(bad_step), type(error).__name__, _first_line(error), step,
+                    self.step_dir(step))
+        self._set_aside(self.step_dir(bad_step))
+      if failed:
+        self.manager.reload()
+      return step, state, data
+    if failed:
+      step, error = failed[0]
+      raise RuntimeError(
+          f"none of the checkpoints {steps} in {self.directory} restores; the newest (step {step}) fails "
+          f"with {type(error).__name__}: {_first_line(error)}. If this run's model or optimizer config "
+          "differs from the one that wrote them, use a new --workdir.") from error
+    return None
+
+  def _set_aside_interrupted_saves(self):
+    if not os.path.isdir(self.directory):
+      return
+    leftovers = sorted(n for n in os.listdir(self.directory) if _TMP_MARKER in n)
+    for name in leftovers:
+      log.warning("checkpoint %s in %s was never completed (a save interrupted before its final "
+                  "rename); ignoring it, latest complete step is %s", name, self.directory,
+                  self.latest_step())
+      self._set_aside(os.path.join(self.directory, name))
+    if leftovers:
+      self.manager.reload()
+
+  def _set_aside(self, path: str):
+    # Renamed, not deleted: the files may help find out what went wrong. One process renames; the
+    # others wait for it so that nobody lists the directory half-way.
+    if jax.process_index() == 0 and os.path.exists(path):
+      target = os.path.join(os.path.dirname(path), f"damaged_{os.path.basename(path)}_{int(time.time())}")
+      os.rename(path, target)
+      log.warning("moved %s to %s", path, target)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"cfmjax_set_aside_{os.path.basename(path)}")
 
   def restore_params(self, step: int, abstract_state, key: str = "ema_params"):
     """Restores the full state onto `abstract_state` and returns one parameter tree from it."""

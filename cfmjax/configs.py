@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 64
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
+  c.train.on_nonfinite = "stop"  # NaN/Inf loss or gradient: stop (naming step and group) | skip the update
 
   # Mesh sizes for (data, fsdp, tensor); one may be -1 (the rest of the devices).
   c.mesh = ml_collections.ConfigDict()

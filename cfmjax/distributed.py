@@ -5,7 +5,9 @@ Recognised environments, in order:
      (what `launch/slurm_gpu.sbatch` and hand-rolled launchers set);
   2. SLURM with more than one task (SLURM_NTASKS > 1): JAX reads the SLURM variables itself;
   3. a Cloud TPU VM slice with several workers (TPU_WORKER_HOSTNAMES lists more than one host):
-     JAX reads the TPU metadata itself.
+     JAX reads the TPU metadata itself;
+  4. CFMJAX_DISTRIBUTED=auto (what `launch/tpu_pod.sh` sets): `jax.distributed.initialize()` with no
+     arguments, i.e. JAX's own cluster detection (TPU metadata, SLURM, ...), whatever else is set.
 A single-process run (a laptop, one GPU box, one TPU VM host) calls nothing.
 """
 
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 def detect() -> dict | None:
   """Returns the `jax.distributed.initialize` kwargs for this environment, or None."""
   env = os.environ
+  if env.get("CFMJAX_DISTRIBUTED") == "auto":
+    return {}
   if env.get("CFMJAX_COORDINATOR_ADDRESS"):
     missing = [k for k in ("CFMJAX_NUM_PROCESSES", "CFMJAX_PROCESS_ID") if k not in env]
     if missing:

@@ -3,7 +3,8 @@
 `build(config, workdir)` turns a config into an `Experiment`; nothing here runs a step. The train
 state is a plain dict so that Orbax, `jax.jit` shardings and humans all see the same tree:
 
-  {"step": int32[], "params": ..., "ema_params": ..., "opt_state": ..., "rng": uint32[2]}
+  {"step": int32[], "params": ..., "ema_params": ..., "opt_state": ..., "rng": uint32[2],
+   "skipped_steps": int32[]}   # updates dropped for a non-finite loss/gradient (train.on_nonfinite)
 """
 
 from __future__ import annotations
@@ -131,10 +132,11 @@ def state_layout(init_fn, optimizer, mesh, rules, seq_len: int):
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   shardings = {"step": replicated, "params": p_shardings, "ema_params": p_shardings,
-               "opt_state": opt_shardings, "rng": replicated}
+               "opt_state": opt_shardings, "rng": replicated, "skipped_steps": replicated}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
               "ema_params": abstract_params, "opt_state": abstract_opt,
-              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+              "skipped_steps": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return abstract, shardings
@@ -146,7 +148,8 @@ def init_state(exp: Experiment, seed: int):
   def init(rng):
     params = nn.meta.unbox(exp.init_fn(rng, 1, exp.config.data.seq_len))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params,
-            "opt_state": exp.optimizer.init(params), "rng": jax.random.key_data(rng)}
+            "opt_state": exp.optimizer.init(params), "rng": jax.random.key_data(rng),
+            "skipped_steps": jnp.zeros((), jnp.int32)}
 
   with jax.set_mesh(exp.mesh):
     return jax.jit(init, out_shardings=exp.state_shardings)(jax.random.key(seed))

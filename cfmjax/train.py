@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cfmjax import checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib
+from cfmjax import checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib, preflight
 from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+ON_NONFINITE = ("stop", "skip")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +77,7 @@ def ema_update(ema, params, step, max_decay: float):
 
 def make_train_step(exp: experiment.Experiment, grad_fn=None):
   grad_fn = grad_fn or grad_fn_for(exp)
+  skip_nonfinite = exp.config.train.get("on_nonfinite", "stop") == "skip"
 
   def train_step(state, tokens):
     grads, metrics = grad_fn(state["params"], tokens, step_rng(state), state["ema_params"], state["step"])
@@ -88,7 +92,19 @@ def make_train_step(exp: experiment.Experiment, grad_fn=None):
         "opt_state": opt_state,
         "rng": state["rng"],
     }
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=exp.learning_rate(step))
+    # One flag per gradient leaf (in tree order), so that a stop can name the first bad group.
+    grads_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+    finite = jnp.all(grads_finite) & jnp.isfinite(metrics["loss"])
+    skipped = state.get("skipped_steps", jnp.zeros((), jnp.int32))
+    if skip_nonfinite:
+      # A finite gradient can still overflow the parameters (a huge learning rate): skip that too.
+      finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+      # Keep params, optimizer and EMA as they were; the step counter (hence data and noise) moves on.
+      kept = {k: (step + 1 if k == "step" else state[k]) for k in new_state}
+      new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+    new_state["skipped_steps"] = skipped + (~finite).astype(jnp.int32) if skip_nonfinite else skipped
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=exp.learning_rate(step),
+                   skipped_steps=new_state["skipped_steps"], grads_finite=grads_finite)
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(exp.state_shardings, exp.batch_sharding),
@@ -109,6 +125,26 @@ def global_batch(exp: experiment.Experiment, local_rows: np.ndarray) -> jax.Arra
   """Assembles each process's rows into one array sharded over the mesh's batch axes."""
   shape = (local_rows.shape[0] * jax.process_count(),) + local_rows.shape[1:]
   return jax.make_array_from_process_local_data(exp.batch_sharding, local_rows, shape)
+
+
+def first_nonfinite_group(params, grads_finite) -> str:
+  """The path of the first parameter whose gradient had a NaN/Inf (flags in tree-leaf order)."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  bad = [path for path, ok in zip(paths, np.asarray(grads_finite)) if not ok]
+  return bad[0] if bad else "none (the gradients are finite)"
+
+
+def check_finite(step: int, metrics: dict, params, ckpt) -> None:
+  """on_nonfinite='stop': raises naming the step, the loss and the first non-finite gradient group."""
+  loss, grads_finite = metrics["loss"], metrics["grads_finite"]
+  if np.isfinite(loss) and np.all(grads_finite):
+    return
+  ckpt.close()
+  raise NonFiniteLossError(
+      f"non-finite {'loss' if not np.isfinite(loss) else 'gradient'} at step {step}: loss={loss}, first "
+      f"non-finite gradient group: {first_nonfinite_group(params, grads_finite)}; stopping. The last "
+      f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr, check the "
+      "data, or set --config.train.on_nonfinite=skip to drop such updates and count them.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +224,10 @@ def train(config, workdir: str, devices=None) -> dict:
     if config.init_from:
       config = handoff.inherit_base_config(config, workdir)
   exp = experiment.build(config, workdir, devices)
+  if exp.config.train.get("on_nonfinite", "stop") not in ON_NONFINITE:
+    raise ValueError(f"unknown train.on_nonfinite={exp.config.train.on_nonfinite!r}; choose one of "
+                     f"{ON_NONFINITE}")
+  preflight.check_vocab_matches_checkpoints(exp, workdir)
   write_config(exp.config, workdir)
   write_data_stats(exp.data.stats, workdir)
   cfg = exp.config.train
@@ -198,9 +238,10 @@ def train(config, workdir: str, devices=None) -> dict:
                                       seed=exp.config.data.shuffle_seed)
 
   # --- State: resume from the latest checkpoint, or initialise ------------------------------
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(start, exp.abstract_state)
+  restored = ckpt.restore_latest(exp.abstract_state, global_batch=cfg.batch_size)
+  start = restored[0] if restored else None
+  if restored:
+    _, state, data_state = restored
     if data_state is not None:
       data_iter.set_state(data_state)
     log.info("resumed from step %d in %s", start, ckpt.directory)
@@ -235,18 +276,18 @@ def train(config, workdir: str, devices=None) -> dict:
       pending.append((step, step_metrics))
 
       is_last = step == cfg.num_steps
+      stop_on_nonfinite = cfg.get("on_nonfinite", "stop") == "stop"
       if step % cfg.log_every == 0 or is_last or stop.signal_name:
         fetched = jax.device_get(pending)
         pending = []
         for s, m in fetched:
-          if not np.isfinite(m["loss"]):
-            ckpt.close()
-            raise NonFiniteLossError(
-                f"loss is {m['loss']} at step {s}; stopping. The last good checkpoint is step "
-                f"{ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check the data.")
+          if stop_on_nonfinite:
+            check_finite(s, m, state["params"], ckpt)
+          m.pop("grads_finite")
         elapsed = time.time() - t_log
         t_log = time.time()
         record = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+        record["skipped_steps"] = int(fetched[-1][1]["skipped_steps"])  # a running count, not a mean
         record["steps_per_sec"] = len(fetched) / max(elapsed, 1e-9)
         record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
         writer.write(step, record)
@@ -258,7 +299,10 @@ def train(config, workdir: str, devices=None) -> dict:
         writer.write(step, {f"eval_{k}": v for k, v in m.items()})
 
       if step % cfg.checkpoint_every == 0 or is_last or stop.signal_name:
-        ckpt.save(step, state, data_iter.get_state(), force=True)
+        if stop_on_nonfinite:  # never save a state that a non-finite step has already spoiled
+          for s, m in jax.device_get([(s, {k: m[k] for k in ("loss", "grads_finite")}) for s, m in pending]):
+            check_finite(s, m, state["params"], ckpt)
+        ckpt.save(step, state, data_iter.get_state(), force=True, global_batch=cfg.batch_size)
       if stop.signal_name:
         log.warning("received %s: wrote checkpoint at step %d, exiting", stop.signal_name, step)
         break

@@ -53,3 +53,9 @@ def tiny_config(**overrides):
 def cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("CFMJAX_CACHE", str(tmp_path / "cache"))
   return tmp_path / "cache"
+
+
+def pytest_configure(config):
+  # Slow tests (real subprocesses, signals, several processes) still run by default: CI runs
+  # `python -m pytest -q tests`. Skip them locally with `-m "not slow"`.
+  config.addinivalue_line("markers", "slow: starts real processes; tens of seconds each")

@@ -10,12 +10,22 @@
 
 Text sources (text files, the bible, TFDS) run through Grain:
 
-    random-access documents -> shard by process -> shuffle -> repeat
+    random-access documents -> shuffle -> repeat
       -> tokenize (+ end-of-document token) -> concatenate-then-split into
-         rows of seq_len -> batch
+         rows of seq_len -> global batch -> this process's slice
 
 Rows are plain token windows (no next-token shift): the flow models denoise the
 whole row. The Markov source needs no files: row i is a pure function of i.
+
+Every process walks the same stream of *global* batches and keeps its own
+contiguous slice of each (process p of P: rows [p*B/P, (p+1)*B/P)). So the
+global batch at step k is the same set of rows, in the same order, whatever
+the number of processes, and the iterator state (how many global batches were
+drawn) is identical on every process: a checkpoint written by 2 processes
+resumes in 1 (or 4) with the data continuing exactly where it stopped. The
+price, for text, is that every process tokenizes the whole stream and drops
+the rows of the others (tokenizing is cheap next to a train step; Markov rows
+are generated only for the slice).
 """
 
 from collections.abc import Sequence
@@ -100,16 +110,32 @@ def _tokens_of(packed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 class _MarkovRows:
-  """A batch of global row indices -> int32 [batch, seq_len] Markov rows."""
+  """Global batch index k -> this process's slice of rows [k*G, (k+1)*G)."""
 
-  def __init__(self, markov: MarkovSource, seq_len: int, stream: int):
+  def __init__(self, markov: MarkovSource, seq_len: int, stream: int,
+               global_batch: int, first: int, count: int):
     self._markov = markov
     self._seq_len = seq_len
     self._stream = stream
+    self._global_batch = global_batch
+    self._first = first
+    self._count = count
 
-  def __call__(self, indices: np.ndarray) -> np.ndarray:
-    return self._markov.rows(indices.tolist(), self._seq_len, "train",
-                             stream=self._stream)
+  def __call__(self, batch_index: int) -> np.ndarray:
+    start = int(batch_index) * self._global_batch + self._first
+    return self._markov.rows(range(start, start + self._count), self._seq_len,
+                             "train", stream=self._stream)
+
+
+class _ProcessSlice:
+  """A global batch -> this process's contiguous rows of it."""
+
+  def __init__(self, first: int, count: int):
+    self._first = first
+    self._count = count
+
+  def __call__(self, batch: np.ndarray) -> np.ndarray:
+    return batch[self._first:self._first + self._count]
 
 
 @dataclasses.dataclass
@@ -142,10 +168,12 @@ class Data:
                      num_epochs: int | None = None) -> grain.DatasetIterator:
     """Batches of training rows, np.int32 [per_host_batch, seq_len].
 
-    Each process reads its own disjoint shard (record i belongs to process
-    i % process_count). The stream is a deterministic function of (seed,
-    process_index, process_count); `get_state()` is JSON-serialisable and
-    `set_state()` resumes exactly.
+    Each process reads its own disjoint slice of every global batch of
+    per_host_batch * process_count rows (see the module docstring). The
+    stream of global batches is a deterministic function of (seed, global
+    batch size) only; `get_state()` is JSON-serialisable, the same on every
+    process, and `set_state()` resumes exactly, also with another process
+    count as long as the global batch size is unchanged.
 
     Args:
       per_host_batch: rows per batch on this process.
@@ -168,28 +196,29 @@ class Data:
 
   def _markov_iterator(self, per_host_batch, process_index, process_count,
                        seed):
-    # An (effectively) endless range of global row ids; row i is drawn from
-    # its own seed, so sharding by id gives disjoint rows across processes.
-    rows = grain.MapDataset.range(0, sys.maxsize)
-    rows = rows[process_index::process_count]
-    batches = rows.batch(per_host_batch, drop_remainder=True)
-    batches = batches.map(_MarkovRows(self.markov, self.seq_len, stream=seed))
+    # An (effectively) endless range of global batch indices; global batch k
+    # holds rows [k*G, (k+1)*G) and row i is drawn from its own seed, so the
+    # data is a pure function of the step, whatever the process count.
+    global_batch = per_host_batch * process_count
+    batches = grain.MapDataset.range(0, sys.maxsize // global_batch)
+    batches = batches.map(_MarkovRows(
+        self.markov, self.seq_len, seed, global_batch,
+        first=process_index * per_host_batch, count=per_host_batch))
     return iter(batches.to_iter_dataset())
 
   def _text_iterator(self, per_host_batch, process_index, process_count, seed,
                      num_epochs):
     docs = grain.MapDataset.source(self.train_records)
-    docs = docs[process_index::process_count]
     if not len(docs):
-      raise ValueError(
-          f"the training split has {len(self.train_records)} documents, too "
-          f"few to give each of {process_count} processes one.")
+      raise ValueError("the training split has no documents.")
     docs = docs.shuffle(seed=seed).repeat(num_epochs)
     tokens = docs.map(_Tokenize(self.tokenizer)).to_iter_dataset()
     packed = grain.experimental.ConcatThenSplitIterDataset(
         tokens, length_struct={_TOKENS: self.seq_len})
     rows = packed.filter(_is_full_row).map(_tokens_of)
-    return iter(rows.batch(per_host_batch, drop_remainder=True))
+    batches = rows.batch(per_host_batch * process_count, drop_remainder=True)
+    return iter(batches.map(_ProcessSlice(process_index * per_host_batch,
+                                          per_host_batch)))
 
   def eval_rows(self, num_rows: int) -> np.ndarray:
     """The first `num_rows` held-out rows, int32 [num_rows, seq_len].

@@ -1,0 +1,44 @@
+"""Checks that need the built experiment but must still run before anything is compiled.
+
+`experiment.validate` checks a config on its own; these compare it with what is already on disk:
+the workdir being resumed, and the base run a two-stage distillation starts from. A vocabulary that
+changed under a checkpoint would otherwise surface as an opaque shape error deep inside Orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+
+def _saved_vocab(run_dir: str) -> int | None:
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("model", {}).get("vocab_size")
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+  directory = os.path.join(run_dir, "checkpoints")
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def check_vocab_matches_checkpoints(exp, workdir: str) -> None:
+  """The data's vocabulary must match the checkpoints this run resumes or starts from."""
+  vocab = exp.vocab_size
+  saved = _saved_vocab(workdir)
+  if saved not in (None, -1, vocab) and _has_checkpoints(workdir):
+    raise ValueError(
+        f"{workdir} holds checkpoints of a model with a vocabulary of {saved} tokens, but this run's "
+        f"data/tokenizer gives {vocab} (data.source={exp.config.data.source!r}). Resume with the data and "
+        "tokenizer settings in its config.json, or use a new --workdir.")
+  init_from = exp.config.get("init_from", "")
+  if exp.config.stage == "distill" and exp.config.distill.mode == "two_stage" and init_from:
+    base = _saved_vocab(init_from)
+    if base not in (None, -1, vocab):
+      raise ValueError(
+          f"init_from={init_from} was trained with a vocabulary of {base} tokens, but this run's "
+          f"tokenizer gives {vocab}: its checkpoint cannot be loaded. Use the base run's tokenizer "
+          f"({os.path.join(init_from, 'tokenizer.model')}) and data settings, or another base run.")
