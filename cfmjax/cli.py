@@ -5,6 +5,7 @@
   cfmjax sample --workdir=W --sampler=euler --steps=128 --num_samples=16
   cfmjax eval   --workdir=W --sampler=euler --steps=128,16,4 --num_samples=256
   cfmjax eval   --workdir=W2 --sampler=flowmap --steps=1,2,4
+  cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2 [--stage=distill]
 
 (`export` arrives with the evaluation suite.)
 """
@@ -20,7 +21,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "distill", "sample", "eval")
+COMMANDS = ("train", "distill", "sample", "eval", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
                                           lock_config=True)
@@ -34,6 +35,9 @@ _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (
 _LIKELIHOOD = flags.DEFINE_bool("likelihood", False, "eval: also bound the NLL of held-out rows (SPEC §5).")
 _LIKELIHOOD_POINTS = flags.DEFINE_integer("likelihood_points", 128, "eval: quadrature points in log-SNR.")
 _LIKELIHOOD_ROWS = flags.DEFINE_integer("likelihood_rows", 256, "eval: held-out rows for the bound.")
+_MESH = flags.DEFINE_string("mesh", None, "compile: mesh sizes data,fsdp,tensor, e.g. 4,8,2.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "compile: fake CPU devices (default: the mesh's size).")
+_STAGE = flags.DEFINE_enum("stage", None, ["base", "distill"], "compile: the step to compile (default: the config's).")
 
 
 def _steps_list(default) -> list[int]:
@@ -152,6 +156,25 @@ def cmd_eval():
   print(f"results: {path}")
 
 
+def cmd_compile():
+  from cfmjax import aot  # noqa: PLC0415
+
+  if _CONFIG.value is None or not _MESH.value:
+    raise app.UsageError("compile needs --config=FILE --mesh=data,fsdp,tensor")
+  try:
+    mesh = aot.parse_mesh(_MESH.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  aot.use_fake_cpu_devices(_NUM_DEVICES.value or mesh[0] * mesh[1] * mesh[2])
+  report = aot.compile_report(_CONFIG.value, mesh, _STAGE.value)
+  print(aot.format_report(report))
+  print("compile report: " + json.dumps(report))
+  if _WORKDIR.value:
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    with open(os.path.join(_WORKDIR.value, "compile_report.json"), "w") as f:
+      json.dump(report, f, indent=2)
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: cfmjax {{{'|'.join(COMMANDS)}}} --workdir=DIR [--config=FILE] [flags]")
@@ -164,6 +187,9 @@ def main(argv):
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+  if argv[1] == "compile":  # one process on fake CPU devices: no cluster to join
+    cmd_compile()
+    return
   from cfmjax import distributed  # noqa: PLC0415
 
   distributed.maybe_initialize()  # before anything asks JAX for devices
