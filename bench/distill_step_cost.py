@@ -2,40 +2,20 @@
 
   python bench/distill_step_cost.py [--config=experiments/base_flow/markov_tiny.py] [--steps=20]
 
-Times the compiled train step of each stage on this machine's devices, same model, same batch,
-after a warm-up call (compile excluded), and prints a table; writes bench/results/distill_step_cost.json.
-A ratio is only meaningful within one run: the machine is shared and noisy.
+Times the compiled train step of each stage on this machine's first device, same model, same batch
+(random token ids), after a warm-up call (compile excluded), and prints a table next to the ratio
+that model FLOPs predict (`cfmjax/flops.py`: PSD = diagonal rows' base step + student forward and
+backward + two teacher forwards on the consistency rows; LSD/ESD replace one teacher forward by a
+JVP); writes bench/results/distill_step_cost.json. A ratio is only meaningful within one run: the
+machine is shared and noisy.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 
-import jax
-import numpy as np
-
-from cfmjax import configs, experiment, train
-
-
-def time_step(config, steps: int) -> float:
-  exp = experiment.build(config, None)
-  state = experiment.init_state(exp, 0)
-  step_fn = train.make_train_step(exp)
-  it = exp.data.train_iterator(config.train.batch_size, seed=0)
-  batch = train.global_batch(exp, np.asarray(next(it)))
-  with jax.set_mesh(exp.mesh):
-    state, m = step_fn(state, batch)  # compile
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-      t = time.perf_counter()
-      state, m = step_fn(state, batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t)
-  return float(np.median(times))
+import common
+from cfmjax import configs
 
 
 def main():
@@ -47,28 +27,29 @@ def main():
   base = configs.from_file(args.config)
   rows = [("base", None, False)] + [(loss, loss, False) for loss in ("psd", "lsd", "esd")] + [("psd+surgery", "psd", True)]
   results = []
-  base_time = None
+  base_row = None
   for name, loss, surgery in rows:
     c = configs.from_file(args.config)
-    if loss is not None:
-      with c.unlocked():
+    with c.unlocked():
+      c.mesh.data = 1
+      if loss is not None:
         c.stage = "distill"
         c.distill.mode = "joint"  # same network, no checkpoint needed to time a step
         c.distill.loss = loss
         c.distill.gradient_surgery = surgery
-    seconds = time_step(c, args.steps)
-    base_time = base_time or seconds
-    results.append({"stage": name, "ms_per_step": 1000 * seconds, "relative_to_base": seconds / base_time})
-    print(f"{name:12s} {1000 * seconds:8.1f} ms/step  {seconds / base_time:5.2f}x base", flush=True)
+    row = dict(stage=name, **common.time_train_step(c, args.steps))
+    base_row = base_row or row
+    row["relative_to_base"] = row["ms_per_step"] / base_row["ms_per_step"]
+    row["flops_relative_to_base"] = row["model_gflops_per_step"] / base_row["model_gflops_per_step"]
+    row["memory_relative_to_base"] = row["peak_mib"] / base_row["peak_mib"]
+    results.append(row)
+    print(f"{name:12s} {row['ms_per_step']:8.1f} ms/step  {row['relative_to_base']:5.2f}x base "
+          f"(model FLOPs {row['flops_relative_to_base']:.2f}x)", flush=True)
 
-  out = {"config": args.config, "batch_size": base.train.batch_size, "seq_len": base.data.seq_len,
-         "devices": [str(d) for d in jax.devices()], "results": results}
-  os.makedirs("bench/results", exist_ok=True)
-  with open("bench/results/distill_step_cost.json", "w") as f:
-    json.dump(out, f, indent=2)
-  print("| stage | ms/step | x base |\n|---|---|---|")
-  for r in results:
-    print(f"| {r['stage']} | {r['ms_per_step']:.1f} | {r['relative_to_base']:.2f} |")
+  common.print_table(results, ["stage", "ms_per_step", "relative_to_base", "flops_relative_to_base",
+                               "peak_mib", "memory_relative_to_base", "gflops_per_sec"])
+  common.write_results("distill_step_cost", {"config": args.config, "batch_size": base.train.batch_size,
+                                             "seq_len": base.data.seq_len, "results": results})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
   cfmjax eval   --workdir=W2 --sampler=flowmap --steps=1,2,4
   cfmjax export --workdir=W --out=D [--dtype=bfloat16]     (then: cfmjax eval --checkpoint=D ...)
   cfmjax report W1 W2 ... [--out=report] [--names=ar,base,psd]
+  cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2 [--stage=distill]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "distill", "sample", "eval", "export", "report")
+COMMANDS = ("train", "distill", "sample", "eval", "export", "report", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
                                           lock_config=True)
@@ -40,6 +41,9 @@ _CHECKPOINT = flags.DEFINE_string(
 _OUT = flags.DEFINE_string("out", None, "export: the directory to write; report: output directory (default report).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: dtype of the saved weights.")
 _NAMES = flags.DEFINE_string("names", None, "report: comma-separated model names (default: directory names).")
+_MESH = flags.DEFINE_string("mesh", None, "compile: mesh sizes data,fsdp,tensor, e.g. 4,8,2.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "compile: fake CPU devices (default: the mesh's size).")
+_STAGE = flags.DEFINE_enum("stage", None, ["base", "distill"], "compile: the step to compile (default: the config's).")
 
 
 def _steps_list(default) -> list[int]:
@@ -188,6 +192,25 @@ def cmd_report(paths):
   print(f"report: {table_path}, {plot_path}")
 
 
+def cmd_compile():
+  from cfmjax import aot  # noqa: PLC0415
+
+  if _CONFIG.value is None or not _MESH.value:
+    raise app.UsageError("compile needs --config=FILE --mesh=data,fsdp,tensor")
+  try:
+    mesh = aot.parse_mesh(_MESH.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  aot.use_fake_cpu_devices(_NUM_DEVICES.value or mesh[0] * mesh[1] * mesh[2])
+  report = aot.compile_report(_CONFIG.value, mesh, _STAGE.value)
+  print(aot.format_report(report))
+  print("compile report: " + json.dumps(report))
+  if _WORKDIR.value:
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    with open(os.path.join(_WORKDIR.value, "compile_report.json"), "w") as f:
+      json.dump(report, f, indent=2)
+
+
 def main(argv):
   if len(argv) < 2 or argv[1] not in COMMANDS or (len(argv) > 2 and argv[1] != "report"):
     raise app.UsageError(f"usage: cfmjax {{{'|'.join(COMMANDS)}}} --workdir=DIR [--config=FILE] [flags]")
@@ -200,6 +223,9 @@ def main(argv):
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+  if argv[1] == "compile":  # one process on fake CPU devices: no cluster to join
+    cmd_compile()
+    return
   from cfmjax import distributed  # noqa: PLC0415
 
   distributed.maybe_initialize()  # before anything asks JAX for devices

@@ -158,11 +158,12 @@ def init_state(exp: Experiment, seed: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def build(config, workdir: str | None, devices=None) -> Experiment:
+def build(config, workdir: str | None, devices=None, data: pipeline.Data | None = None) -> Experiment:
+  """`data`: an already-built (or, for `cfmjax compile`, dataset-free) Data; default: build it."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
   validate(config, mesh, rules)
-  data = pipeline.build_data(config.data, workdir)
+  data = data if data is not None else pipeline.build_data(config.data, workdir)
   with config.unlocked():
     config.model.vocab_size = data.vocab_size  # the model's vocabulary follows the data source
   model_config = model_lib.model_config_from(config)

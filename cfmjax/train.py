@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from cfmjax import checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib, preflight
+from cfmjax import flops as flops_lib
 from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,10 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # --- Loop ---------------------------------------------------------------------------------
   tokens_per_step = cfg.batch_size * exp.config.data.seq_len
+  # Model FLOPs per step (MFU convention, cfmjax/flops.py) and the device's peak (None: MFU is null).
+  flops_per_step = flops_lib.step_flops(exp.config)["total"]
+  peak_flops = flops_lib.device_peak_flops(exp.mesh.devices.flat[0], exp.config.model.dtype,
+                                           num_devices=exp.mesh.size)
   progress = metrics_lib.Progress(cfg.num_steps, tokens_per_step, start_step=start)
   pending = []  # per-step metrics still on device; fetched at log time so dispatch stays async
   last_logged = {}
@@ -290,6 +295,7 @@ def train(config, workdir: str, devices=None) -> dict:
         record["skipped_steps"] = int(fetched[-1][1]["skipped_steps"])  # a running count, not a mean
         record["steps_per_sec"] = len(fetched) / max(elapsed, 1e-9)
         record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
+        record.update(flops_lib.throughput(flops_per_step, record["steps_per_sec"], exp.mesh.size, peak_flops))
         writer.write(step, record)
         last_logged = dict(record, step=step)
         progress.update(step, loss=record["loss"])

@@ -35,7 +35,8 @@ def test_config_is_complete_and_valid(path):
     distill.validate(c)
 
 
-@pytest.mark.parametrize("name,low,high", [("lm1b_170m", 150e6, 200e6), ("owt_170m", 150e6, 230e6)])
+@pytest.mark.parametrize("name,low,high", [("lm1b_170m", 150e6, 200e6), ("owt_170m", 150e6, 230e6),
+                                           ("owt_1p7b", 1.6e9, 1.8e9)])
 def test_full_size_configs_have_the_papers_size(name, low, high):
   c = configs.from_file(os.path.join(REPO, "experiments", "base_flow", f"{name}.py"))
   with c.unlocked():

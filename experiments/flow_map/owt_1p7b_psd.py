@@ -1,0 +1,19 @@
+"""PSD flow-map distillation of the 1.7B OpenWebText base flow (`base_flow/owt_1p7b.py`).
+
+  cfmjax compile --config=experiments/flow_map/owt_1p7b_psd.py --mesh=4,8,2
+  cfmjax distill --config=experiments/flow_map/owt_1p7b_psd.py --workdir=$FLOWMAP --config.init_from=$BASE
+
+The same recipe as owt_170m_psd (150k steps, a quarter of each batch on the diagonal, EMA teacher,
+AdamW 1e-4, gradient surgery), on the 1.7B model and its FSDP + tensor mesh. A PSD step runs the
+student forward + backward plus two teacher forwards on three quarters of the batch.
+"""
+
+import os
+
+from cfmjax.configs import as_distillation, from_file
+
+
+def get_config():
+  base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "owt_1p7b.py"))
+  return as_distillation(base, "psd", num_steps=150_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
+                         gap_warmup_steps=10_000, boundary_prob=0.05, gradient_surgery=True)
