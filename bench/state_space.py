@@ -89,15 +89,15 @@ def main():
   ref = rows[0]
   print(f"\nbase train step, V={args.vocab} D={args.d_model} layers={args.layers} seq={args.seq} "
         f"batch={args.batch} dtype={args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}")
-  print(f"| variant | vocab_chunk | step (s) | speedup vs vocab | temp memory (MiB) | temp vs vocab |")
+  print("| variant | vocab_chunk | step (s) | speedup vs vocab | temp memory (MiB) | temp vs vocab |")
   print("|---|---|---|---|---|---|")
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
   for r in rows:
     r["speedup_vs_vocab"] = ref["seconds"] / r["seconds"]
     mib = None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20
     r["temp_ratio_vs_vocab"] = None if mib is None else r["temp_bytes"] / ref["temp_bytes"]
     print(f"| {r['variant']} | {r['vocab_chunk']} | {r['seconds']:.3f} | {r['speedup_vs_vocab']:.2f}x | "
-          f"{'-' if mib is None else f'{mib:.1f}'} | "
-          f"{'-' if r['temp_ratio_vs_vocab'] is None else f'{r['temp_ratio_vs_vocab']:.2f}'} |")
+          f"{fmt(mib, '.1f')} | {fmt(r['temp_ratio_vs_vocab'], '.2f')} |")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"config": vars(args), "device": str(jax.devices()[0]), "device_count": jax.device_count(),

@@ -16,7 +16,8 @@ Gradient of W through the noise. In V-space W gets εᵀg from the noise part (g
 h drawn as ξCᵀ the pathwise derivative is a different (but also unbiased) estimator; we instead use
 the Rao-Blackwellised one: ε enters only through εW = n, and E[ε | εW = n] = n A⁻¹Wᵀ (A = WᵀW), so
 E[εᵀg] = E[W A⁻¹ nᵀ g]: the same expected gradient as the V path, with less variance, computed
-from D × D products (`_with_noise_gradient`). No gradient goes through the Cholesky factor.
+from a [D, D] contraction and one [V, D]·[D, D] product (`_with_noise_gradient`, a custom VJP). No
+gradient goes through the Cholesky factor.
 
 Distillation with an EMA teacher needs the teacher's view εW_t of the SAME ε: it is drawn jointly,
 n_t = n A⁻¹(WᵀW_t) + ξ₂ Λ^½ Qᵀ, where QΛQᵀ = ΔᵀΔ and Δ = (I − P_W)W_t is the part of W_t outside W's
@@ -67,17 +68,30 @@ def gram_factor(w, jitter: float = 1e-6):
   return jnp.linalg.cholesky(gram + jitter * scale * jnp.eye(d, dtype=jnp.float32))
 
 
-def _with_noise_gradient(value, directions, w):
-  """`value`, plus a term that is 0 in value and gives W the gradient Σᵢ Eᵢᵀ g, Eᵢ = cᵢ Bᵢᵀ.
+@jax.custom_vjp
+def _with_noise_gradient(value, w, directions):
+  """`value` unchanged; W's cotangent gets Σᵢ Bᵢ (cᵢᵀ g) for `directions` = [(cᵢ [..., k], Bᵢ [V, k])].
 
-  `directions` is a list of (c [..., k], B [V, k]) whose products cᵢBᵢᵀ sum to E[ε | observed
-  noise] (V-dim, never formed): the term c (Bᵀ(W − sg W)) has derivative B cᵀ g in W.
+  Σᵢ cᵢBᵢᵀ is E[ε | observed noise] (V-dim, never formed), so this is the V path's εᵀg in
+  expectation. A custom VJP rather than a zero-valued surrogate term: the forward pass costs nothing.
   """
-  dw = w - jax.lax.stop_gradient(w)
-  for coef, basis in directions:
-    value = value + jnp.matmul(jax.lax.stop_gradient(coef), jnp.matmul(basis.T, dw, precision=HIGHEST),
-                               precision=HIGHEST)
+  del w, directions
   return value
+
+
+def _with_noise_gradient_fwd(value, w, directions):
+  return value, directions
+
+
+def _with_noise_gradient_bwd(directions, g):
+  d = g.shape[-1]
+  g2 = g.reshape(-1, d).astype(jnp.float32)
+  dw = sum(jnp.matmul(basis, jnp.matmul(coef.reshape(-1, coef.shape[-1]).T, g2, precision=HIGHEST),
+                      precision=HIGHEST) for coef, basis in directions)
+  return g, dw, jax.tree_util.tree_map(jnp.zeros_like, directions)
+
+
+_with_noise_gradient.defvjp(_with_noise_gradient_fwd, _with_noise_gradient_bwd)
 
 
 def draw_noise(rng, shape, w, w_teacher=None, mode: str = "cholesky", jitter: float = 1e-6):
@@ -119,7 +133,7 @@ def draw_noise(rng, shape, w, w_teacher=None, mode: str = "cholesky", jitter: fl
     keep = lam > 1e-6 * jnp.max(lam) + jnp.finfo(jnp.float32).tiny
     u = jnp.matmul(outside, q, precision=HIGHEST) * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
     directions.append((xi_t, u))
-  return _with_noise_gradient(n, directions, w), n_t
+  return _with_noise_gradient(n, w, directions), n_t
 
 
 def interpolate_embedded(noise, w, tokens, gamma):
