@@ -35,7 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.attention = "xla"
   c.model.scan_layers = True
-  c.model.remat = "none"
+  c.model.remat = "none"  # none | full | dots (save matmul outputs only); works with scan_layers
+  # Where the flow's state lives (SPEC §4, state_space.py): vocab (x ∈ R^V, the reference) |
+  # embedding (h = xW ∈ R^D) | auto (embedding when vocab_size > d_model).
+  c.model.state_space = "auto"
+  c.model.vocab_chunk = 0  # > 0: losses and ψW fuse the head matmul per chunk of this many tokens
+  c.model.embedded_noise = "cholesky"  # cholesky (ξCᵀ, CCᵀ = WᵀW) | project (draw ε ∈ R^V, reference)
 
   c.flow = ml_collections.ConfigDict()
   c.flow.schedule = "mixed"  # linear | argmax | mixed (SPEC §1)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cfmjax import corruption, distill_losses, loss_weights, losses
+from cfmjax import distill_losses, loss_weights, losses, state_space
 
 LOSSES = ("psd", "lsd", "esd")
 MODES = ("two_stage", "joint")
@@ -71,13 +71,14 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   """(diagonal_loss, consistency_loss), each f(params, teacher_params, tokens, rng, step) -> (loss, metrics)."""
   d = config.distill
   t_max = 1.0 if d.loss == "psd" else d.t_max
+  space = state_space.from_config(apply_fn, vocab_size, config)
 
   def diagonal_loss(params, teacher_params, tokens, rng, step):
     del teacher_params, step
     return losses.flow_matching_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
                                      vocab_size=vocab_size, adaptive_weighting=config.flow.adaptive_weighting,
                                      weight_power=config.flow.weight_power,
-                                     weight_offset=config.flow.weight_offset)
+                                     weight_offset=config.flow.weight_offset, space=space)
 
   def consistency_loss(params, teacher_params, tokens, rng, step):
     rng_time, rng_noise = jax.random.split(rng)
@@ -88,24 +89,30 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
       max_gap, boundary_prob = 1.0, d.boundary_prob
     tau_s, tau_u, tau_t = sample_time_pairs(rng_time, tokens.shape[0], boundary_prob, t_max, max_gap)
     gamma_s, gamma_u, gamma_t = schedule.gamma(tau_s), schedule.gamma(tau_u), schedule.gamma(tau_t)
-    x = corruption.noisy_state(rng_noise, tokens, gamma_s, vocab_size)
+    if d.teacher == "student":  # the same network: the teacher sees the student's state, detached
+      x = space.noisy_state(params, rng_noise, tokens, gamma_s)
+      x_teacher = jax.lax.stop_gradient(x)
+    else:  # in embedding space each network sees the one draw of ε through its own W
+      x, x_teacher = space.noisy_states(params, teacher_params, rng_noise, tokens, gamma_s)
 
     # The teacher network in flow time γ (what the identities of SPEC §3 differentiate).
-    net = lambda x, gs, gt: apply_fn(teacher_params, x, schedule.tau(gs), schedule.tau(gt))
+    net = lambda x, gs, gt: space.logits(teacher_params, x, schedule.tau(gs), schedule.tau(gt))
+    embed = lambda probs: space.embed_probs(teacher_params, probs)
     if d.loss == "psd":
-      teacher = distill_losses.psd_teacher(net, x, gamma_s, gamma_u, gamma_t)
+      teacher = distill_losses.psd_teacher(net, x_teacher, gamma_s, gamma_u, gamma_t, embed=embed)
     elif d.loss == "lsd":
-      teacher = distill_losses.lsd_teacher(net, x, gamma_s, gamma_t, d.min_ratio)
+      teacher = distill_losses.lsd_teacher(net, x_teacher, gamma_s, gamma_t, d.min_ratio, embed=embed)
     else:
-      teacher = distill_losses.esd_teacher(net, x, gamma_s, gamma_t, d.min_ratio)
+      teacher = distill_losses.esd_teacher(net, x_teacher, gamma_s, gamma_t, d.min_ratio, embed=embed)
     teacher = jax.lax.stop_gradient(teacher)
 
-    student_logits = apply_fn(params, x, tau_s, tau_t)
-    kl = distill_losses.kl_to_teacher(teacher, student_logits)
+    # KL(teacher ‖ ψθ) from statistics of the student's output (chunked over V if configured).
+    stats = space.output_stats(params, x, tau_s, tau_t, teacher=teacher)
+    kl = state_space.kl_to_teacher(stats, teacher)
     if d.adaptive_weighting:  # the detached weight of SPEC §2 with the teacher in place of x1
-      probs = jax.nn.softmax(student_logits, axis=-1)
       weight = jax.lax.stop_gradient(
-          (jnp.sum(jnp.square(probs - teacher), axis=-1) + config.flow.weight_offset) ** (-config.flow.weight_power))
+          (state_space.squared_distance_to_teacher(stats, teacher) + config.flow.weight_offset)
+          ** (-config.flow.weight_power))
     else:
       weight = jnp.ones_like(kl)
     row_loss = jnp.mean(weight * kl, axis=-1)

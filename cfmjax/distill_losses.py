@@ -16,6 +16,11 @@ For LSD and ESD, ∂ψ = ψ ⊙ δ with δ = ∂z − ⟨ψ, ∂z⟩ (the softma
 μ = ψ · r for a per-entry ratio r, and the teacher is softmax(log μ − log r): the network's own
 diagonal, reweighted. r is clamped below so a teacher is always a finite distribution, even for a
 badly wrong network.
+
+State space (SPEC §4): x may be the V-dim state or its embedding h = xW. The teachers touch x only
+through affine updates and the JVP direction, so `embed` (ψ ↦ ψW; identity by default) is all
+they need to know: X_{s,u}(h) = a h + b ψW and b_s = (μW − h)/(1 − s). The teachers' outputs are
+distributions over V, so they use full [B, L, V] logits: δ = ∂z − ⟨ψ, ∂z⟩ is needed per entry.
 """
 
 from __future__ import annotations
@@ -62,7 +67,11 @@ def material_derivative(net, x, gamma_s, gamma_t, velocity):
                  (velocity.astype(x.dtype), jnp.ones_like(gamma_s)))
 
 
-def psd_teacher(net, x, gamma_s, gamma_u, gamma_t):
+def _identity(probs):
+  return probs
+
+
+def psd_teacher(net, x, gamma_s, gamma_u, gamma_t, embed=_identity):
   """a ψ(x, s, u) + b ψ(X_{s,u}(x), u, t), a = (1−t)(u−s)/((1−u)(t−s)), b = 1 − a.
 
   Expanding X_{u,t}(X_{s,u}(x)) in x and the two ψ's and matching it to X_{s,t}(x) gives exactly
@@ -71,14 +80,14 @@ def psd_teacher(net, x, gamma_s, gamma_u, gamma_t):
   ratio is 0/0, gets the finite teacher ψ(x, t, t).
   """
   psi_su = jax.nn.softmax(_logits(net, x, gamma_s, gamma_u), axis=-1)
-  x_u = flow_map_update(x, psi_su, gamma_s, gamma_u)
+  x_u = flow_map_update(x, embed(psi_su), gamma_s, gamma_u)
   psi_ut = jax.nn.softmax(_logits(net, x_u, gamma_u, gamma_t), axis=-1)
   s, u, t = (broadcast_time(g, psi_su).astype(psi_su.dtype) for g in (gamma_s, gamma_u, gamma_t))
   a = safe_divide((1.0 - t) * (u - s), (1.0 - u) * (t - s))
   return a * psi_su + (1.0 - a) * psi_ut
 
 
-def lsd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3):
+def lsd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3, embed=_identity):
   """softmax(z(X_{s,t}(x), t, t) − log max(1 + g δ, min_ratio)), g = (t − s)(1 − t)/(1 − s).
 
   δ = ∂_t z − ⟨ψ, ∂_t z⟩ from one JVP in t. The identity μ(X_{s,t}(x), t) = ψ (1 + g δ) says that
@@ -90,13 +99,13 @@ def lsd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3):
   delta = centered(psi, dz_dt)
   s, t = (broadcast_time(g, z).astype(z.dtype) for g in (gamma_s, gamma_t))
   g = safe_divide((t - s) * (1.0 - t), 1.0 - s)
-  x_t = flow_map_update(x.astype(z.dtype), psi, gamma_s, gamma_t).astype(x.dtype)
+  x_t = flow_map_update(x.astype(z.dtype), embed(psi), gamma_s, gamma_t).astype(x.dtype)
   z_diag = _logits(net, x_t, gamma_t, gamma_t)
   ratio = jnp.maximum(1.0 + g * delta, min_ratio)
   return jax.nn.softmax(z_diag - jnp.log(ratio), axis=-1)
 
 
-def esd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3):
+def esd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3, embed=_identity):
   """softmax(z(x, s, s) − log max((1 − t) − (1 − s)(t − s) δ, min_ratio (1 − t))).
 
   δ = D_s z − ⟨ψ, D_s z⟩ from one JVP in (x, s) along the base velocity b_s = (μ(x, s) − x)/(1 − s).
@@ -105,7 +114,7 @@ def esd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3):
   s = t), so the floor scales with it; a float `tiny` under it keeps t = 1 finite.
   """
   z_diag = _logits(net, x, gamma_s, gamma_s)
-  velocity = base_velocity(jax.nn.softmax(z_diag, axis=-1), x, gamma_s)
+  velocity = base_velocity(embed(jax.nn.softmax(z_diag, axis=-1)), x, gamma_s)
   z, dz = material_derivative(net, x, gamma_s, gamma_t, velocity)
   psi = jax.nn.softmax(z, axis=-1)
   delta = centered(psi, dz)

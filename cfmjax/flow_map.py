@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption
+from cfmjax import state_space
+
 
 
 def broadcast_time(gamma, like):
@@ -47,32 +48,36 @@ def flow_map_update(x, psi, gamma_s, gamma_t):
 
 
 def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: int, schedule,
-                   steps: int):
+                   steps: int, *, space=None):
   """k-step flow-map sampler (SPEC §3). Returns (tokens [N, L] int32, last ψ [N, L, V]).
 
   `flowmap_fn(x, tau_s, tau_t) -> logits` takes model times; the grid is uniform in τ and the
   updates use γ = g(τ). The state is float32, or float64 when the network answers in float64
   (exact oracles in tests), so that a bfloat16 network never degrades the state. Runs as one
-  `lax.scan`, so the network is compiled once whatever `steps` is.
+  `lax.scan`, so the network is compiled once whatever `steps` is. `space` (a
+  `state_space.BoundStateSpace`) replaces `flowmap_fn` and the V-space state, as in
+  `samplers.euler_sample`: the state is then h = xW and the second output ψW.
   """
   if steps < 1:
     raise ValueError(f"the flow-map sampler needs steps >= 1, got {steps}")
-  x0 = corruption.prior_sample(rng, (num_samples, length), vocab_size)
+  space = space or state_space.logits_readout(flowmap_fn, vocab_size)
+  x0 = space.prior(rng, (num_samples, length))
   tau_probe = jnp.zeros((num_samples,), jnp.float32)
-  out = jax.eval_shape(flowmap_fn, x0, tau_probe, tau_probe)
+  out, tokens0 = jax.eval_shape(space.readout, x0, tau_probe, tau_probe)
   dtype = jnp.promote_types(out.dtype, jnp.float32)
   x0 = x0.astype(dtype)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
   gamma_grid = jnp.asarray(schedule.gamma(tau_grid)).astype(dtype)
 
   def step(carry, i):
-    x, _ = carry
+    x, _, _ = carry
     tau_s = jnp.full((num_samples,), tau_grid[i])
     tau_t = jnp.full((num_samples,), tau_grid[i + 1])
-    psi = jax.nn.softmax(flowmap_fn(x, tau_s, tau_t).astype(dtype), axis=-1)
+    psi, tokens = space.readout(x, tau_s, tau_t)
     gamma_s = jnp.full((num_samples,), gamma_grid[i])
     gamma_t = jnp.full((num_samples,), gamma_grid[i + 1])
-    return (flow_map_update(x, psi, gamma_s, gamma_t), psi), None
+    return (flow_map_update(x, psi.astype(dtype), gamma_s, gamma_t), psi.astype(dtype), tokens), None
 
-  (_, psi_last), _ = jax.lax.scan(step, (x0, jnp.zeros_like(x0)), jnp.arange(steps))
-  return jnp.argmax(psi_last, axis=-1).astype(jnp.int32), psi_last
+  init = (x0, jnp.zeros(out.shape, dtype), jnp.zeros(tokens0.shape, jnp.int32))
+  (_, psi_last, tokens), _ = jax.lax.scan(step, init, jnp.arange(steps))
+  return tokens, psi_last

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from cfmjax import checkpointing, configs, experiment, flow_map, samplers, sharding
+from cfmjax import checkpointing, configs, experiment, flow_map, samplers, sharding, state_space
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,16 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
   length, vocab = exp.config.data.seq_len, exp.vocab_size
 
+  space = state_space.from_config(exp.apply_fn, vocab, exp.config)
+
   def generate(params, rng):
+    bound = space.bind(params)  # the state in V-space or embedding space, as configured (SPEC §4)
     if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
-      jump = lambda x, tau_s, tau_t: exp.apply_fn(params, x, tau_s, tau_t)
-      tokens, _ = flow_map.flowmap_sample(jump, rng, batch_size, length, vocab, exp.schedule, steps)
+      tokens, _ = flow_map.flowmap_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
+                                          space=bound)
     else:  # Euler steps of the base flow's denoiser, the diagonal s = t (SPEC §2)
-      denoise = lambda x, tau: exp.apply_fn(params, x, tau, tau)
-      tokens, _ = samplers.euler_sample(denoise, rng, batch_size, length, vocab, exp.schedule, steps)
+      tokens, _ = samplers.euler_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
+                                        space=bound)
     return tokens
 
   return jax.jit(generate, in_shardings=(exp.state_shardings["ema_params"], None),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption
+from cfmjax import corruption, state_space
 
 
 def cross_entropy(logits, tokens):
@@ -35,18 +35,24 @@ def adaptive_weight(logits, tokens, power: float = 0.5, offset: float = 0.01):
 
 def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
                        adaptive_weighting: bool = False, weight_power: float = 0.5,
-                       weight_offset: float = 0.01):
-  """The base-flow loss on one batch of clean token ids [B, L]. Returns (loss, metrics)."""
+                       weight_offset: float = 0.01, space=None):
+  """The base-flow loss on one batch of clean token ids [B, L]. Returns (loss, metrics).
+
+  `space` (a `state_space.StateSpace`) says where the state lives and whether the output is reduced
+  in vocabulary chunks; None is the V-space reference with full logits from `apply_fn`.
+  """
+  space = space or state_space.StateSpace(apply_fn, vocab_size)
   rng_time, rng_noise = jax.random.split(rng)
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
   gamma = schedule.gamma(tau)
-  x = corruption.noisy_state(rng_noise, tokens, gamma, vocab_size)
-  logits = apply_fn(params, x, tau, tau)  # the diagonal s = t of the flow map network
-  ce = cross_entropy(logits, tokens)
-  if adaptive_weighting:
-    weight = adaptive_weight(logits, tokens, weight_power, weight_offset)
+  x = space.noisy_state(params, rng_noise, tokens, gamma)
+  # the diagonal s = t of the flow map network
+  stats = space.output_stats(params, x, tau, tau, tokens=tokens)
+  ce = state_space.cross_entropy(stats)
+  if adaptive_weighting:  # w = stopgrad((‖μ − x1‖² + c)^(−r))
+    weight = jax.lax.stop_gradient((state_space.brier_score(stats) + weight_offset) ** (-weight_power))
   else:
     weight = jnp.ones_like(ce)
   loss = jnp.mean(weight * ce)
-  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == tokens)
+  accuracy = jnp.mean(stats["argmax"] == tokens)
   return loss, {"loss": loss, "cross_entropy": jnp.mean(ce), "accuracy": accuracy}

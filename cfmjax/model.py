@@ -13,6 +13,19 @@ mesh axes with the rules in the config.
 
 The module is used only through `apply`: callers see a plain function of (params, inputs), which is
 what `jax.jit`, `jax.grad` and `jax.jvp` want.
+
+Entry points (SPEC §4, where the state may live in embedding space):
+
+    apply_fn(params, x, τ_s, τ_t)                  x: [B, L, V] state → logits [B, L, V] (the reference)
+    apply_fn(params, h, τ_s, τ_t, embedded=True)   h = xW: [B, L, D] state, already projected
+    apply_fn(..., hidden=True)                     the final normalised hidden state [B, L, D] instead
+                                                   of logits, for losses fused with the head per
+                                                   vocabulary chunk (`state_space.vocab_stats`)
+    embedding_matrix(params) → W [V, D]            to embed V-dim states / probabilities (ψW)
+    head_params(params) → (kernel [D, V], bias [V])
+
+Both input paths share every parameter; `embedded=True` only skips the first layer, whose matmul
+(no bias) commutes with the samplers' affine updates. `state_space.py` decides which path runs.
 """
 
 from __future__ import annotations
@@ -193,10 +206,11 @@ class FlowTransformer(nn.Module):
                              sinusoidal_features(tau_t, cfg.time_features, cfg.time_scale)], axis=-1)
     return self.time_out(nn.silu(self.time_in(feats)))
 
-  def __call__(self, x, tau_s, tau_t):
+  def __call__(self, x, tau_s, tau_t, embedded: bool = False, hidden: bool = False):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    h = self.embed(x.astype(dtype))
+    # embedded: x is already the projected state h = xW (SPEC §4), so the first layer is skipped.
+    h = x.astype(dtype) if embedded else self.embed(x.astype(dtype))
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     cond = self.conditioning(tau_s, tau_t).astype(dtype)
     rope = rotary_tables(x.shape[1], cfg.head_dim)
@@ -208,6 +222,8 @@ class FlowTransformer(nn.Module):
     final_mod = nn.with_logical_constraint(self.final_adaln(nn.silu(cond)), ("batch", None))
     shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
     h = _layer_norm(h) * (1.0 + scale) + shift
+    if hidden:  # the head is applied by the caller, one vocabulary chunk at a time
+      return nn.with_logical_constraint(h, ("batch", "length", "embed"))
     logits = self.head(h).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
@@ -221,10 +237,20 @@ def build(config: ModelConfig):
     tau = jnp.zeros((batch_size,), jnp.float32)
     return module.init(rng, x, tau, tau)["params"]
 
-  def apply_fn(params, x, tau_s, tau_t):
-    return module.apply({"params": params}, x, tau_s, tau_t)
+  def apply_fn(params, x, tau_s, tau_t, embedded: bool = False, hidden: bool = False):
+    return module.apply({"params": params}, x, tau_s, tau_t, embedded=embedded, hidden=hidden)
 
   return init_fn, apply_fn
+
+
+def embedding_matrix(params):
+  """W [V, D]: the first layer's kernel, h = xW (float32, as all parameters)."""
+  return params["embed"]["kernel"]
+
+
+def head_params(params):
+  """(kernel [D, V], bias [V]) of the output head, logits = h·kernel + bias."""
+  return params["head"]["kernel"], params["head"]["bias"]
 
 
 def count_params(params) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption
+from cfmjax import state_space
 
 
 def euler_step(x, mu, gamma_now, gamma_next):
@@ -20,22 +20,28 @@ def euler_step(x, mu, gamma_now, gamma_next):
 
 
 def euler_sample(denoise_fn, rng, num_samples: int, length: int, vocab_size: int, schedule,
-                 steps: int):
+                 steps: int, *, space=None):
   """Many-step Euler sampler of the base flow. Returns (tokens [N, L] int32, last μ [N, L, V]).
 
   Runs as one `lax.scan` over the grid, so the network is compiled once whatever `steps` is.
+  `space` (a `state_space.BoundStateSpace`) replaces `denoise_fn` and the V-space state: the state
+  is then whatever it draws (h = xW in embedding space) and the second output is μ in that space (μW).
   """
   if steps < 1:
     raise ValueError(f"the Euler sampler needs steps >= 1, got {steps}")
+  space = space or state_space.logits_readout(lambda x, tau_s, tau_t: denoise_fn(x, tau_t), vocab_size)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
   gamma_grid = schedule.gamma(tau_grid)
-  x0 = corruption.prior_sample(rng, (num_samples, length), vocab_size)
+  x0 = space.prior(rng, (num_samples, length))
 
   def step(carry, i):
-    x, _ = carry
+    x, _, _ = carry
     tau = jnp.full((num_samples,), tau_grid[i])
-    mu = jax.nn.softmax(denoise_fn(x, tau).astype(jnp.float32), axis=-1)
-    return (euler_step(x, mu, gamma_grid[i], gamma_grid[i + 1]), mu), None
+    mu, tokens = space.readout(x, tau, tau)
+    return (euler_step(x, mu.astype(jnp.float32), gamma_grid[i], gamma_grid[i + 1]), mu, tokens), None
 
-  (_, mu_last), _ = jax.lax.scan(step, (x0, jnp.zeros_like(x0)), jnp.arange(steps))
-  return jnp.argmax(mu_last, axis=-1).astype(jnp.int32), mu_last
+  tau_probe = jnp.zeros((num_samples,), jnp.float32)
+  mu0, tokens0 = jax.eval_shape(space.readout, x0, tau_probe, tau_probe)
+  init = (x0, jnp.zeros(mu0.shape, jnp.float32), jnp.zeros(tokens0.shape, jnp.int32))
+  (_, mu_last, tokens), _ = jax.lax.scan(step, init, jnp.arange(steps))
+  return tokens, mu_last

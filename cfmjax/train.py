@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from cfmjax import checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib, preflight
-from cfmjax import flops as flops_lib
+from cfmjax import flops as flops_lib, state_space
 from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def loss_fn_for(exp: experiment.Experiment):
   return functools.partial(
       losses.flow_matching_loss, apply_fn=exp.apply_fn, schedule=exp.schedule,
       vocab_size=exp.vocab_size, adaptive_weighting=flow.adaptive_weighting,
-      weight_power=flow.weight_power, weight_offset=flow.weight_offset)
+      weight_power=flow.weight_power, weight_offset=flow.weight_offset,
+      space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config))
 
 
 def grad_fn_for(exp: experiment.Experiment):

@@ -1,0 +1,388 @@
+"""Where the flow's state lives: the V-dimensional simplex, or embedding space h = xW (SPEC §4).
+
+The network's first layer is linear without bias, h = xW (W: V × D), and every update of a sampler
+or teacher is affine in (x, ψ), so the state can be carried as h and never exist in R^V:
+
+  noise     εW ~ N(0, WᵀW)  drawn as ξCᵀ, ξ ~ N(0, I_D), CCᵀ = WᵀW (f32 Cholesky, tiny jitter)
+  data      onehot(x1)W = W[x1]                (a row gather)
+  updates   h' = a h + b ψW                    (ψW: softmax-weighted embedding, see `vocab_stats`)
+  JVPs      (μ − x)/(1 − s) ↦ (μW − h)/(1 − s)
+
+Only the output softmax is V-dimensional, and `vocab_stats` reduces it one vocabulary chunk at a
+time (head matmul + online log-sum-exp fused per chunk), so full [B, L, V] logits are never live
+when `model.vocab_chunk` > 0. The V-space path stays as the reference (`model.state_space="vocab"`).
+
+Gradient of W through the noise. In V-space W gets εᵀg from the noise part (g = ∂loss/∂h). With
+h drawn as ξCᵀ the pathwise derivative is a different (but also unbiased) estimator; we instead use
+the Rao-Blackwellised one: ε enters only through εW = n, and E[ε | εW = n] = n A⁻¹Wᵀ (A = WᵀW), so
+E[εᵀg] = E[W A⁻¹ nᵀ g]: the same expected gradient as the V path, with less variance, computed
+from a [D, D] contraction and one [V, D]·[D, D] product (`_with_noise_gradient`, a custom VJP). No
+gradient goes through the Cholesky factor.
+
+Distillation with an EMA teacher needs the teacher's view εW_t of the SAME ε: it is drawn jointly,
+n_t = n A⁻¹(WᵀW_t) + ξ₂ Λ^½ Qᵀ, where QΛQᵀ = ΔᵀΔ and Δ = (I − P_W)W_t is the part of W_t outside W's
+column space; the student's W-gradient then conditions on both (n, n_t), which is again exact in
+expectation (tests/test_state_space.py checks all of this against the V-space computation).
+
+`noise="project"` draws ε in V-space and projects it (always used when V < D, where it is cheaper):
+it is exactly the V path, gradient included, and lets tests feed both paths the same ε.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from cfmjax import corruption
+from cfmjax import model as model_lib
+
+STATE_SPACES = ("vocab", "embedding", "auto")
+NOISE_MODES = ("cholesky", "project")
+HIGHEST = jax.lax.Precision.HIGHEST
+_MASKED = -1e30  # logit of a padding column in the last vocabulary chunk: exp(−1e30 − m) = 0
+
+
+def resolve(state_space: str, vocab_size: int, d_model: int) -> str:
+  """'vocab' or 'embedding' ('auto' = embedding when V > D, where it saves work)."""
+  if state_space not in STATE_SPACES:
+    raise ValueError(f"unknown model.state_space={state_space!r}; choose one of {STATE_SPACES}")
+  if state_space == "auto":
+    return "embedding" if vocab_size > d_model else "vocab"
+  return state_space
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding-space noise and data.
+
+
+def gram_factor(w, jitter: float = 1e-6):
+  """Lower-triangular C with CCᵀ = WᵀW + jitter·(mean diagonal)·I, in float32."""
+  w = w.astype(jnp.float32)
+  gram = jnp.matmul(w.T, w, precision=HIGHEST)
+  d = gram.shape[0]
+  scale = jnp.trace(gram) / d
+  return jnp.linalg.cholesky(gram + jitter * scale * jnp.eye(d, dtype=jnp.float32))
+
+
+@jax.custom_vjp
+def _with_noise_gradient(value, w, directions):
+  """`value` unchanged; W's cotangent gets Σᵢ Bᵢ (cᵢᵀ g) for `directions` = [(cᵢ [..., k], Bᵢ [V, k])].
+
+  Σᵢ cᵢBᵢᵀ is E[ε | observed noise] (V-dim, never formed), so this is the V path's εᵀg in
+  expectation. A custom VJP rather than a zero-valued surrogate term: the forward pass costs nothing.
+  """
+  del w, directions
+  return value
+
+
+def _with_noise_gradient_fwd(value, w, directions):
+  return value, directions
+
+
+def _with_noise_gradient_bwd(directions, g):
+  d = g.shape[-1]
+  g2 = g.reshape(-1, d).astype(jnp.float32)
+  dw = sum(jnp.matmul(basis, jnp.matmul(coef.reshape(-1, coef.shape[-1]).T, g2, precision=HIGHEST),
+                      precision=HIGHEST) for coef, basis in directions)
+  return g, dw, jax.tree_util.tree_map(jnp.zeros_like, directions)
+
+
+_with_noise_gradient.defvjp(_with_noise_gradient_fwd, _with_noise_gradient_bwd)
+
+
+def draw_noise(rng, shape, w, w_teacher=None, mode: str = "cholesky", jitter: float = 1e-6):
+  """(εW, εW_t) for ε ~ N(0, I_V) of shape [*shape, V], without forming ε in mode 'cholesky'.
+
+  `w_teacher` (optional, no gradient) gets the same ε's projection; returns None in its place when
+  absent. The first output carries W's gradient as the V path would give it, in expectation (see
+  the module docstring); mode 'project' (or V < D) draws ε and gives exactly the V path's.
+  """
+  if mode not in NOISE_MODES:
+    raise ValueError(f"unknown model.embedded_noise={mode!r}; choose one of {NOISE_MODES}")
+  vocab, d = w.shape
+  shape = tuple(shape)
+  if mode == "project" or vocab < d:
+    eps = jax.random.normal(rng, shape + (vocab,), jnp.float32)
+    n = jnp.matmul(eps, w.astype(jnp.float32), precision=HIGHEST)
+    n_t = None if w_teacher is None else jnp.matmul(
+        eps, jax.lax.stop_gradient(w_teacher).astype(jnp.float32), precision=HIGHEST)
+    return n, n_t
+  rng_s, rng_t = jax.random.split(rng)
+  w_sg = jax.lax.stop_gradient(w).astype(jnp.float32)
+  chol = gram_factor(w_sg, jitter)
+  xi = jax.random.normal(rng_s, shape + (d,), jnp.float32)
+  n = jnp.matmul(xi, chol.T, precision=HIGHEST)
+  # E[ε | n] = n A⁻¹ Wᵀ: the coefficients n A⁻¹ by a triangular solve with the same factor.
+  coef = jax.scipy.linalg.cho_solve((chol, True), n.reshape(-1, d).T).T.reshape(n.shape)
+  directions = [(coef, w_sg)]
+  n_t = None
+  if w_teacher is not None:
+    w_t = jax.lax.stop_gradient(w_teacher).astype(jnp.float32)
+    regress = jax.scipy.linalg.cho_solve((chol, True), jnp.matmul(w_sg.T, w_t, precision=HIGHEST))
+    outside = w_t - jnp.matmul(w_sg, regress, precision=HIGHEST)  # Δ = (I − P_W) W_t, [V, D]
+    lam, q = jnp.linalg.eigh(jnp.matmul(outside.T, outside, precision=HIGHEST))
+    lam = jnp.maximum(lam, 0.0)
+    xi_t = jax.random.normal(rng_t, shape + (d,), jnp.float32)
+    n_t = jnp.matmul(n, regress, precision=HIGHEST) + jnp.matmul(xi_t * jnp.sqrt(lam), q.T, precision=HIGHEST)
+    # E[ε_⊥ | ε_⊥Δ] = ξ₂ Uᵀ with U = ΔQΛ^(−½) (orthonormal columns); directions with negligible
+    # variance are dropped from the gradient (their U columns would be rounding noise).
+    keep = lam > 1e-6 * jnp.max(lam) + jnp.finfo(jnp.float32).tiny
+    u = jnp.matmul(outside, q, precision=HIGHEST) * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
+    directions.append((xi_t, u))
+  return _with_noise_gradient(n, w, directions), n_t
+
+
+def interpolate_embedded(noise, w, tokens, gamma):
+  """h_γ = (1 − γ) n + γ W[x1]: the data part is a row gather (its W-gradient a scatter-add)."""
+  data = jnp.take(w.astype(jnp.float32), tokens, axis=0)
+  return corruption.interpolate(noise, data, gamma)
+
+
+def embed_probs(probs, w):
+  """ψW: a distribution per position [..., V] → its expected embedding [..., D] (float32)."""
+  return jnp.einsum("...v,vd->...d", probs.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
+
+
+# ----------------------------------------------------------------------------------------------
+# The output softmax, reduced one vocabulary chunk at a time.
+
+STAT_NAMES = ("lse", "target", "argmax", "sum_sq", "teacher_dot", "teacher_prob", "mean_embedding")
+
+
+def stats_from_logits(logits, tokens=None, teacher=None, embedding=None):
+  """The reference reduction of full logits [..., V]: the same dict `vocab_stats` returns.
+
+  lse = log Σ e^z; argmax; sum_sq = Σ p²; with tokens: target = z[token]; with a teacher T:
+  teacher_dot = Σ T z, teacher_prob = Σ T p; with an embedding W: mean_embedding = pW.
+  """
+  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  lse = jax.nn.logsumexp(z, axis=-1)
+  probs = jnp.exp(z - lse[..., None])
+  out = {"lse": lse, "argmax": jnp.argmax(z, axis=-1).astype(jnp.int32),
+         "sum_sq": jnp.sum(jnp.square(probs), axis=-1)}
+  if tokens is not None:
+    out["target"] = jnp.take_along_axis(z, tokens[..., None], axis=-1)[..., 0]
+  if teacher is not None:
+    t = jax.lax.stop_gradient(teacher).astype(z.dtype)
+    out["teacher_dot"] = jnp.sum(t * z, axis=-1)
+    out["teacher_prob"] = jnp.sum(t * probs, axis=-1)
+  if embedding is not None:
+    out["mean_embedding"] = embed_probs(probs, embedding)
+  return out
+
+
+def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=None, teacher=None,
+                embedding=None):
+  """`stats_from_logits(hidden·kernel + bias, ...)` without ever holding the [..., V] logits.
+
+  A `lax.scan` over vocabulary chunks of `chunk` columns: each step computes that chunk's logits
+  (the head matmul in the model's `dtype`, then float32) and folds them into running statistics
+  with an online log-sum-exp (running max m under stop_gradient, sums rescaled by e^(m − m')).
+  The step is rematerialised in the backward pass, so reverse mode stores only the small carries,
+  not the chunk logits. chunk ≤ 0 or ≥ V computes the full logits directly.
+  """
+  vocab = kernel.shape[1]
+  if chunk <= 0 or chunk >= vocab:
+    logits = (jnp.matmul(hidden.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)).astype(jnp.float32)
+    return stats_from_logits(logits, tokens, teacher, embedding)
+  num_chunks = -(-vocab // chunk)
+  pad = num_chunks * chunk - vocab
+  if pad:  # zero columns, masked to −1e30 below; a copy of the head, not of anything [B, L, V]
+    kernel = jnp.pad(kernel, ((0, 0), (0, pad)))
+    bias = jnp.pad(bias, (0, pad))
+    teacher = None if teacher is None else jnp.pad(teacher, [(0, 0)] * (teacher.ndim - 1) + [(0, pad)])
+    embedding = None if embedding is None else jnp.pad(embedding, ((0, pad), (0, 0)))
+  if teacher is not None:
+    teacher = jax.lax.stop_gradient(teacher).astype(jnp.float32)
+  h = hidden.astype(dtype)
+  batch_shape = hidden.shape[:-1]
+
+  @jax.checkpoint
+  def step(carry, index):
+    offset = index * chunk
+    k = jax.lax.dynamic_slice_in_dim(kernel, offset, chunk, axis=1).astype(dtype)
+    b = jax.lax.dynamic_slice_in_dim(bias, offset, chunk, axis=0).astype(dtype)
+    z = (jnp.matmul(h, k) + b).astype(jnp.float32)
+    column = offset + jnp.arange(chunk)
+    z = jnp.where(column < vocab, z, _MASKED)
+    m_chunk = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+    m_new = jnp.maximum(carry["m"], m_chunk)
+    rescale = jnp.exp(carry["m"] - m_new)
+    e = jnp.exp(z - m_new[..., None])
+    out = {"m": m_new, "s": carry["s"] * rescale + jnp.sum(e, axis=-1),
+           "sum_sq": carry["sum_sq"] * jnp.square(rescale) + jnp.sum(jnp.square(e), axis=-1),
+           # strict >: ties keep the earlier chunk, as jnp.argmax keeps the first index
+           "argmax": jnp.where(m_chunk > carry["m"], offset + jnp.argmax(z, axis=-1).astype(jnp.int32),
+                               carry["argmax"])}
+    if tokens is not None:
+      local = tokens - offset
+      inside = (local >= 0) & (local < chunk)
+      picked = jnp.take_along_axis(z, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
+      out["target"] = carry["target"] + jnp.where(inside, picked, 0.0)
+    if teacher is not None:
+      t = jax.lax.dynamic_slice_in_dim(teacher, offset, chunk, axis=-1)
+      out["teacher_dot"] = carry["teacher_dot"] + jnp.sum(t * z, axis=-1)
+      out["teacher_prob"] = carry["teacher_prob"] * rescale + jnp.sum(t * e, axis=-1)
+    if embedding is not None:
+      rows = jax.lax.dynamic_slice_in_dim(embedding, offset, chunk, axis=0).astype(jnp.float32)
+      out["emb"] = (carry["emb"] * rescale[..., None]
+                    + jnp.matmul(e, rows, precision=HIGHEST))
+    return out, None
+
+  zeros = jnp.zeros(batch_shape, jnp.float32)
+  init = {"m": jnp.full(batch_shape, -jnp.inf, jnp.float32), "s": zeros, "sum_sq": zeros,
+          "argmax": jnp.zeros(batch_shape, jnp.int32)}
+  if tokens is not None:
+    init["target"] = zeros
+  if teacher is not None:
+    init["teacher_dot"], init["teacher_prob"] = zeros, zeros
+  if embedding is not None:
+    init["emb"] = jnp.zeros(batch_shape + (embedding.shape[1],), jnp.float32)
+  acc, _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
+  out = {"lse": acc["m"] + jnp.log(acc["s"]), "argmax": acc["argmax"],
+         "sum_sq": acc["sum_sq"] / jnp.square(acc["s"])}
+  if tokens is not None:
+    out["target"] = acc["target"]
+  if teacher is not None:
+    out["teacher_dot"], out["teacher_prob"] = acc["teacher_dot"], acc["teacher_prob"] / acc["s"]
+  if embedding is not None:
+    out["mean_embedding"] = acc["emb"] / acc["s"][..., None]
+  return out
+
+
+# Losses read off the statistics (each equals its textbook form on full logits).
+
+def cross_entropy(stats):
+  """−log p[token] = lse − z[token]."""
+  return stats["lse"] - stats["target"]
+
+
+def brier_score(stats):
+  """‖p − e_x1‖² = Σp² − 2 p[token] + 1."""
+  return stats["sum_sq"] - 2.0 * jnp.exp(stats["target"] - stats["lse"]) + 1.0
+
+
+def kl_to_teacher(stats, teacher):
+  """KL(T ‖ p) = Σ T log T − Σ T z + lse Σ T (the teacher under stop_gradient)."""
+  t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
+  neg_entropy = jnp.sum(jax.scipy.special.xlogy(t, t), axis=-1)
+  return neg_entropy - stats["teacher_dot"] + stats["lse"] * jnp.sum(t, axis=-1)
+
+
+def squared_distance_to_teacher(stats, teacher):
+  """‖p − T‖² = Σp² − 2⟨p, T⟩ + ΣT²."""
+  t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
+  return stats["sum_sq"] - 2.0 * stats["teacher_prob"] + jnp.sum(jnp.square(t), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The state space as one object: what losses, teachers and samplers call.
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpace:
+  """Noising, network calls and output reductions for one choice of state space.
+
+  `apply_fn(params, state, τ_s, τ_t[, embedded=True][, hidden=True])` is the model's entry point
+  (model.py). With embedded=False and vocab_chunk=0 only the plain 4-argument call is made, so any
+  logits function (the exact oracles in tests) can stand in for the network.
+  """
+
+  apply_fn: Callable
+  vocab_size: int
+  embedded: bool = False
+  vocab_chunk: int = 0
+  noise: str = "cholesky"
+  dtype: str = "float32"  # the model's activation dtype (the chunked head matmul runs in it)
+
+  def _call(self, params, state, tau_s, tau_t, hidden=False):
+    kwargs = {"embedded": True} if self.embedded else {}
+    if hidden:
+      kwargs["hidden"] = True
+    return self.apply_fn(params, state, tau_s, tau_t, **kwargs)
+
+  def logits(self, params, state, tau_s, tau_t):
+    """Full logits [B, L, V] (teachers need them: ψ, z and δ = ∂z − ⟨ψ, ∂z⟩ per entry)."""
+    return self._call(params, state, tau_s, tau_t)
+
+  def embed_probs(self, params, probs):
+    """A distribution [.., V] in this state space: ψW when embedded, ψ itself otherwise."""
+    return embed_probs(probs, model_lib.embedding_matrix(params)) if self.embedded else probs
+
+  def noisy_state(self, params, rng, tokens, gamma):
+    """x_γ (vocab) or h_γ = x_γW (embedding) for clean tokens [B, L] at flow times γ [B]."""
+    return self.noisy_states(params, None, rng, tokens, gamma)[0]
+
+  def noisy_states(self, params, teacher_params, rng, tokens, gamma):
+    """(student state, teacher state) of one draw of x_γ, each seen through its own network's W.
+
+    teacher_params None: the teacher state is None. In V-space both are the same x_γ.
+    """
+    if not self.embedded:
+      x = corruption.noisy_state(rng, tokens, gamma, self.vocab_size)
+      return x, (None if teacher_params is None else x)
+    w = model_lib.embedding_matrix(params)
+    w_t = None if teacher_params is None else model_lib.embedding_matrix(teacher_params)
+    n, n_t = draw_noise(rng, tokens.shape, w, w_t, self.noise)
+    h = interpolate_embedded(n, w, tokens, gamma)
+    h_t = None if w_t is None else interpolate_embedded(n_t, jax.lax.stop_gradient(w_t), tokens, gamma)
+    return h, h_t
+
+  def prior(self, params, rng, shape):
+    """The sampler's start x_0 = ε (or εW), float32 [*shape, V or D]."""
+    if not self.embedded:
+      return corruption.prior_sample(rng, shape, self.vocab_size)
+    w = jax.lax.stop_gradient(model_lib.embedding_matrix(params))
+    return draw_noise(rng, shape, w, mode=self.noise)[0]
+
+  def output_stats(self, params, state, tau_s, tau_t, *, tokens=None, teacher=None, with_embedding=False):
+    """`stats_from_logits` of the network's output, chunked over V when `vocab_chunk` > 0."""
+    embedding = model_lib.embedding_matrix(params) if with_embedding else None
+    if 0 < self.vocab_chunk < self.vocab_size:
+      hidden = self._call(params, state, tau_s, tau_t, hidden=True)
+      kernel, bias = model_lib.head_params(params)
+      return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
+                         tokens=tokens, teacher=teacher, embedding=embedding)
+    return stats_from_logits(self.logits(params, state, tau_s, tau_t), tokens, teacher, embedding)
+
+  def readout(self, params, state, tau_s, tau_t):
+    """(ψ in this state space, argmax tokens): what a sampler step needs from the network."""
+    if self.embedded:
+      stats = self.output_stats(params, state, tau_s, tau_t, with_embedding=True)
+      return stats["mean_embedding"], stats["argmax"]
+    z = self.logits(params, state, tau_s, tau_t)
+    psi = jax.nn.softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)), axis=-1)
+    return psi, jnp.argmax(psi, axis=-1).astype(jnp.int32)
+
+  def bind(self, params) -> "BoundStateSpace":
+    return BoundStateSpace(functools.partial(self.prior, params), functools.partial(self.readout, params))
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundStateSpace:
+  """A state space with the parameters fixed: what the samplers take (`prior`, `readout`)."""
+
+  prior: Callable  # (rng, shape) -> state
+  readout: Callable  # (state, τ_s, τ_t) -> (ψ in state space, tokens)
+
+
+def logits_readout(logits_fn, vocab_size: int) -> BoundStateSpace:
+  """The V-space samplers' view of a plain `logits_fn(x, τ_s, τ_t)` (exact oracles included)."""
+  space = StateSpace(lambda _, x, ts, tt: logits_fn(x, ts, tt), vocab_size)
+  return space.bind(None)
+
+
+def from_config(apply_fn, vocab_size: int, config) -> StateSpace:
+  """The state space an experiment config asks for (`model.state_space`, `model.vocab_chunk`, ...)."""
+  m = config.model
+  kind = resolve(m.state_space, vocab_size, m.d_model)
+  if m.vocab_chunk < 0:
+    raise ValueError(f"model.vocab_chunk must be >= 0 (0 = no chunking), got {m.vocab_chunk}")
+  if m.embedded_noise not in NOISE_MODES:
+    raise ValueError(f"unknown model.embedded_noise={m.embedded_noise!r}; choose one of {NOISE_MODES}")
+  return StateSpace(apply_fn, vocab_size, embedded=kind == "embedding", vocab_chunk=int(m.vocab_chunk),
+                    noise=m.embedded_noise, dtype=m.dtype)
