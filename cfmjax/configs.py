@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "xla"
   c.model.scan_layers = True
   c.model.remat = "none"
+  c.model.causal = False  # True: the autoregressive baseline (cfmjax/ar.py) instead of a flow
 
   c.flow = ml_collections.ConfigDict()
   c.flow.schedule = "mixed"  # linear | argmax | mixed (SPEC §1)

@@ -9,11 +9,11 @@ import os
 import jax
 import numpy as np
 
-from cfmjax import checkpointing, configs, experiment, flow_map, samplers, sharding
+from cfmjax import ar, checkpointing, configs, experiment, flow_map, samplers, sharding
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("euler", "flowmap")
+SAMPLERS = ("euler", "flowmap", "ar")  # ar: KV-cached ancestral sampling of a causal model
 
 
 def load_config(workdir: str):
@@ -50,9 +50,14 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
   """A jitted function (params, rng) -> tokens [batch_size, L] for the named sampler."""
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+  if (sampler == "ar") != exp.model_config.causal:
+    raise ValueError(f"sampler {sampler!r} does not fit this model: use --sampler=ar for an autoregressive "
+                     f"(model.causal) workdir and euler/flowmap for a flow")
   length, vocab = exp.config.data.seq_len, exp.vocab_size
 
   def generate(params, rng):
+    if sampler == "ar":  # one network evaluation per position; `steps` does not apply (ar.py)
+      return ar.sample(params, exp.model_config, rng, batch_size, length)
     if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
       jump = lambda x, tau_s, tau_t: exp.apply_fn(params, x, tau_s, tau_t)
       tokens, _ = flow_map.flowmap_sample(jump, rng, batch_size, length, vocab, exp.schedule, steps)
