@@ -154,7 +154,7 @@ def cmd_eval():
     record.update(evaluate.score(exp.data, tokens, held_out, judge))
     records.append(record)
     print(json.dumps(record))
-  if exp.model_config.causal:  # the AR model's exact held-out NLL (it needs no bound)
+  if exp.model_config.causal:  # the AR model's exact held-out NLL (it needs no bound: --likelihood is moot)
     rows = exp.data.eval_rows(_LIKELIHOOD_ROWS.value)
     record = ar.heldout_nll(exp, params, rows, _BATCH_SIZE.value or cfg.batch_size)
     record["checkpoint_step"] = step
