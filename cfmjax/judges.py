@@ -10,7 +10,7 @@ The interface every judge implements (`Judge`):
                          "ar:<last component of the workdir>", "gpt2:<last component of the directory>"
                          (see `short_name`).
   tokenizer_fingerprint  a string naming the judge's tokenizer exactly (`tokenizer_fingerprint`: the
-                         sha256 of the tokenizer file, or "identity:<V>" for Markov ids). When it
+                         sha256 of the tokenizer file less its training record, or "identity:<V>" for Markov ids). When it
                          equals the sampled model's, samples are passed as token ids; otherwise they
                          are decoded to text and the judge tokenises them itself.
   nll(texts=None, tokens=None) -> (total_nll_nats, num_scored_tokens)
@@ -50,12 +50,27 @@ def short_name(kind: str, path: str) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-  """Names a tokenizer exactly: sha256 of its model file, or identity:<V> for Markov token ids."""
+  """Names a tokenizer exactly: identity:<V> for Markov token ids, else sha256 of its model file.
+
+  A SentencePiece model is hashed without its trainer_spec, which records how it was trained (the
+  scratch path of its training text among others), not how it tokenizes: two workdirs that trained
+  the same tokenizer on the same corpus then share ids, as they should.
+  """
   path = getattr(tokenizer, "path", None)
   if path is None:
     return f"identity:{tokenizer.vocab_size}"
   with open(path, "rb") as f:
-    return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    content = f.read()
+  try:
+    from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(content)
+    proto.ClearField("trainer_spec")
+    content = proto.SerializeToString(deterministic=True)
+  except Exception:  # noqa: BLE001 (not a SentencePiece model, or no protobuf: hash the bytes)
+    pass
+  return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def _one_of(texts, tokens):

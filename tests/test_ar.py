@@ -100,6 +100,11 @@ def test_ar_trains_and_judges_text_exactly_also_across_tokenizers(tmp_path, cach
   texts = ["god created the heavens and the earth", "darkness was without form"]
   samples = np.array([other.encode(texts[0])[:6], other.encode(texts[1])[:6]])
   assert judges.tokenizer_fingerprint(other) != judge.tokenizer_fingerprint
+  # The same tokenizer trained twice (into different directories) is recognised as the same.
+  twin = train_sentencepiece([open(tmp_path / "corpus" / "corpus.txt").read()],
+                             str(tmp_path / "twin" / "other.model"), vocab_size=30)
+  assert open(twin.path, "rb").read() != open(other.path, "rb").read()
+  assert judges.tokenizer_fingerprint(twin) == judges.tokenizer_fingerprint(other)
   total, count = judges.judge_samples(judge, samples, other)
   expected_ids = [np.array(tokenizer.encode(other.decode(row.tolist()))) for row in samples]
   assert count == sum(len(ids) for ids in expected_ids)
