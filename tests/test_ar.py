@@ -74,7 +74,7 @@ def test_ar_trains_and_judges_text_exactly_also_across_tokenizers(tmp_path, cach
   _write_corpus(tmp_path / "corpus")
   config = tiny_config(**{"data.source": "text", "data.text.paths": str(tmp_path / "corpus" / "*.txt"),
                           "data.heldout_fraction": 0.2, "data.tokenizer.vocab_size": 48,
-                          "model.causal": True, "train.eval_every": 4, "train.eval_batch_size": 8})
+                          "model.causal": True, "train.num_steps": 2})
   workdir = str(tmp_path / "ar")
   last = train.train(config, workdir)
   assert np.isfinite(last["loss"]) and 0 < last["loss"] < 2 * math.log(48)

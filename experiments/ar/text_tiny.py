@@ -6,7 +6,14 @@
 
 The same 3 x 128 causal transformer (learned start vector, embedding gather, no time input; see
 cfmjax/ar.py), trained 600 steps of 32 x 64 tokens. Its tokenizer is trained into the workdir exactly
-as the flow's is, so the AR judge scores the flow's token ids directly. RESULTS
+as the flow's is (`judges.tokenizer_fingerprint` recognises the two as one), so the AR judge scores
+the flow's token ids directly.
+
+Measured (2 shared CPU cores, heavily loaded: ~0.2-0.6 steps/s, 41 min wall; 1.19 M parameters, vs
+1.22 M for the flow, which also has the time MLP): held-out NLL 3.852 nats/token (perplexity 47.1) on
+256 held-out rows (16,384 tokens; the flow's held-out cross-entropy at the same step is 4.51 per
+token, a different quantity). 256 KV-cached samples (96 s with compilation, loaded machine): unigram
+entropy 3.86 vs the data's 3.72, self-judged gen PPL 54.1 (judge ar:<this workdir>).
 """
 
 import os
