@@ -8,9 +8,10 @@ The same 3 x 96 causal transformer (cfmjax/ar.py), trained like the base flow (1
 KV-cached samples judged by the exact chain.
 
 Measured on 2 heavily shared CPU cores (~0.4 steps/s), stopped by SIGTERM at step 250 of 1200
-(already near the floor): exact held-out NLL 1.4204 nats/token on the 256 eval rows, where the true chain
-scores 1.4162 (its expectation for rows of 32 is 1.431; entropy rate 1.394); 512 KV-cached samples: exact gen NLL 1.470 per token (gen PPL 4.35) and
-unigram entropy 2.319 vs the data's 2.311. Compare the base flow's Euler 2.37 at 128 steps.
+(already near the floor): exact held-out NLL 1.4204 nats/token on the 256 eval rows, where the true
+chain scores 1.4162 (its expectation for rows of 32 is 1.431; entropy rate 1.394); 512 KV-cached
+samples: exact gen NLL 1.470 per token (gen PPL 4.35) and unigram entropy 2.319 vs the data's 2.311.
+Compare the base flow's Euler 2.37 at 128 steps.
 """
 
 import os
