@@ -8,6 +8,7 @@
   cfmjax export --workdir=W --out=D [--dtype=bfloat16]     (then: cfmjax eval --checkpoint=D ...)
   cfmjax report W1 W2 ... [--out=report] [--names=ar,base,psd]
   cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2 [--stage=distill]
+  cfmjax eval   --workdir=W --judge=ar:W_AR   (W_AR: `cfmjax train --config=experiments/ar/...`)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ COMMANDS = ("train", "distill", "sample", "eval", "export", "report", "compile")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval.")
-_SAMPLER = flags.DEFINE_string("sampler", "euler", "Sampler: euler (base flow) | flowmap (k-step flow map).")
+_SAMPLER = flags.DEFINE_string("sampler", "euler", "Sampler: euler (base flow) | flowmap (k-step flow map) | "
+                               "ar (autoregressive workdir; the default there).")
 _STEPS = flags.DEFINE_string("steps", None, "Network evaluations: one number, or a comma list for eval.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Number of sequences to generate.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences generated per compiled call.")
@@ -44,6 +46,8 @@ _NAMES = flags.DEFINE_string("names", None, "report: comma-separated model names
 _MESH = flags.DEFINE_string("mesh", None, "compile: mesh sizes data,fsdp,tensor, e.g. 4,8,2.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "compile: fake CPU devices (default: the mesh's size).")
 _STAGE = flags.DEFINE_enum("stage", None, ["base", "distill"], "compile: the step to compile (default: the config's).")
+_JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "
+                             "(default: exact for the Markov source, none for text).")
 
 
 def _steps_list(default) -> list[int]:
@@ -114,21 +118,34 @@ def _load_for_inference():
   return _WORKDIR.value or source, exp, params, step
 
 
+def _sampler_for(exp) -> str:
+  """--sampler, except that an autoregressive workdir samples with `ar` unless told otherwise."""
+  if exp.model_config.causal and not flags.FLAGS["sampler"].present:
+    return "ar"
+  return _SAMPLER.value
+
+
+def _steps_for(exp, sampler: str, default) -> list[int]:
+  # The AR sampler has no step count: it takes one network evaluation per position, recorded as steps.
+  return [exp.config.data.seq_len] if sampler == "ar" else _steps_list(default)
+
+
 def cmd_sample():
   from cfmjax import inference  # noqa: PLC0415
 
   workdir, exp, params, step = _load_for_inference()
   cfg = exp.config.sample
   num = _NUM_SAMPLES.value or cfg.num_samples
-  (steps,) = _steps_list(cfg.steps)[:1]
-  tokens = inference.generate(exp, params, _SAMPLER.value, steps, num, _BATCH_SIZE.value or cfg.batch_size,
-                              _SEED.value, progress=_progress_bar(f"{_SAMPLER.value} {steps} steps"))
+  sampler = _sampler_for(exp)
+  (steps,) = _steps_for(exp, sampler, cfg.steps)[:1]
+  tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
+                              _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"))
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{_SAMPLER.value}_{steps}steps_ckpt{step}.jsonl")
+  path = os.path.join(out_dir, f"{sampler}_{steps}steps_ckpt{step}.jsonl")
   with open(path, "w") as f:
     for i, row in enumerate(tokens):
-      f.write(json.dumps({"index": i, "sampler": _SAMPLER.value, "steps": steps, "checkpoint_step": step,
+      f.write(json.dumps({"index": i, "sampler": sampler, "steps": steps, "checkpoint_step": step,
                           "text": exp.data.tokenizer.decode(row.tolist()), "tokens": row.tolist()}) + "\n")
   for row in tokens[:3]:
     print("---\n" + exp.data.tokenizer.decode(row.tolist()))
@@ -136,21 +153,29 @@ def cmd_sample():
 
 
 def cmd_eval():
-  from cfmjax import evaluate, inference  # noqa: PLC0415
+  from cfmjax import ar, evaluate, inference, judges  # noqa: PLC0415
 
   workdir, exp, params, step = _load_for_inference()
   cfg = exp.config.eval
   num = _NUM_SAMPLES.value or cfg.num_samples
   held_out = exp.data.eval_rows(num)
+  judge = judges.make_judge(_JUDGE.value, exp.data)
+  sampler = _sampler_for(exp)
   records = []
-  for steps in _steps_list(cfg.steps):
-    tokens = inference.generate(exp, params, _SAMPLER.value, steps, num, _BATCH_SIZE.value or cfg.batch_size,
-                                _SEED.value, progress=_progress_bar(f"{_SAMPLER.value} {steps} steps"))
-    record = {"sampler": _SAMPLER.value, "steps": steps, "checkpoint_step": step}
-    record.update(evaluate.score(exp.data, tokens, held_out))
+  for steps in _steps_for(exp, sampler, cfg.steps):
+    tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
+                                _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"))
+    record = {"sampler": sampler, "steps": steps, "checkpoint_step": step}
+    record.update(evaluate.score(exp.data, tokens, held_out, judge))
     records.append(record)
     print(json.dumps(record))
-  if _LIKELIHOOD.value:
+  if exp.model_config.causal:  # the AR model's exact held-out NLL (it needs no bound: --likelihood is moot)
+    rows = exp.data.eval_rows(_LIKELIHOOD_ROWS.value)
+    record = ar.heldout_nll(exp, params, rows, _BATCH_SIZE.value or cfg.batch_size)
+    record["checkpoint_step"] = step
+    records.append(record)
+    print(json.dumps(record))
+  elif _LIKELIHOOD.value:
     rows = exp.data.eval_rows(_LIKELIHOOD_ROWS.value)
     record = evaluate.likelihood_bound(exp, params, rows, _LIKELIHOOD_POINTS.value,
                                        _BATCH_SIZE.value or cfg.batch_size, _SEED.value,

@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.state_space = "auto"
   c.model.vocab_chunk = 0  # > 0: losses and ψW fuse the head matmul per chunk of this many tokens
   c.model.embedded_noise = "cholesky"  # cholesky (ξCᵀ, CCᵀ = WᵀW) | project (draw ε ∈ R^V, reference)
+  c.model.causal = False  # True: the autoregressive baseline (cfmjax/ar.py) instead of a flow
 
   c.flow = ml_collections.ConfigDict()
   c.flow.schedule = "mixed"  # linear | argmax | mixed (SPEC §1)

@@ -4,7 +4,10 @@ A record in `eval/results.json` describes one (sampler, steps, judge) evaluation
   sampler, steps, judge, num_samples, gen_nll_per_token, gen_ppl, entropy, data_entropy,
   and for the Markov source entropy_rate (nats/token) and data_nll_per_token (the exact expected
   per-token NLL of real sequences of this length, the floor gen_nll_per_token is judged against).
-A likelihood-bound record (`cfmjax eval --likelihood`) carries metric = "nll_bound_per_token", value,
+The judge field is the judge's short name (judges.py): exact, ar:<workdir name>, gpt2:<directory name>,
+or none. Samples of an autoregressive model have sampler "ar" and steps = L (one network evaluation
+per position); its `cfmjax eval` also writes metric = "nll_per_token", value, ppl, num_tokens (the
+exact held-out NLL). A likelihood-bound record (`cfmjax eval --likelihood`) carries metric = "nll_bound_per_token", value,
 stderr, ppl_bound and num_tokens (SPEC §5).
 """
 
@@ -17,7 +20,7 @@ import os
 import jax
 import numpy as np
 
-from cfmjax import likelihood, sharding
+from cfmjax import judges, likelihood, sharding
 
 
 def unigram_entropy(tokens) -> float:
@@ -37,18 +40,23 @@ def exact_markov_nll(markov, tokens) -> float:
   return float(-np.sum(markov.log_likelihood(tokens)) / tokens.size)
 
 
-def score(data, tokens, held_out) -> dict:
-  """Judges `tokens` with the best judge the data source offers."""
+def score(data, tokens, held_out, judge="default") -> dict:
+  """Judges `tokens` with `judge` (a judges.Judge; None: no judge; "default": the data's own, exact
+  for the Markov source). gen_ppl = exp(Σ NLL / Σ scored tokens), pooled over all samples."""
   record = {"num_samples": int(len(tokens)), "entropy": unigram_entropy(tokens),
             "data_entropy": unigram_entropy(held_out)}
-  if data.markov is not None:
-    nll = exact_markov_nll(data.markov, tokens)
-    record.update(judge="exact", gen_nll_per_token=nll, gen_ppl=math.exp(nll),
-                  entropy_rate=data.markov.entropy_rate(),
-                  data_nll_per_token=data.markov.expected_nll_per_token(tokens.shape[1]))
-  else:
-    # Model judges for text (an autoregressive cfmjax model, GPT-2) arrive with the evaluation suite.
+  if judge == "default":
+    judge = judges.default_judge(data)
+  if judge is None:
     record.update(judge="none", gen_nll_per_token=None, gen_ppl=None)
+  else:
+    total, count = judges.judge_samples(judge, tokens, data.tokenizer)
+    nll = total / count
+    record.update(judge=judge.name, gen_nll_per_token=nll, gen_ppl=math.exp(nll) if nll < 700 else None,
+                  num_scored_tokens=count)
+  if data.markov is not None:
+    record.update(entropy_rate=data.markov.entropy_rate(),
+                  data_nll_per_token=data.markov.expected_nll_per_token(tokens.shape[1]))
   return record
 
 
@@ -95,14 +103,3 @@ def write_results(path: str, new_records: list[dict]) -> list[dict]:
     json.dump(records, f, indent=2)
   os.replace(tmp, path)
   return records
-
-
-def format_table(records: list[dict]) -> str:
-  records = [r for r in records if "sampler" in r]
-  cols = ["sampler", "steps", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
-          "data_entropy", "entropy_rate", "data_nll_per_token"]
-  cols = [c for c in cols if any(c in r for r in records)]
-  fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in records]
-  return "\n".join(lines)

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from cfmjax import model as model_lib
-from cfmjax import loss_weights, schedules, sharding
+from cfmjax import ar, loss_weights, schedules, sharding
 from cfmjax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ def validate(config, mesh, rules):
   if batch % jax.process_count():
     raise ValueError(f"train.batch_size={batch} is not divisible by the {jax.process_count()} processes")
   schedules.get_schedule(config.flow.schedule, 2)  # raises on an unknown name
+  if config.model.get("causal", False) and config.stage != "base":
+    raise ValueError(f"model.causal=True (the autoregressive baseline) trains only with `cfmjax train` "
+                     f"(stage 'base'), not stage {config.stage!r}: distil a flow, not the AR model")
   if config.optim.decay not in ("constant", "cosine"):
     raise ValueError(f"unknown optim.decay={config.optim.decay!r}; choose 'constant' or 'cosine'")
 
@@ -167,7 +170,10 @@ def build(config, workdir: str | None, devices=None, data: pipeline.Data | None 
   with config.unlocked():
     config.model.vocab_size = data.vocab_size  # the model's vocabulary follows the data source
   model_config = model_lib.model_config_from(config)
-  init_fn, apply_fn = model_lib.build(model_config)
+  if model_config.causal:  # the autoregressive baseline reads token ids, not a flow state (ar.py)
+    init_fn, apply_fn = ar.build(model_config)
+  else:
+    init_fn, apply_fn = model_lib.build(model_config)
   if config.stage == "distill":  # the consistency loss may carry learnable weights w(s[, t])
     init_fn, apply_fn = loss_weights.attach(init_fn, apply_fn, config.distill.learned_weighting)
   schedule = schedules.get_schedule(config.flow.schedule, data.vocab_size)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfmjax import judges
+
 log = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|endoftext|>"
@@ -200,7 +202,9 @@ class GPT2Judge:
     if self.bos_id is None:
       raise ValueError(f"{directory}: the vocabulary has no {BOS_TOKEN} and config.json no bos_token_id")
     self.params = jax.tree_util.tree_map(jnp.asarray, load_params(directory, self.config))
-    self.name = "gpt2:" + os.path.basename(directory)
+    self.name = judges.short_name("gpt2", directory)
+    # Never equal to a cfmjax tokenizer's fingerprint: samples always reach this judge as text.
+    self.tokenizer_fingerprint = "hf:" + os.path.basename(directory)
     self.batch_size = batch_size
     self._nll = jax.jit(lambda p, ids, valid: _sequence_nll(p, ids, valid, self.config))
     self._logits = jax.jit(lambda p, ids, valid: forward(p, ids, valid, self.config))
@@ -227,7 +231,7 @@ class GPT2Judge:
     longest = max(len(r) for r in rows)
     return np.asarray(self._logits(self.params, ids, valid))[:len(rows), :longest]
 
-  def nll(self, texts, tokens=None, progress=None) -> tuple[float, int]:
+  def nll(self, texts=None, tokens=None, progress=None) -> tuple[float, int]:
     """(Σ NLL in nats, number of scored tokens) of the texts; `tokens` (the sampler's ids) are unused:
     the texts are re-tokenised for this model. `progress(done, total)` is called after each batch
     (default: a log line every 10 s, so a long scoring run shows it is moving)."""

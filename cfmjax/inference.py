@@ -9,11 +9,11 @@ import os
 import jax
 import numpy as np
 
-from cfmjax import checkpointing, configs, experiment, flow_map, samplers, sharding, state_space
+from cfmjax import ar, checkpointing, configs, experiment, flow_map, samplers, sharding, state_space
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("euler", "flowmap")
+SAMPLERS = ("euler", "flowmap", "ar")  # ar: KV-cached ancestral sampling of a causal model
 
 
 def load_config(workdir: str):
@@ -55,11 +55,16 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
   """A jitted function (params, rng) -> tokens [batch_size, L] for the named sampler."""
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+  if (sampler == "ar") != exp.model_config.causal:
+    raise ValueError(f"sampler {sampler!r} does not fit this model: use --sampler=ar for an autoregressive "
+                     f"(model.causal) workdir and euler/flowmap for a flow")
   length, vocab = exp.config.data.seq_len, exp.vocab_size
 
-  space = state_space.from_config(exp.apply_fn, vocab, exp.config)
+  space = None if sampler == "ar" else state_space.from_config(exp.apply_fn, vocab, exp.config)
 
   def generate(params, rng):
+    if sampler == "ar":  # one network evaluation per position; `steps` does not apply (ar.py)
+      return ar.sample(params, exp.model_config, rng, batch_size, length)
     bound = space.bind(params)  # the state in V-space or embedding space, as configured (SPEC §4)
     if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
       tokens, _ = flow_map.flowmap_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cfmjax import checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib, preflight
+from cfmjax import ar, checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib, preflight
 from cfmjax import flops as flops_lib, state_space
 from cfmjax import model as model_lib
 
@@ -43,7 +43,12 @@ ON_NONFINITE = ("stop", "skip")
 
 
 def loss_fn_for(exp: experiment.Experiment):
-  """The base flow's loss: (params, tokens, rng) -> (loss, metrics)."""
+  """The base flow's loss: (params, tokens, rng) -> (loss, metrics).
+
+  With model.causal the base loss is the autoregressive baseline's next-token cross-entropy (ar.py).
+  """
+  if exp.model_config.causal:
+    return functools.partial(ar.next_token_loss, apply_fn=exp.apply_fn)
   flow = exp.config.flow
   return functools.partial(
       losses.flow_matching_loss, apply_fn=exp.apply_fn, schedule=exp.schedule,

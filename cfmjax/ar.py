@@ -1,0 +1,243 @@
+"""The autoregressive baseline on the flow's backbone: model, loss, exact scoring, KV-cached sampling.
+
+    logits = f_θ(tokens)      tokens: int [B, L] → logits [B, L, V],  logits[:, i] = log p(x_i | x_<i)
+
+Same blocks as the flow (`model.Block`, pre-LN, rotary, adaLN-zero), with causal attention and three
+differences, all because there is no noisy state and no time:
+  * the input is token ids, read by an embedding gather (no one-hot matmul over V);
+  * the sequence is shifted right behind a learned start vector, so position i sees x_<i and every
+    one of the L tokens is predicted and scored (x_0 from the start alone). Held-out NLL, the AR
+    judge and the flows' likelihood bound therefore all cover the same L tokens per row;
+  * the adaLN conditioning is one learned constant vector in place of the time embedding, so the
+    blocks keep their parameters and shapes.
+
+The loss is next-token cross-entropy averaged over all B·L positions; it is also the exact held-out
+NLL per token. Sampling decodes one position at a time with a KV cache of [B, L, heads, head_dim] per
+layer (stacked over layers), inside one `lax.scan` over positions. `decode` re-implements one block on
+a single position from the same parameter tree: tests check it against the full causal forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfmjax import losses, sharding
+from cfmjax import model as model_lib
+
+
+class ARTransformer(nn.Module):
+  """f_θ(tokens) → next-token logits. See the module docstring."""
+
+  config: model_lib.ModelConfig
+
+  def setup(self):
+    cfg = dataclasses.replace(self.config, causal=True)
+    dtype = jnp.dtype(cfg.dtype)
+    normal = nn.initializers.normal(stddev=1.0)
+    self.embed = self.param("embed", nn.with_logical_partitioning(normal, ("vocab", "embed")),
+                            (cfg.vocab_size, cfg.d_model))
+    self.start = self.param("start", nn.with_logical_partitioning(normal, ("embed",)), (cfg.d_model,))
+    self.cond = self.param("cond", nn.with_logical_partitioning(normal, ("embed",)), (cfg.d_model,))
+    if cfg.scan_layers:
+      block = model_lib._remat(model_lib.ScannedBlock, cfg.remat, scanned=True)
+      self.blocks = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
+    else:
+      block = model_lib._remat(model_lib.Block, cfg.remat, scanned=False)
+      self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.final_adaln = model_lib._dense(2 * cfg.d_model, ("embed", "mlp"), "final_adaln", zero=True,
+                                        dtype=dtype)
+    self.head = model_lib._dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype=dtype)
+
+  def __call__(self, tokens):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    batch, length = tokens.shape
+    previous = jnp.take(self.embed, tokens[:, :-1], axis=0)
+    start = jnp.broadcast_to(self.start, (batch, 1, cfg.d_model))
+    h = jnp.concatenate([start, previous], axis=1).astype(dtype)
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    cond = jnp.broadcast_to(self.cond, (batch, cfg.d_model)).astype(dtype)
+    rope = model_lib.rotary_tables(length, cfg.head_dim)
+    if cfg.scan_layers:
+      h, _ = self.blocks(h, cond, rope)
+    else:
+      for block in self.blocks:
+        h = block(h, cond, rope)
+    final_mod = nn.with_logical_constraint(self.final_adaln(nn.silu(cond)), ("batch", None))
+    shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
+    h = model_lib._layer_norm(h) * (1.0 + scale) + shift
+    logits = self.head(h).astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def build(config: model_lib.ModelConfig):
+  """Returns (init_fn, apply_fn) with apply_fn(params, tokens int [B, L]) -> logits [B, L, V]."""
+  module = ARTransformer(config)
+
+  def init_fn(rng, batch_size: int, length: int):
+    return module.init(rng, jnp.zeros((batch_size, length), jnp.int32))["params"]
+
+  def apply_fn(params, tokens):
+    return module.apply({"params": params}, tokens)
+
+  return init_fn, apply_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and exact scoring.
+
+
+def next_token_loss(params, tokens, rng, *, apply_fn):
+  """Mean next-token cross-entropy over all B·L positions (the exact NLL per token). (loss, metrics)."""
+  del rng  # deterministic: no noise, no dropout
+  logits = apply_fn(params, tokens)
+  ce = losses.cross_entropy(logits, tokens)
+  loss = jnp.mean(ce)
+  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == tokens)
+  return loss, {"loss": loss, "cross_entropy": loss, "accuracy": accuracy}
+
+
+def row_nll(apply_fn, params, tokens, mask):
+  """Σ over positions with mask = 1 of −log p(x_i | x_<i), per row: float32 [B].
+
+  Causal attention means padding after a row's last real token changes none of its scores.
+  """
+  ce = losses.cross_entropy(apply_fn(params, tokens), tokens)
+  return jnp.sum(ce * mask, axis=-1)
+
+
+def score_rows(exp, params, rows: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
+  """Per-row NLL sums (nats, float64 [N]) of int rows [N, L] under `exp`'s AR model, masked.
+
+  Rows are padded to a multiple of the batch (itself a multiple of the data-parallel size), so one
+  program serves every call of this shape.
+  """
+  rows, mask = np.asarray(rows, np.int32), np.asarray(mask, np.float32)
+  dp = sharding.data_parallel_size(exp.mesh, exp.rules)
+  batch_size = max(dp, min(batch_size, len(rows)) // dp * dp)
+  pad = -len(rows) % batch_size
+  rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
+  mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.float32)])
+  fn = jax.jit(functools.partial(row_nll, exp.apply_fn),
+               in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, exp.batch_sharding))
+  out = []
+  with jax.set_mesh(exp.mesh):
+    for i in range(0, len(rows), batch_size):
+      chunk, chunk_mask = rows[i:i + batch_size], mask[i:i + batch_size]
+      # Every process holds the same rows; each device takes its slice of them.
+      tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
+      weights = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk_mask[idx])
+      out.append(np.asarray(jax.device_get(fn(params, tokens, weights)), np.float64))
+  return np.concatenate(out)[:len(rows) - pad]
+
+
+def heldout_nll(exp, params, rows: np.ndarray, batch_size: int) -> dict:
+  """The exact held-out NLL of `rows` [N, L]: record with metric "nll_per_token", value, ppl, num_tokens."""
+  total = float(np.sum(score_rows(exp, params, rows, np.ones(rows.shape, np.float32), batch_size)))
+  value = total / rows.size
+  return {"metric": "nll_per_token", "value": value, "ppl": math.exp(value) if value < 700 else None,
+          "num_tokens": int(rows.size)}
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cached decoding.
+
+
+def _stacked_layers(params, config: model_lib.ModelConfig):
+  """Block parameters with a leading layer axis, whether or not the model scans its layers."""
+  if config.scan_layers:
+    return params["blocks"]
+  layers = [params[f"block_{i}"] for i in range(config.num_layers)]
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def _decode_block(p, x, cond, cache_k, cache_v, position, rope, config):
+  """One block (the math of `model.Block`) on the single position `position`, x [B, 1, D].
+
+  Writes this position's keys/values into the layer's cache [B, L, N, H] and attends to positions
+  ≤ `position`. Returns (x, cache_k, cache_v).
+  """
+  dtype = jnp.dtype(config.dtype)
+  w = lambda a: a.astype(dtype)
+  mod = nn.silu(cond) @ w(p["adaln"]["kernel"]) + w(p["adaln"]["bias"])
+  shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+  h = model_lib._layer_norm(x) * (1.0 + scale1) + shift1
+  qkv = jnp.einsum("bld,dtnh->bltnh", h, w(p["qkv"]["kernel"]))
+  cos, sin = rope
+  cos, sin = jax.lax.dynamic_slice_in_dim(cos, position, 1), jax.lax.dynamic_slice_in_dim(sin, position, 1)
+  q = model_lib.apply_rotary(qkv[:, :, 0], cos, sin)
+  k = model_lib.apply_rotary(qkv[:, :, 1], cos, sin)
+  cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), position, axis=1)
+  cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, qkv[:, :, 2].astype(cache_v.dtype), position, axis=1)
+  scores = jnp.einsum("bqnh,bknh->bnqk", q, cache_k).astype(jnp.float32) / math.sqrt(config.head_dim)
+  visible = jnp.arange(cache_k.shape[1]) <= position
+  scores = jnp.where(visible[None, None, None, :], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  attn = jnp.einsum("bnqk,bknh->bqnh", probs, cache_v)
+  x = x + gate1 * jnp.einsum("bqnh,nhd->bqd", attn, w(p["attn_out"]["kernel"]))
+  h = model_lib._layer_norm(x) * (1.0 + scale2) + shift2
+  h = nn.gelu(h @ w(p["mlp_in"]["kernel"]) + w(p["mlp_in"]["bias"]))
+  h = h @ w(p["mlp_out"]["kernel"]) + w(p["mlp_out"]["bias"])
+  return x + gate2 * h, cache_k, cache_v
+
+
+def decode(params, config: model_lib.ModelConfig, rng, batch_size: int, length: int,
+           tokens=None, temperature: float = 1.0):
+  """Decodes `length` positions one at a time with a KV cache.
+
+  With `tokens` (int [B, L], teacher forcing) position i reads the given x_{i-1}; without, it reads
+  the token it sampled at i − 1 (ancestral sampling at `temperature`, noise from fold_in(rng, i)).
+  Returns (tokens int32 [B, L], logits float32 [B, L, V] when teacher-forced, else None).
+  """
+  dtype = jnp.dtype(config.dtype)
+  layers = _stacked_layers(params, config)
+  shape = (config.num_layers, batch_size, length, config.num_heads, config.head_dim)
+  cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  cond = jnp.broadcast_to(params["cond"], (batch_size, config.d_model)).astype(dtype)
+  rope = model_lib.rotary_tables(length, config.head_dim)
+  final_mod = nn.silu(cond) @ params["final_adaln"]["kernel"].astype(dtype) + params["final_adaln"]["bias"].astype(dtype)
+  final_shift, final_scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
+  teacher_forced = tokens is not None
+
+  def position_step(carry, position):
+    previous, (cache_k, cache_v) = carry
+    start = jnp.broadcast_to(params["start"], (batch_size, config.d_model))
+    x = jnp.where(position == 0, start, jnp.take(params["embed"], previous, axis=0))[:, None, :].astype(dtype)
+
+    def layer_step(layer, inner):
+      x, cache_k, cache_v = inner
+      p = jax.tree_util.tree_map(lambda a: a[layer], layers)
+      x, k_l, v_l = _decode_block(p, x, cond, cache_k[layer], cache_v[layer], position, rope, config)
+      return x, cache_k.at[layer].set(k_l), cache_v.at[layer].set(v_l)
+
+    x, cache_k, cache_v = jax.lax.fori_loop(0, config.num_layers, layer_step, (x, cache_k, cache_v))
+    h = model_lib._layer_norm(x) * (1.0 + final_scale) + final_shift
+    logits = (h @ params["head"]["kernel"].astype(dtype) + params["head"]["bias"].astype(dtype))
+    logits = logits[:, 0].astype(jnp.float32)
+    if teacher_forced:
+      token = tokens[:, position]
+    else:
+      token = jax.random.categorical(jax.random.fold_in(rng, position), logits / temperature, axis=-1)
+    token = token.astype(jnp.int32)
+    return (token, (cache_k, cache_v)), (token, logits if teacher_forced else None)
+
+  init = (jnp.zeros((batch_size,), jnp.int32), cache)
+  _, (out_tokens, logits) = jax.lax.scan(position_step, init, jnp.arange(length))
+  out_tokens = out_tokens.T
+  return out_tokens, (None if logits is None else jnp.swapaxes(logits, 0, 1))
+
+
+def sample(params, config: model_lib.ModelConfig, rng, batch_size: int, length: int,
+           temperature: float = 1.0):
+  """Ancestral samples int32 [batch_size, length] (KV-cached; jit the caller)."""
+  return decode(params, config, rng, batch_size, length, temperature=temperature)[0]
