@@ -37,15 +37,32 @@ def exact_markov_nll(markov, tokens) -> float:
   return float(-np.sum(markov.log_likelihood(tokens)) / tokens.size)
 
 
-def score(data, tokens, held_out) -> dict:
-  """Judges `tokens` with the best judge the data source offers."""
-  record = {"num_samples": int(len(tokens)), "entropy": unigram_entropy(tokens),
-            "data_entropy": unigram_entropy(held_out)}
+def exact_markov_conditional_nll(markov, tokens, prompt_len: int) -> float:
+  """Σ −log p(x_{P:} | x_{:P}) / Σ generated tokens under the true chain: the prompt is not judged.
+
+  log p(rest | prefix) = log p(whole row) − log p(prefix), both exact.
+  """
+  tokens = np.asarray(tokens)
+  full = markov.log_likelihood(tokens)
+  prefix = markov.log_likelihood(tokens[:, :prompt_len]) if prompt_len else np.zeros(len(tokens))
+  return float(-np.sum(full - prefix) / (tokens.shape[0] * (tokens.shape[1] - prompt_len)))
+
+
+def score(data, tokens, held_out, prompt_len: int = 0) -> dict:
+  """Judges `tokens` with the best judge the data source offers.
+
+  With `prompt_len` > 0 the first prompt_len positions were given, not generated: the NLL is of the
+  rest given them, and both entropies are of positions prompt_len onwards.
+  """
+  record = {"num_samples": int(len(tokens)), "entropy": unigram_entropy(tokens[:, prompt_len:]),
+            "data_entropy": unigram_entropy(held_out[:, prompt_len:])}
   if data.markov is not None:
-    nll = exact_markov_nll(data.markov, tokens)
+    nll = exact_markov_conditional_nll(data.markov, tokens, prompt_len)
     record.update(judge="exact", gen_nll_per_token=nll, gen_ppl=math.exp(nll),
                   entropy_rate=data.markov.entropy_rate(),
                   data_nll_per_token=data.markov.expected_nll_per_token(tokens.shape[1]))
+    if prompt_len >= data.markov.order:  # a stationary chain given a full context: the entropy rate
+      record["data_nll_per_token"] = data.markov.entropy_rate()
   else:
     # Model judges for text (an autoregressive cfmjax model, GPT-2) arrive with the evaluation suite.
     record.update(judge="none", gen_nll_per_token=None, gen_ppl=None)
@@ -82,7 +99,8 @@ def likelihood_bound(exp, params, rows, num_points: int, batch_size: int, seed: 
 
 def write_results(path: str, new_records: list[dict]) -> list[dict]:
   """Merges records into `path`, replacing earlier ones with the same (sampler, steps, judge, metric)."""
-  key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"), r.get("metric"))
+  key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"), r.get("metric"), r.get("prompt_len"),
+                   r.get("guidance"), r.get("renoise"))
   records = []
   if os.path.exists(path):
     with open(path) as f:
@@ -99,7 +117,7 @@ def write_results(path: str, new_records: list[dict]) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
   records = [r for r in records if "sampler" in r]
-  cols = ["sampler", "steps", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
+  cols = ["sampler", "steps", "prompt_len", "guidance", "renoise", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
           "data_entropy", "entropy_rate", "data_nll_per_token"]
   cols = [c for c in cols if any(c in r for r in records)]
   fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))

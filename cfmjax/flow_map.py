@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption
+from cfmjax import corruption, prompting
 
 
 def broadcast_time(gamma, like):
@@ -46,33 +46,72 @@ def flow_map_update(x, psi, gamma_s, gamma_t):
   return (1.0 - jump) * x + jump * psi
 
 
+def renoise_target(gamma_t, renoise):
+  """The time t* ≥ t the renoising sampler jumps to before adding noise back down to t.
+
+  CTM's γ-sampling, in this interpolant's noise-to-signal ratio ρ(t) = (1 − t)/t:
+  ρ(t*) = sqrt(1 − η²) ρ(t), i.e. t* = t / (1 − (1 − sqrt(1 − η²))(1 − t)). η = 0 gives t* = t
+  exactly (the deterministic sampler), η = 1 gives t* = 1 (jump to the data estimate, then fully
+  renoise).
+  """
+  return gamma_t / (1.0 - (1.0 - jnp.sqrt(1.0 - renoise ** 2)) * (1.0 - gamma_t))
+
+
+def renoise_to(rng, x_star, gamma_star, gamma_t):
+  """From x at time t* down to t ≤ t*: (t/t*) x + σ ξ, σ² = (1 − t)² − (t (1 − t*)/t*)².
+
+  If x_{t*} = (1 − t*) ε + t* x1 then the result is (1 − t) ε' + t x1 in law, with fresh noise.
+  """
+  ratio = safe_divide(gamma_t, gamma_star)
+  sigma = jnp.sqrt(jnp.maximum((1.0 - gamma_t) ** 2 - (ratio * (1.0 - gamma_star)) ** 2, 0.0))
+  noise = jax.random.normal(rng, x_star.shape, x_star.dtype)
+  return ratio * x_star + sigma * noise
+
+
 def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: int, schedule,
-                   steps: int):
+                   steps: int, *, prompt=None, renoise: float = 0.0):
   """k-step flow-map sampler (SPEC §3). Returns (tokens [N, L] int32, last ψ [N, L, V]).
 
   `flowmap_fn(x, tau_s, tau_t) -> logits` takes model times; the grid is uniform in τ and the
   updates use γ = g(τ). The state is float32, or float64 when the network answers in float64
   (exact oracles in tests), so that a bfloat16 network never degrades the state. Runs as one
   `lax.scan`, so the network is compiled once whatever `steps` is.
+
+  `prompt` = (tokens, mask) keeps those positions fixed (then `flowmap_fn` must accept the
+  model's `prompt_mask=`). `renoise` = η ∈ [0, 1] is CTM-style stochastic sampling: each step jumps
+  past its end time t to t* (`renoise_target`) and adds fresh noise back down to t; η = 0 is the
+  deterministic sampler, and the last step (t = 1) is always deterministic.
   """
   if steps < 1:
     raise ValueError(f"the flow-map sampler needs steps >= 1, got {steps}")
-  x0 = corruption.prior_sample(rng, (num_samples, length), vocab_size)
+  if not 0.0 <= renoise <= 1.0:
+    raise ValueError(f"renoise must lie in [0, 1] (0 = deterministic), got {renoise}")
+  x0 = corruption.prior_sample(rng, (num_samples, length), vocab_size)  # the same draw as without renoising
+  rng_renoise = jax.random.fold_in(rng, 0x5EED)
   tau_probe = jnp.zeros((num_samples,), jnp.float32)
   out = jax.eval_shape(flowmap_fn, x0, tau_probe, tau_probe)
   dtype = jnp.promote_types(out.dtype, jnp.float32)
   x0 = x0.astype(dtype)
+  if prompt is not None:
+    x0 = prompting.clamp_state(x0, *prompt)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
   gamma_grid = jnp.asarray(schedule.gamma(tau_grid)).astype(dtype)
 
   def step(carry, i):
     x, _ = carry
+    gamma_t = gamma_grid[i + 1]
+    gamma_star = renoise_target(gamma_t, renoise).astype(dtype)
     tau_s = jnp.full((num_samples,), tau_grid[i])
-    tau_t = jnp.full((num_samples,), tau_grid[i + 1])
-    psi = jax.nn.softmax(flowmap_fn(x, tau_s, tau_t).astype(dtype), axis=-1)
+    # The grid's own τ when there is no overshoot (no round trip through the schedule's inverse).
+    tau_star = jnp.where(gamma_star == gamma_t, tau_grid[i + 1], schedule.tau(gamma_star).astype(jnp.float32))
+    tau_t = jnp.full((num_samples,), tau_star)
+    psi = prompting.network_probs(flowmap_fn, x, tau_s, tau_t, prompt=prompt).astype(dtype)
     gamma_s = jnp.full((num_samples,), gamma_grid[i])
-    gamma_t = jnp.full((num_samples,), gamma_grid[i + 1])
-    return (flow_map_update(x, psi, gamma_s, gamma_t), psi), None
+    x_star = flow_map_update(x, psi, gamma_s, jnp.full((num_samples,), gamma_star))
+    x_next = renoise_to(jax.random.fold_in(rng_renoise, i), x_star, gamma_star, gamma_t)
+    if prompt is not None:
+      x_next = prompting.clamp_state(x_next, *prompt)
+    return (x_next, psi), None
 
   (_, psi_last), _ = jax.lax.scan(step, (x0, jnp.zeros_like(x0)), jnp.arange(steps))
   return jnp.argmax(psi_last, axis=-1).astype(jnp.int32), psi_last

@@ -51,8 +51,8 @@ def attach(init_fn, apply_fn, inputs: str):
     params[PARAMS_KEY] = net.init(rng, tau, tau)["params"]
     return params
 
-  def apply_model(params, *args):
-    return apply_fn({k: v for k, v in params.items() if k != PARAMS_KEY}, *args)
+  def apply_model(params, *args, **kwargs):
+    return apply_fn({k: v for k, v in params.items() if k != PARAMS_KEY}, *args, **kwargs)
 
   return init_with_weights, apply_model
 

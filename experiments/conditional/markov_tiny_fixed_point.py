@@ -1,0 +1,31 @@
+"""Fixed-point distillation of the self-conditioned markov_tiny flow (FMLM*, SPEC §8; fixed_point.py).
+
+  cfmjax train   --config=experiments/conditional/markov_tiny_selfcond.py --workdir=/tmp/markov_sc
+  cfmjax distill --config=experiments/conditional/markov_tiny_fixed_point.py --workdir=/tmp/markov_fp \
+      --config.init_from=/tmp/markov_sc
+  cfmjax eval    --workdir=/tmp/markov_fp --sampler=euler --steps=128,16,4
+  cfmjax distill --config=experiments/conditional/markov_tiny_fixed_point_psd.py --workdir=/tmp/markov_fp_psd \
+      --config.init_from=/tmp/markov_fp
+  cfmjax eval    --workdir=/tmp/markov_fp_psd --sampler=flowmap --steps=1,2,4,8
+
+The student's single pass (μ̂ = 0) learns the limit of the frozen base's self-conditioning
+iteration; it is then sampled with μ̂ = 0 (sample.self_condition = False) and distilled into a
+flow map by the ordinary PSD stage. Measured results: README, section "Prompts, guidance,
+self-conditioning and fixed-point distillation".
+"""
+
+import os
+
+from cfmjax.configs import as_distillation, from_file
+
+
+def get_config():
+  base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "markov_tiny.py"))
+  c = as_distillation(base, "fixed_point", num_steps=400, lr=3e-4, warmup_steps=50, ema_decay=0.99,
+                      gap_warmup_steps=0)
+  c.distill.fixed_point_iters = 1
+  c.sample.self_condition = False
+  c.eval.steps = "128,16,4"
+  c.train.log_every = 25
+  c.train.checkpoint_every = 200
+  return c

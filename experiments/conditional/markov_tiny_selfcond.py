@@ -1,0 +1,20 @@
+"""markov_tiny with self-conditioning (SPEC §8): the first stage of the FMLM* pipeline.
+
+  cfmjax train --config=experiments/conditional/markov_tiny_selfcond.py --workdir=/tmp/markov_sc
+  cfmjax eval  --workdir=/tmp/markov_sc --sampler=euler --steps=128,16,4
+
+The previous estimate μ̂ enters through its own zero-initialised projection; half the training
+rows first run a no-grad pass with μ̂ = 0 and feed its output; the Euler sampler feeds back its
+last estimate. Compare with experiments/base_flow/markov_tiny.py (the same model without it).
+Then: experiments/conditional/markov_tiny_fixed_point.py and markov_tiny_fixed_point_psd.py.
+"""
+
+import os
+
+from cfmjax.configs import from_file
+
+
+def get_config():
+  c = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "markov_tiny.py"))
+  c.model.self_condition = True
+  return c
