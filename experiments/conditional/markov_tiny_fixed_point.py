@@ -10,8 +10,15 @@
 
 The student's single pass (μ̂ = 0) learns the limit of the frozen base's self-conditioning
 iteration; it is then sampled with μ̂ = 0 (sample.self_condition = False) and distilled into a
-flow map by the ordinary PSD stage. Measured results: README, section "Prompts, guidance,
-self-conditioning and fixed-point distillation".
+flow map by the ordinary PSD stage.
+
+Measured on a saturated machine, so with shortened stages: base cut at step 350 of 1200,
+fixed point 100 steps (--config.train.num_steps=100), PSD 120 steps
+(--config.train.num_steps=120 --config.distill.gap_warmup_steps=80), 512 samples, exact judge
+(`cfmjax eval --sampler=flowmap --steps=1,2,4 --num_samples=512`). Flow-map gen NLL per token
+at 1 / 2 / 4 steps: fixed point then PSD 3.84 / 3.23 / 2.93; PSD straight from the
+self-conditioned base (same PSD settings) 3.88 / 3.32 / 3.02; entropy 2.24-2.25 in both (data
+2.31). The fixed-point loss starts small here (KL ~2e-3: a 350-step base uses μ̂ only a little).
 """
 
 import os
