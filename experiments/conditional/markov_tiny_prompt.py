@@ -17,7 +17,7 @@ tokens each, with `PYTHONPATH=. python bench/conditional_sweep.py --workdir=/tmp
 --guidance=0,0.5,1,1.5,2,3 --prompt_len=24 --steps=64 --num_samples=512`:
 conditional gen NLL per token (entropy of the 8 generated tokens; data 1.69, floor = entropy
 rate 1.39): ω=0 3.85 (1.69), 0.5 3.55 (1.68), 1 3.29 (1.69), 1.5 3.29 (1.69), 2 3.21 (1.69),
-ω=3: see README. NLL falls from ω = 0 to 1 and a little beyond; at this (undertrained) scale the
+3 3.10 (1.68). NLL falls from ω = 0 to 1 and a little beyond; at this (undertrained) scale the
 entropy of 8-token continuations barely moves.
 """
 
