@@ -65,9 +65,10 @@ def validate_state_space(config, vocab_size: int):
       ("distill.loss='fixed_point'", config.stage == "distill" and config.distill.loss == "fixed_point"),
   ) if on]
   if wanted:
-    raise ValueError(f"{', '.join(wanted)} need model.state_space='vocab' for now (the state is in "
-                     f"embedding space: state_space={m.state_space!r}, vocab_size={vocab_size} > "
-                     f"d_model={m.d_model} under 'auto'); set model.state_space='vocab'")
+    why = (f"'auto' picks embedding since vocab_size={vocab_size} > d_model={m.d_model}"
+           if m.state_space == "auto" else "model.state_space='embedding'")
+    raise ValueError(f"{', '.join(wanted)} need model.state_space='vocab' for now ({why}); "
+                     f"set --config.model.state_space=vocab")
 
 
 def prefix_mask(lengths, seq_len: int):
