@@ -9,6 +9,8 @@
   cfmjax report W1 W2 ... [--out=report] [--names=ar,base,psd]
   cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2 [--stage=distill]
   cfmjax eval   --workdir=W --judge=ar:W_AR   (W_AR: `cfmjax train --config=experiments/ar/...`)
+  cfmjax sample --workdir=W --prompt="..." [--block_size=8 --num_blocks=4] [--guidance=1.5]
+  cfmjax eval   --workdir=W --prompt_len=24 --guidance=2    (held-out prefixes; NLL of the rest)
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Number of sequences to
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences generated per compiled call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (default: latest).")
+_PROMPT = flags.DEFINE_string("prompt", None, "sample: text to continue (tokenised with the run's tokenizer).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "sample: a file with one prompt per line.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", None, "sample: tokens per generated block (default: "
+                                   "the rest of the window after the prompt).")
+_NUM_BLOCKS = flags.DEFINE_integer("num_blocks", 1, "sample: blocks generated one after another.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance ω for the Euler sampler "
+                               "(0 unconditional, 1 conditional); default: sample.guidance (< 0: off).")
+_RENOISE = flags.DEFINE_float("renoise", None, "Flow-map sampler: CTM-style renoising η in [0, 1] "
+                              "(0 deterministic); default: sample.renoise.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "eval: condition on the first N tokens of held-out "
+                                   "rows and judge only the rest (exact judge: log p(rest | prefix)).")
 _LIKELIHOOD = flags.DEFINE_bool("likelihood", False, "eval: also bound the NLL of held-out rows (SPEC §5).")
 _LIKELIHOOD_POINTS = flags.DEFINE_integer("likelihood_points", 128, "eval: quadrature points in log-SNR.")
 _LIKELIHOOD_ROWS = flags.DEFINE_integer("likelihood_rows", 256, "eval: held-out rows for the bound.")
@@ -130,26 +143,73 @@ def _steps_for(exp, sampler: str, default) -> list[int]:
   return [exp.config.data.seq_len] if sampler == "ar" else _steps_list(default)
 
 
+def _guidance_and_renoise(cfg):
+  guidance = _GUIDANCE.value if _GUIDANCE.value is not None else cfg.get("guidance", -1.0)
+  renoise = _RENOISE.value if _RENOISE.value is not None else cfg.get("renoise", 0.0)
+  return (None if guidance < 0 else guidance), renoise
+
+
+def _read_prompts(tokenizer) -> list[list[int]] | None:
+  if _PROMPT.value is not None and _PROMPTS_FILE.value:
+    raise app.UsageError("give --prompt or --prompts_file, not both")
+  if _PROMPT.value is not None:
+    texts = [_PROMPT.value]
+  elif _PROMPTS_FILE.value:
+    with open(_PROMPTS_FILE.value) as f:
+      texts = [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+      raise app.UsageError(f"--prompts_file={_PROMPTS_FILE.value} has no non-empty line")
+  else:
+    return None
+  return [tokenizer.encode(t) for t in texts]
+
+
 def cmd_sample():
   from cfmjax import inference  # noqa: PLC0415
 
   workdir, exp, params, step = _load_for_inference()
   cfg = exp.config.sample
-  num = _NUM_SAMPLES.value or cfg.num_samples
   sampler = _sampler_for(exp)
   (steps,) = _steps_for(exp, sampler, cfg.steps)[:1]
-  tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
-                              _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"))
+  guidance, renoise = _guidance_and_renoise(cfg)
+  contexts = _read_prompts(exp.data.tokenizer)
+  batch_size = _BATCH_SIZE.value or cfg.batch_size
+  label = f"{sampler} {steps} steps"
+  if contexts is None:
+    if _BLOCK_SIZE.value is not None or _NUM_BLOCKS.value != 1:
+      raise app.UsageError("--block_size / --num_blocks continue a prompt: give --prompt or --prompts_file")
+    num = _NUM_SAMPLES.value or cfg.num_samples
+    tokens = inference.generate(exp, params, sampler, steps, num, batch_size, _SEED.value,
+                                progress=_progress_bar(label), guidance=guidance, renoise=renoise)
+    rows = [dict(tokens=row.tolist()) for row in tokens]
+  else:
+    length = exp.config.data.seq_len
+    longest = max(len(c) for c in contexts)
+    block = _BLOCK_SIZE.value or max(length - longest, 1)
+    contexts = [c for c in contexts for _ in range(_NUM_SAMPLES.value or 1)]  # N continuations each
+    continuations = inference.generate_blocks(exp, params, contexts, sampler, steps, block,
+                                              _NUM_BLOCKS.value, batch_size, _SEED.value,
+                                              guidance=guidance, renoise=renoise)
+    rows = [dict(prompt=c, tokens=c + g, continuation=g) for c, g in zip(contexts, continuations)]
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{sampler}_{steps}steps_ckpt{step}.jsonl")
+  tag = ("_prompted" if contexts is not None else "") + (f"_cfg{guidance:g}" if guidance is not None else "") + (
+      f"_renoise{renoise:g}" if renoise else "")
+  path = os.path.join(out_dir, f"{sampler}_{steps}steps{tag}_ckpt{step}.jsonl")
+  decode = exp.data.tokenizer.decode
   with open(path, "w") as f:
-    for i, row in enumerate(tokens):
-      f.write(json.dumps({"index": i, "sampler": sampler, "steps": steps, "checkpoint_step": step,
-                          "text": exp.data.tokenizer.decode(row.tolist()), "tokens": row.tolist()}) + "\n")
-  for row in tokens[:3]:
-    print("---\n" + exp.data.tokenizer.decode(row.tolist()))
-  print(f"wrote {len(tokens)} samples to {path}")
+    for i, row in enumerate(rows):
+      record = {"index": i, "sampler": sampler, "steps": steps, "checkpoint_step": step,
+                "guidance": guidance, "renoise": renoise, "text": decode(row["tokens"]), "tokens": row["tokens"]}
+      if "prompt" in row:
+        record.update(prompt=decode(row["prompt"]), continuation=decode(row["continuation"]))
+      f.write(json.dumps(record) + "\n")
+  for row in rows[:3]:
+    if "prompt" in row:
+      print(f"--- [{decode(row['prompt'])}] {decode(row['continuation'])}")
+    else:
+      print("---\n" + decode(row["tokens"]))
+  print(f"wrote {len(rows)} samples to {path}")
 
 
 def cmd_eval():
@@ -161,12 +221,20 @@ def cmd_eval():
   held_out = exp.data.eval_rows(num)
   judge = judges.make_judge(_JUDGE.value, exp.data)
   sampler = _sampler_for(exp)
+  guidance, renoise = _guidance_and_renoise(exp.config.sample)
+  prompt_len = _PROMPT_LEN.value
+  if not 0 <= prompt_len < exp.config.data.seq_len:
+    raise app.UsageError(f"--prompt_len must lie in [0, data.seq_len={exp.config.data.seq_len})")
+  prompts = inference.prefix_prompts(held_out[:, :prompt_len].tolist(), held_out.shape[1]) if prompt_len else None
   records = []
   for steps in _steps_for(exp, sampler, cfg.steps):
     tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
-                                _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"))
+                                _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"),
+                                prompts=prompts, guidance=guidance, renoise=renoise)
     record = {"sampler": sampler, "steps": steps, "checkpoint_step": step}
-    record.update(evaluate.score(exp.data, tokens, held_out, judge))
+    if prompt_len or guidance is not None or renoise:
+      record.update(prompt_len=prompt_len, guidance=guidance, renoise=renoise)
+    record.update(evaluate.score(exp.data, tokens, held_out, judge, prompt_len=prompt_len))
     records.append(record)
     print(json.dumps(record))
   if exp.model_config.causal:  # the AR model's exact held-out NLL (it needs no bound: --likelihood is moot)

@@ -42,12 +42,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_chunk = 0  # > 0: losses and ψW fuse the head matmul per chunk of this many tokens
   c.model.embedded_noise = "cholesky"  # cholesky (ξCᵀ, CCᵀ = WᵀW) | project (draw ε ∈ R^V, reference)
   c.model.causal = False  # True: the autoregressive baseline (cfmjax/ar.py) instead of a flow
+  c.model.self_condition = False  # feed the previous estimate μ̂ through a zero-init projection (SPEC §8)
+  c.model.prompt_flag = False  # set at run time: True when flow.prompt.max_len > 0 (prompting.py)
 
   c.flow = ml_collections.ConfigDict()
   c.flow.schedule = "mixed"  # linear | argmax | mixed (SPEC §1)
   c.flow.adaptive_weighting = False  # detached weight (‖μ − x1‖² + c)^(−r) (SPEC §2)
   c.flow.weight_power = 0.5
   c.flow.weight_offset = 0.01
+  # Prefix conditioning (SPEC §8, prompting.py): each training row gets a clean prompt prefix of
+  # length U{min_len..max_len} (not noised, no loss), dropped (zeros, no flag) with prob drop_prob.
+  c.flow.prompt = ml_collections.ConfigDict()
+  c.flow.prompt.min_len = 0
+  c.flow.prompt.max_len = 0  # 0: no prompts (unconditional model)
+  c.flow.prompt.drop_prob = 0.1
 
   # Flow-map distillation (SPEC §3); used when stage == "distill".
   c.distill = ml_collections.ConfigDict()
@@ -62,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.min_ratio = 1e-3  # clamp inside the log of the LSD / ESD teachers
   c.distill.t_max = 0.99  # cap on t for LSD / ESD, whose identities degenerate at t = 1
   c.distill.gap_warmup_steps = 0  # > 0: gaps t − s grow from 5% to the full range over these steps
+  # Guided distillation (SPEC §8, guided_distill.py): >= 0 makes the student's diagonal the base
+  # model's guided denoiser μ_ω at this fixed ω (one student per ω); < 0: off.
+  c.distill.guidance = -1.0
+  # Fixed-point distillation (distill.loss = "fixed_point", fixed_point.py): teacher iterations per
+  # target (the target is T^k(student's own estimate); 1 = the bootstrapped k -> k+1 objective).
+  c.distill.fixed_point_iters = 1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
@@ -98,6 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.steps = 128
   c.sample.num_samples = 16
   c.sample.batch_size = 64
+  c.sample.guidance = -1.0  # < 0: no classifier-free guidance (conditional sampler); else ω
+  # Euler sampling of a self-conditioned model feeds back the last estimate; a fixed-point-distilled
+  # student (fixed_point.py) answers for the limit in one pass and is sampled with μ̂ = 0 (False).
+  c.sample.self_condition = True
+  c.sample.renoise = 0.0  # flow-map sampler: CTM-style renoising η in [0, 1]; 0 = deterministic
 
   c.eval = ml_collections.ConfigDict()
   c.eval.steps = "128,16,4"

@@ -9,6 +9,18 @@ network: either the live student or its EMA (`distill.teacher`).
 Time pairs are drawn in model time τ (gap d ~ U(0, 1), s ~ U(0, 1 − d), t = s + d, PSD's u the
 midpoint), with the boundary pair (0, 1) at probability `boundary_prob`; the flow algebra is in
 γ = g(τ). For LSD and ESD, t is capped at `t_max` < 1, where their identities degenerate.
+
+Conditioning (SPEC §8). A prompt-trained base gives a conditional flow map: consistency rows draw a
+prompt (never dropped) and the teacher network's logits are clamped to the prompt there, so every
+teacher's flow-map algebra keeps prompt positions fixed; the diagonal keeps the base's prompt
+training (with its dropout). Guided distillation (`distill.guidance` = ω ≥ 0): the diagonal rows
+learn the frozen base's guided denoiser μ_ω = μ_u + ω (μ_c − μ_u) (projected onto the simplex
+when ω > 1 takes it outside) instead of the data, so the student's own diagonal *is* the guided
+flow and the unchanged PSD/LSD/ESD teachers distil the guided flow map. ω is fixed per student,
+not a network input: it keeps the network unchanged (no third conditioning input beside τ_s,
+τ_t), spends the student's capacity on the one ω that is deployed, and each ω is a separate,
+cheap distillation run from the same base. `distill.loss = "fixed_point"` is the other stage
+(fixed_point.py).
 """
 
 from __future__ import annotations
@@ -17,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cfmjax import distill_losses, loss_weights, losses, state_space
+from cfmjax import corruption, distill_losses, fixed_point, frozen_teacher, loss_weights, losses, prompting
+from cfmjax import state_space
 
-LOSSES = ("psd", "lsd", "esd")
+LOSSES = ("psd", "lsd", "esd", "fixed_point")
 MODES = ("two_stage", "joint")
 TEACHERS = ("ema", "student")
 
@@ -45,6 +58,11 @@ def validate(config):
                      f"{loss_weights.INPUTS}")
   if not 0.0 <= d.diag_fraction < 1.0:
     raise ValueError(f"distill.diag_fraction must lie in [0, 1), got {d.diag_fraction}")
+  frozen_teacher.validate(config)
+  if d.guidance >= 0 and d.loss == "fixed_point":
+    raise ValueError("distill.guidance applies to flow-map distillation (psd / lsd / esd), not fixed_point")
+  if d.loss == "fixed_point" and d.fixed_point_iters < 1:
+    raise ValueError(f"distill.fixed_point_iters must be >= 1, got {d.fixed_point_iters}")
 
 
 def num_diagonal_rows(batch_size: int, diag_fraction: float) -> int:
@@ -73,12 +91,19 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   t_max = 1.0 if d.loss == "psd" else d.t_max
   space = state_space.from_config(apply_fn, vocab_size, config)
 
+  p = config.flow.prompt
+  prompt_settings = (p.min_len, p.max_len, p.drop_prob) if prompting.enabled(config) else None
+
   def diagonal_loss(params, teacher_params, tokens, rng, step):
     del teacher_params, step
+    if d.guidance >= 0:
+      return guided_diagonal_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
+                                  vocab_size=vocab_size, guidance=d.guidance, prompt=prompt_settings)
     return losses.flow_matching_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
                                      vocab_size=vocab_size, adaptive_weighting=config.flow.adaptive_weighting,
                                      weight_power=config.flow.weight_power,
-                                     weight_offset=config.flow.weight_offset, space=space)
+                                     weight_offset=config.flow.weight_offset, space=space,
+                                     prompt=prompt_settings)
 
   def consistency_loss(params, teacher_params, tokens, rng, step):
     rng_time, rng_noise = jax.random.split(rng)
@@ -94,9 +119,19 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
       x_teacher = jax.lax.stop_gradient(x)
     else:  # in embedding space each network sees the one draw of ε through its own W
       x, x_teacher = space.noisy_states(params, teacher_params, rng_noise, tokens, gamma_s)
+    prompt, conditioning, keep = None, {}, jnp.ones(tokens.shape, jnp.float32)
+    if prompt_settings is not None:  # a conditional flow map (V-space): the prompt is always given here
+      lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0],
+                                                 p.min_len, p.max_len, 0.0)
+      prompt = (tokens, prompting.prefix_mask(lengths, tokens.shape[1]))
+      x, x_teacher = prompting.clamp_state(x, *prompt), prompting.clamp_state(x_teacher, *prompt)
+      conditioning, keep = {"prompt_mask": prompt[1]}, (~prompt[1]).astype(jnp.float32)
 
     # The teacher network in flow time γ (what the identities of SPEC §3 differentiate).
-    net = lambda x, gs, gt: space.logits(teacher_params, x, schedule.tau(gs), schedule.tau(gt))
+    def net(x, gs, gt):
+      z = space.logits(teacher_params, x, schedule.tau(gs), schedule.tau(gt), **conditioning)
+      return z if prompt is None else prompting.clamp_logits(z, *prompt)
+
     embed = lambda probs: space.embed_probs(teacher_params, probs)
     if d.loss == "psd":
       teacher = distill_losses.psd_teacher(net, x_teacher, gamma_s, gamma_u, gamma_t, embed=embed)
@@ -107,7 +142,7 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
     teacher = jax.lax.stop_gradient(teacher)
 
     # KL(teacher ‖ ψθ) from statistics of the student's output (chunked over V if configured).
-    stats = space.output_stats(params, x, tau_s, tau_t, teacher=teacher)
+    stats = space.output_stats(params, x, tau_s, tau_t, teacher=teacher, **conditioning)
     kl = state_space.kl_to_teacher(stats, teacher)
     if d.adaptive_weighting:  # the detached weight of SPEC §2 with the teacher in place of x1
       weight = jax.lax.stop_gradient(
@@ -115,8 +150,9 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
           ** (-config.flow.weight_power))
     else:
       weight = jnp.ones_like(kl)
-    row_loss = jnp.mean(weight * kl, axis=-1)
-    metrics = {"consistency_kl": jnp.mean(kl)}
+    # Mean over generated positions (all of them without a prompt).
+    row_loss = jnp.sum(weight * kl * keep, axis=-1) / jnp.maximum(jnp.sum(keep, axis=-1), 1.0)
+    metrics = {"consistency_kl": prompting.masked_mean(kl, keep)}
     if d.learned_weighting != "none":
       log_w = loss_weights.log_weight(params, tau_s, tau_t, d.learned_weighting)
       row_loss = loss_weights.weighted(row_loss, log_w)
@@ -124,6 +160,33 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
     return jnp.mean(row_loss), metrics
 
   return diagonal_loss, consistency_loss
+
+
+def guided_diagonal_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int, guidance: float,
+                         prompt):
+  """KL(μ_ω of the frozen base ‖ student's conditional diagonal) on generated positions.
+
+  μ_ω = μ_u + ω (μ_c − μ_u) from two passes of the frozen base (prompt given / prompt dropped),
+  projected onto the simplex; the student sees the prompt (always: it is a conditional model).
+  """
+  if prompt is None:
+    raise ValueError("distill.guidance needs a prompt-trained base (flow.prompt.max_len > 0)")
+  rng_time, rng_noise = jax.random.split(rng)
+  tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
+  x = corruption.noisy_state(rng_noise, tokens, schedule.gamma(tau), vocab_size)
+  lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0], prompt[0],
+                                             prompt[1], 0.0)
+  mask = prompting.prefix_mask(lengths, tokens.shape[1])
+  x = prompting.clamp_state(x, tokens, mask)
+  base = frozen_teacher.teacher_params(params)
+  base_net = lambda x, ts, tt, **kw: apply_fn(base, x, ts, tt, **kw)
+  target = prompting.network_probs(base_net, x, tau, tau, prompt=(tokens, mask), guidance=guidance)
+  target = jax.lax.stop_gradient(prompting.project_to_simplex(target))
+  logits = apply_fn(params, x, tau, tau, prompt_mask=mask)
+  keep = (~mask).astype(jnp.float32)
+  loss = prompting.masked_mean(distill_losses.kl_to_teacher(target, logits), keep)
+  accuracy = prompting.masked_mean(jnp.argmax(logits, axis=-1) == tokens, keep)
+  return loss, {"loss": loss, "accuracy": accuracy}
 
 
 def project_conflict(g_cons, g_diag):
@@ -137,6 +200,8 @@ def project_conflict(g_cons, g_diag):
 def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
   """(params, tokens, rng, ema_params, step) -> (grads, metrics) for the distillation stage."""
   d = config.distill
+  if d.loss == "fixed_point":
+    return fixed_point.make_grad_fn(apply_fn, schedule, vocab_size, config)
   diagonal_loss, consistency_loss = make_losses(apply_fn, schedule, vocab_size, config)
   num_diag = num_diagonal_rows(config.train.batch_size, d.diag_fraction)
 

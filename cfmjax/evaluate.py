@@ -40,15 +40,37 @@ def exact_markov_nll(markov, tokens) -> float:
   return float(-np.sum(markov.log_likelihood(tokens)) / tokens.size)
 
 
-def score(data, tokens, held_out, judge="default") -> dict:
+def exact_markov_conditional_nll(markov, tokens, prompt_len: int) -> float:
+  """Σ −log p(x_{P:} | x_{:P}) / Σ generated tokens under the true chain: the prompt is not judged.
+
+  log p(rest | prefix) = log p(whole row) − log p(prefix), both exact.
+  """
+  tokens = np.asarray(tokens)
+  full = markov.log_likelihood(tokens)
+  prefix = markov.log_likelihood(tokens[:, :prompt_len]) if prompt_len else np.zeros(len(tokens))
+  return float(-np.sum(full - prefix) / (tokens.shape[0] * (tokens.shape[1] - prompt_len)))
+
+
+def score(data, tokens, held_out, judge="default", prompt_len: int = 0) -> dict:
   """Judges `tokens` with `judge` (a judges.Judge; None: no judge; "default": the data's own, exact
-  for the Markov source). gen_ppl = exp(Σ NLL / Σ scored tokens), pooled over all samples."""
-  record = {"num_samples": int(len(tokens)), "entropy": unigram_entropy(tokens),
-            "data_entropy": unigram_entropy(held_out)}
+  for the Markov source). gen_ppl = exp(Σ NLL / Σ scored tokens), pooled over all samples.
+
+  With `prompt_len` > 0 the first prompt_len positions were given, not generated: the NLL is of the
+  rest given them (the exact judge only, for now), and both entropies are of positions prompt_len on.
+  """
+  record = {"num_samples": int(len(tokens)), "entropy": unigram_entropy(np.asarray(tokens)[:, prompt_len:]),
+            "data_entropy": unigram_entropy(np.asarray(held_out)[:, prompt_len:])}
   if judge == "default":
     judge = judges.default_judge(data)
+  if prompt_len and judge is not None and not isinstance(judge, judges.ExactMarkovJudge):
+    raise ValueError(f"--prompt_len scores a continuation given its prompt, which only the exact judge "
+                     f"does for now; got judge {judge.name} (use --judge=none or the Markov source)")
   if judge is None:
     record.update(judge="none", gen_nll_per_token=None, gen_ppl=None)
+  elif prompt_len:
+    nll = exact_markov_conditional_nll(judge.markov, tokens, prompt_len)
+    record.update(judge=judge.name, gen_nll_per_token=nll, gen_ppl=math.exp(nll),
+                  num_scored_tokens=int(np.asarray(tokens)[:, prompt_len:].size))
   else:
     total, count = judges.judge_samples(judge, tokens, data.tokenizer)
     nll = total / count
@@ -57,6 +79,8 @@ def score(data, tokens, held_out, judge="default") -> dict:
   if data.markov is not None:
     record.update(entropy_rate=data.markov.entropy_rate(),
                   data_nll_per_token=data.markov.expected_nll_per_token(tokens.shape[1]))
+    if prompt_len >= data.markov.order:  # a stationary chain given a full context: the entropy rate
+      record["data_nll_per_token"] = data.markov.entropy_rate()
   return record
 
 
@@ -90,7 +114,8 @@ def likelihood_bound(exp, params, rows, num_points: int, batch_size: int, seed: 
 
 def write_results(path: str, new_records: list[dict]) -> list[dict]:
   """Merges records into `path`, replacing earlier ones with the same (sampler, steps, judge, metric)."""
-  key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"), r.get("metric"))
+  key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"), r.get("metric"), r.get("prompt_len"),
+                   r.get("guidance"), r.get("renoise"))
   records = []
   if os.path.exists(path):
     with open(path) as f:

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from cfmjax import model as model_lib
-from cfmjax import ar, loss_weights, schedules, sharding
+from cfmjax import ar, frozen_teacher, loss_weights, prompting, schedules, sharding
 from cfmjax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -161,21 +161,32 @@ def init_state(exp: Experiment, seed: int):
 # ----------------------------------------------------------------------------------------------
 
 
+def attach_stage_params(init_fn, apply_fn, config):
+  """The network plus what the stage keeps beside it in params (loss weights, a frozen teacher)."""
+  if config.stage == "distill":  # the consistency loss may carry learnable weights w(s[, t])
+    init_fn, apply_fn = loss_weights.attach(init_fn, apply_fn, config.distill.learned_weighting)
+    if frozen_teacher.needed(config):
+      init_fn, apply_fn = frozen_teacher.attach(init_fn, apply_fn)
+  return init_fn, apply_fn
+
+
 def build(config, workdir: str | None, devices=None, data: pipeline.Data | None = None) -> Experiment:
   """`data`: an already-built (or, for `cfmjax compile`, dataset-free) Data; default: build it."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
   validate(config, mesh, rules)
   data = data if data is not None else pipeline.build_data(config.data, workdir)
+  prompting.validate(config, config.data.seq_len)
+  prompting.validate_state_space(config, data.vocab_size)
   with config.unlocked():
     config.model.vocab_size = data.vocab_size  # the model's vocabulary follows the data source
+    config.model.prompt_flag = prompting.enabled(config)  # prompt-trained models carry the flag
   model_config = model_lib.model_config_from(config)
   if model_config.causal:  # the autoregressive baseline reads token ids, not a flow state (ar.py)
     init_fn, apply_fn = ar.build(model_config)
   else:
     init_fn, apply_fn = model_lib.build(model_config)
-  if config.stage == "distill":  # the consistency loss may carry learnable weights w(s[, t])
-    init_fn, apply_fn = loss_weights.attach(init_fn, apply_fn, config.distill.learned_weighting)
+  init_fn, apply_fn = attach_stage_params(init_fn, apply_fn, config)
   schedule = schedules.get_schedule(config.flow.schedule, data.vocab_size)
   optimizer, lr = make_optimizer(config.optim, config.train.num_steps)
   abstract_state, shardings = state_layout(init_fn, optimizer, mesh, rules, config.data.seq_len)

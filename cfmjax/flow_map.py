@@ -14,8 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import state_space
-
+from cfmjax import corruption, prompting, state_space
 
 
 def broadcast_time(gamma, like):
@@ -47,8 +46,32 @@ def flow_map_update(x, psi, gamma_s, gamma_t):
   return (1.0 - jump) * x + jump * psi
 
 
+def renoise_target(gamma_t, renoise):
+  """The time t* ≥ t the renoising sampler jumps to before adding noise back down to t.
+
+  CTM's γ-sampling, in this interpolant's noise-to-signal ratio ρ(t) = (1 − t)/t:
+  ρ(t*) = sqrt(1 − η²) ρ(t), i.e. t* = t / (1 − (1 − sqrt(1 − η²))(1 − t)). η = 0 gives t* = t
+  exactly (the deterministic sampler), η = 1 gives t* = 1 (jump to the data estimate, then fully
+  renoise).
+  """
+  return gamma_t / (1.0 - (1.0 - jnp.sqrt(1.0 - renoise ** 2)) * (1.0 - gamma_t))
+
+
+def renoise_to(rng, x_star, gamma_star, gamma_t, noise=None):
+  """From x at time t* down to t ≤ t*: (t/t*) x + σ ξ, σ² = (1 − t)² − (t (1 − t*)/t*)².
+
+  If x_{t*} = (1 − t*) ε + t* x1 then the result is (1 − t) ε' + t x1 in law, with fresh noise.
+  `noise`: ξ itself (e.g. εW in embedding space); None draws ξ ~ N(0, I) like x_star.
+  """
+  ratio = safe_divide(gamma_t, gamma_star)
+  sigma = jnp.sqrt(jnp.maximum((1.0 - gamma_t) ** 2 - (ratio * (1.0 - gamma_star)) ** 2, 0.0))
+  if noise is None:
+    noise = jax.random.normal(rng, x_star.shape, x_star.dtype)
+  return ratio * x_star + sigma * noise
+
+
 def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: int, schedule,
-                   steps: int, *, space=None):
+                   steps: int, *, space=None, prompt=None, renoise: float = 0.0):
   """k-step flow-map sampler (SPEC §3). Returns (tokens [N, L] int32, last ψ [N, L, V]).
 
   `flowmap_fn(x, tau_s, tau_t) -> logits` takes model times; the grid is uniform in τ and the
@@ -57,26 +80,61 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
   `lax.scan`, so the network is compiled once whatever `steps` is. `space` (a
   `state_space.BoundStateSpace`) replaces `flowmap_fn` and the V-space state, as in
   `samplers.euler_sample`: the state is then h = xW and the second output ψW.
+
+  `prompt` = (tokens, mask) keeps those positions fixed (then `flowmap_fn` must accept the
+  model's `prompt_mask=`; V-space only, so `space` must be None). `renoise` = η ∈ [0, 1] is
+  CTM-style stochastic sampling: each step jumps past its end time t to t* (`renoise_target`) and
+  adds fresh noise back down to t (drawn by `space.prior` when given: εW in embedding space); η = 0
+  is the deterministic sampler, and the last step (t = 1) is always deterministic.
   """
   if steps < 1:
     raise ValueError(f"the flow-map sampler needs steps >= 1, got {steps}")
+  if not 0.0 <= renoise <= 1.0:
+    raise ValueError(f"renoise must lie in [0, 1] (0 = deterministic), got {renoise}")
+  if prompt is not None and space is not None:
+    raise ValueError("prompted flow-map sampling runs in V-space: give flowmap_fn, not space= "
+                     "(model.state_space='vocab')")
+  draw_noise = None if space is None else space.prior  # None: renoise_to's own N(0, I) in the state's dtype
   space = space or state_space.logits_readout(flowmap_fn, vocab_size)
-  x0 = space.prior(rng, (num_samples, length))
+  x0 = space.prior(rng, (num_samples, length))  # the same draw as without renoising
+  rng_renoise = jax.random.fold_in(rng, 0x5EED)
+
+  def readout(x, tau_s, tau_t):
+    if prompt is None:
+      return space.readout(x, tau_s, tau_t)
+    psi = prompting.network_probs(flowmap_fn, x, tau_s, tau_t, prompt=prompt)
+    return psi, jnp.argmax(psi, axis=-1).astype(jnp.int32)
+
   tau_probe = jnp.zeros((num_samples,), jnp.float32)
-  out, tokens0 = jax.eval_shape(space.readout, x0, tau_probe, tau_probe)
+  out, tokens0 = jax.eval_shape(readout, x0, tau_probe, tau_probe)
   dtype = jnp.promote_types(out.dtype, jnp.float32)
   x0 = x0.astype(dtype)
+  if prompt is not None:
+    x0 = prompting.clamp_state(x0, *prompt)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
   gamma_grid = jnp.asarray(schedule.gamma(tau_grid)).astype(dtype)
 
   def step(carry, i):
     x, _, _ = carry
+    gamma_t = gamma_grid[i + 1]
+    gamma_star = renoise_target(gamma_t, renoise).astype(dtype)
     tau_s = jnp.full((num_samples,), tau_grid[i])
-    tau_t = jnp.full((num_samples,), tau_grid[i + 1])
-    psi, tokens = space.readout(x, tau_s, tau_t)
+    # The grid's own τ when there is no overshoot (no round trip through the schedule's inverse).
+    tau_star = jnp.where(gamma_star == gamma_t, tau_grid[i + 1], schedule.tau(gamma_star).astype(jnp.float32))
+    tau_t = jnp.full((num_samples,), tau_star)
+    psi, tokens = readout(x, tau_s, tau_t)
+    psi = psi.astype(dtype)
     gamma_s = jnp.full((num_samples,), gamma_grid[i])
-    gamma_t = jnp.full((num_samples,), gamma_grid[i + 1])
-    return (flow_map_update(x, psi.astype(dtype), gamma_s, gamma_t), psi.astype(dtype), tokens), None
+    x_star = flow_map_update(x, psi, gamma_s, jnp.full((num_samples,), gamma_star))
+    if renoise == 0.0:  # t* = t: renoise_to would add 0 · noise
+      x_next = x_star
+    else:
+      rng_step = jax.random.fold_in(rng_renoise, i)
+      noise = None if draw_noise is None else draw_noise(rng_step, (num_samples, length)).astype(dtype)
+      x_next = renoise_to(rng_step, x_star, gamma_star, gamma_t, noise=noise)
+    if prompt is not None:
+      x_next = prompting.clamp_state(x_next, *prompt)
+    return (x_next, psi, tokens), None
 
   init = (x0, jnp.zeros(out.shape, dtype), jnp.zeros(tokens0.shape, jnp.int32))
   (_, psi_last, tokens), _ = jax.lax.scan(step, init, jnp.arange(steps))

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfmjax import checkpointing, experiment, export, inference
+from cfmjax import checkpointing, experiment, export, frozen_teacher, inference, loss_weights
 from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ def inherit_base_config(config, workdir: str):
     config.model = base.model
     config.data = base.data
     config.flow.schedule = base.flow.schedule
+    config.flow.prompt = base.flow.prompt  # a conditional base gives a conditional flow map
     tokenizer = os.path.join(config.init_from, "tokenizer.model")
     if os.path.exists(tokenizer):
       os.makedirs(workdir, exist_ok=True)
@@ -49,7 +50,9 @@ def load_base_params(exp: experiment.Experiment):
     return _load_exported_base_params(exp)
   base_config = inference.load_config(config.init_from)
   base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
-  base_init_fn, _ = model_lib.build(exp.model_config)  # the bare network, as the base run saved it
+  base_init_fn, base_apply_fn = model_lib.build(exp.model_config)  # the bare network
+  # ... plus whatever the base run kept beside it (it may itself be a distillation run).
+  base_init_fn, _ = experiment.attach_stage_params(base_init_fn, base_apply_fn, base_config)
   abstract, _ = experiment.state_layout(base_init_fn, base_optimizer, exp.mesh, exp.rules,
                                         config.data.seq_len)
   ckpt = checkpointing.Checkpointer(os.path.join(config.init_from, "checkpoints"))
@@ -84,8 +87,14 @@ def start_from_base(exp: experiment.Experiment, state):
 
   Parameters the base run did not have (the learnable loss weights) keep their fresh values.
   """
-  params = dict(state["params"], **load_base_params(exp))
+  loaded = load_base_params(exp)
+  # Only the network itself: a source run's own loss weights or frozen teacher are not carried.
+  network = {k: v for k, v in loaded.items() if k not in (loss_weights.PARAMS_KEY, frozen_teacher.PARAMS_KEY)}
+  params = dict(state["params"], **network)
+  if frozen_teacher.PARAMS_KEY in params:  # guided / fixed-point distillation: the base, frozen
+    params[frozen_teacher.PARAMS_KEY] = network
   copy = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
                  out_shardings=exp.state_shardings["params"])
-  # Two separate buffers: the train step donates the state, and one buffer cannot be donated twice.
+  # Separate buffers: the train step donates the state, and one buffer cannot be donated twice.
+  params = copy(params)
   return dict(state, params=params, ema_params=copy(params))

@@ -51,43 +51,127 @@ def load(workdir: str, step: int | None = None):
   return exp, params, step
 
 
-def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_size: int):
-  """A jitted function (params, rng) -> tokens [batch_size, L] for the named sampler."""
+def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_size: int, *,
+                   conditional: bool = False, guidance: float | None = None, renoise: float = 0.0):
+  """A jitted function (params, rng[, prompt_tokens, prompt_mask]) -> tokens [batch_size, L].
+
+  `conditional`: the function also takes a prompt (tokens, mask [batch_size, L]) whose positions
+  the sampler keeps fixed. `guidance` = ω (Euler only) and `renoise` = η (flow map only), SPEC §8.
+  A self-conditioned model (model.self_condition) is sampled feeding back its last estimate.
+  """
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
   if (sampler == "ar") != exp.model_config.causal:
     raise ValueError(f"sampler {sampler!r} does not fit this model: use --sampler=ar for an autoregressive "
                      f"(model.causal) workdir and euler/flowmap for a flow")
+  if guidance is not None and sampler != "euler":
+    raise ValueError("--guidance applies to the Euler sampler of the base flow; a flow map distilled "
+                     "with distill.guidance has its ω built in")
+  if guidance is not None and not conditional:
+    raise ValueError("--guidance needs a prompt (--prompt, --prompts_file or --prompt_len)")
+  if renoise and sampler != "flowmap":
+    raise ValueError("--renoise applies to the flow-map sampler")
+  if sampler == "ar" and (conditional or guidance is not None or renoise):
+    raise ValueError("prompts, --guidance and --renoise apply to the flow samplers (euler / flowmap), not ar")
   length, vocab = exp.config.data.seq_len, exp.vocab_size
+  self_condition = bool(exp.config.model.get("self_condition", False)) and exp.config.sample.self_condition
 
   space = None if sampler == "ar" else state_space.from_config(exp.apply_fn, vocab, exp.config)
 
-  def generate(params, rng):
+  def generate(params, rng, *prompt):
     if sampler == "ar":  # one network evaluation per position; `steps` does not apply (ar.py)
       return ar.sample(params, exp.model_config, rng, batch_size, length)
-    bound = space.bind(params)  # the state in V-space or embedding space, as configured (SPEC §4)
+    prompt = tuple(prompt) if conditional else None
+    # Prompts, guidance and self-conditioning call the network in V-space (config validation keeps
+    # them off the embedding-space state); otherwise the state lives where configured (SPEC §4).
+    v_space = prompt is not None or guidance is not None or self_condition
+    bound = None if v_space else space.bind(params)
     if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
-      tokens, _ = flow_map.flowmap_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
-                                          space=bound)
+      jump = lambda x, tau_s, tau_t, **kw: exp.apply_fn(params, x, tau_s, tau_t, **kw)
+      tokens, _ = flow_map.flowmap_sample(jump, rng, batch_size, length, vocab, exp.schedule, steps,
+                                          space=bound, prompt=prompt, renoise=renoise)
     else:  # Euler steps of the base flow's denoiser, the diagonal s = t (SPEC §2)
-      tokens, _ = samplers.euler_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
-                                        space=bound)
+      denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
+      tokens, _ = samplers.euler_sample(denoise, rng, batch_size, length, vocab, exp.schedule, steps,
+                                        space=bound, prompt=prompt, guidance=guidance,
+                                        self_condition=self_condition)
     return tokens
 
-  return jax.jit(generate, in_shardings=(exp.state_shardings["ema_params"], None),
-                 out_shardings=exp.batch_sharding)
+  in_shardings = (exp.state_shardings["ema_params"], None)
+  if conditional:
+    in_shardings += (exp.batch_sharding, exp.batch_sharding)
+  return jax.jit(generate, in_shardings=in_shardings, out_shardings=exp.batch_sharding)
+
+
+def _padded_batch_size(exp, batch_size: int, num_samples: int) -> int:
+  dp = sharding.data_parallel_size(exp.mesh, exp.rules)
+  return max(dp, (min(batch_size, num_samples) + dp - 1) // dp * dp)
 
 
 def generate(exp, params, sampler: str, steps: int, num_samples: int, batch_size: int, seed: int,
-             progress=None) -> np.ndarray:
-  """`num_samples` sequences as int32 [num_samples, L], generated `batch_size` at a time."""
-  dp = sharding.data_parallel_size(exp.mesh, exp.rules)
-  batch_size = max(dp, (min(batch_size, num_samples) + dp - 1) // dp * dp)
-  fn = make_generator(exp, sampler, steps, batch_size)
+             progress=None, *, prompts=None, guidance: float | None = None,
+             renoise: float = 0.0) -> np.ndarray:
+  """`num_samples` sequences as int32 [num_samples, L], generated `batch_size` at a time.
+
+  `prompts`: None, or (tokens, mask) numpy arrays [num_samples, L] to condition on (SPEC §8).
+  """
+  batch_size = _padded_batch_size(exp, batch_size, num_samples)
+  fn = make_generator(exp, sampler, steps, batch_size, conditional=prompts is not None,
+                      guidance=guidance, renoise=renoise)
   out = []
   with jax.set_mesh(exp.mesh):
     for i in range(0, num_samples, batch_size):
-      out.append(np.asarray(jax.device_get(fn(params, jax.random.key(seed + i)))))
+      args = ()
+      if prompts is not None:  # pad the last chunk by repeating its first row
+        args = tuple(_pad_rows(np.asarray(a[i:i + batch_size]), batch_size) for a in prompts)
+      out.append(np.asarray(jax.device_get(fn(params, jax.random.key(seed + i), *args))))
       if progress is not None:
         progress(min(i + batch_size, num_samples), num_samples)
   return np.concatenate(out)[:num_samples]
+
+
+def _pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+  if len(rows) == size:
+    return rows
+  return np.concatenate([rows, np.repeat(rows[:1], size - len(rows), axis=0)])
+
+
+def prefix_prompts(contexts: list[list[int]], length: int):
+  """(tokens, mask) int32 / bool [N, length]: each context at the start of its row, zeros after."""
+  tokens = np.zeros((len(contexts), length), np.int32)
+  mask = np.zeros((len(contexts), length), bool)
+  for i, ctx in enumerate(contexts):
+    tokens[i, :len(ctx)] = ctx
+    mask[i, :len(ctx)] = True
+  return tokens, mask
+
+
+def generate_blocks(exp, params, contexts: list[list[int]], sampler: str, steps: int, block_size: int,
+                    num_blocks: int, batch_size: int, seed: int, *, guidance: float | None = None,
+                    renoise: float = 0.0, progress=None) -> list[list[int]]:
+  """Continues each context by `num_blocks` blocks of `block_size` tokens; returns the new tokens.
+
+  Window: the model sees at most seq_len = L positions. Each block is generated from the last
+  L − block_size tokens of the text so far (prompt plus earlier blocks) placed at positions
+  0 .. P − 1; the sampler fills every position after P (as in training, where all non-prompt
+  positions are generated), and the block is positions P .. P + block_size − 1. So the context
+  slides forward by block_size tokens per block once the text is longer than L − block_size.
+  """
+  length = exp.config.data.seq_len
+  if not 1 <= block_size <= length:
+    raise ValueError(f"block_size must lie in [1, data.seq_len={length}], got {block_size}")
+  if num_blocks < 1:
+    raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+  texts = [list(c) for c in contexts]
+  generated = [[] for _ in contexts]
+  for k in range(num_blocks):
+    window = [t[max(0, len(t) - (length - block_size)):] for t in texts]
+    tokens = generate(exp, params, sampler, steps, len(texts), batch_size, seed + 7919 * k,
+                      prompts=prefix_prompts(window, length), guidance=guidance, renoise=renoise)
+    for i, w in enumerate(window):
+      block = tokens[i, len(w):len(w) + block_size].tolist()
+      texts[i] += block
+      generated[i] += block
+    if progress is not None:
+      progress(k + 1, num_blocks)
+  return generated

@@ -3,6 +3,11 @@
 Base flow (SPEC §2, variational flow matching): cross-entropy of the denoiser μθ(x_γ, γ) against
 the clean tokens, at τ stratified-uniform over the batch and γ = g(τ), with an optional detached
 weight w = stopgrad((‖μ − x1‖² + c)^(−r)).
+
+Conditioning (SPEC §8, see prompting.py): with `prompt` = (min_len, max_len, drop_prob) each row
+gets a clean prefix of random length (never noised, no loss), dropped with probability drop_prob.
+With `self_condition`, half the rows (chosen per row) first run a no-grad pass with μ̂ = 0 and are
+then trained with μ̂ = stop_gradient(μ of that pass); the other half train with μ̂ = 0.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption, state_space
+from cfmjax import corruption, prompting, state_space
 
 
 def cross_entropy(logits, tokens):
@@ -35,12 +40,21 @@ def adaptive_weight(logits, tokens, power: float = 0.5, offset: float = 0.01):
 
 def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
                        adaptive_weighting: bool = False, weight_power: float = 0.5,
-                       weight_offset: float = 0.01, space=None):
+                       weight_offset: float = 0.01, space=None, prompt=None,
+                       self_condition: bool = False):
   """The base-flow loss on one batch of clean token ids [B, L]. Returns (loss, metrics).
 
   `space` (a `state_space.StateSpace`) says where the state lives and whether the output is reduced
-  in vocabulary chunks; None is the V-space reference with full logits from `apply_fn`.
+  in vocabulary chunks; None is the V-space reference with full logits from `apply_fn`. `prompt`
+  and `self_condition` (module docstring) run in V-space with full logits only, for now.
   """
+  if prompt is not None or self_condition:
+    if space is not None and space.embedded:
+      raise ValueError("flow.prompt / model.self_condition need model.state_space='vocab' for now")
+    return _conditioned_flow_matching_loss(
+        params, tokens, rng, apply_fn=apply_fn, schedule=schedule, vocab_size=vocab_size,
+        adaptive_weighting=adaptive_weighting, weight_power=weight_power, weight_offset=weight_offset,
+        prompt=prompt, self_condition=self_condition)
   space = space or state_space.StateSpace(apply_fn, vocab_size)
   rng_time, rng_noise = jax.random.split(rng)
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
@@ -56,3 +70,38 @@ def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: i
   loss = jnp.mean(weight * ce)
   accuracy = jnp.mean(stats["argmax"] == tokens)
   return loss, {"loss": loss, "cross_entropy": jnp.mean(ce), "accuracy": accuracy}
+
+
+def _conditioned_flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
+                                   adaptive_weighting: bool = False, weight_power: float = 0.5,
+                                   weight_offset: float = 0.01, prompt=None, self_condition: bool = False):
+  """`flow_matching_loss` with a prompt and/or self-conditioning, in V-space with full logits."""
+  rng_time, rng_noise = jax.random.split(rng)  # as before conditioning existed: same draws
+  rng_prompt, rng_self = jax.random.split(jax.random.fold_in(rng, 1))
+  tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
+  gamma = schedule.gamma(tau)
+  x = corruption.noisy_state(rng_noise, tokens, gamma, vocab_size)
+  conditioning = {}
+  loss_mask = jnp.ones(tokens.shape, jnp.float32)
+  if prompt is not None:
+    lengths, dropped = prompting.draw_prompt_lengths(rng_prompt, tokens.shape[0], *prompt)
+    x, prompt_mask, loss_mask = prompting.training_input(x, tokens, lengths, dropped, vocab_size)
+    conditioning["prompt_mask"] = prompt_mask
+  if self_condition:
+    first = jax.nn.softmax(apply_fn(params, x, tau, tau, **conditioning).astype(jnp.float32), axis=-1)
+    use = jax.random.bernoulli(rng_self, 0.5, (tokens.shape[0], 1, 1))
+    conditioning["self_cond"] = jax.lax.stop_gradient(jnp.where(use, first, 0.0))
+  logits = apply_fn(params, x, tau, tau, **conditioning)  # the diagonal s = t of the flow map network
+  ce = cross_entropy(logits, tokens)
+  if adaptive_weighting:
+    weight = adaptive_weight(logits, tokens, weight_power, weight_offset)
+  else:
+    weight = jnp.ones_like(ce)
+  if prompt is None:
+    loss = jnp.mean(weight * ce)
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == tokens)
+    return loss, {"loss": loss, "cross_entropy": jnp.mean(ce), "accuracy": accuracy}
+  # Mean over generated positions only (rows' prompt lengths differ).
+  loss = prompting.masked_mean(weight * ce, loss_mask)
+  accuracy = prompting.masked_mean(jnp.argmax(logits, axis=-1) == tokens, loss_mask)
+  return loss, {"loss": loss, "cross_entropy": prompting.masked_mean(ce, loss_mask), "accuracy": accuracy}

@@ -58,6 +58,12 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs only)
   causal: bool = False  # True only for the autoregressive baseline
+  # Self-conditioning (SPEC §8): the previous estimate μ̂ [B, L, V] enters through its own
+  # zero-initialised projection (V → D, no bias) added to the state's projection.
+  self_condition: bool = False
+  # Prefix conditioning (SPEC §8): a learned vector is added at prompt positions, so the network
+  # knows which positions hold a clean prompt (see prompting.py).
+  prompt_flag: bool = False
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -185,6 +191,12 @@ class FlowTransformer(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     # The state's projection W (V × D): the only place the V-dimensional input is touched.
     self.embed = _dense(cfg.d_model, ("vocab", "embed"), "embed", use_bias=False, dtype=dtype)
+    if cfg.self_condition:  # zero-initialised: training starts from the plain network
+      self.self_cond_embed = _dense(cfg.d_model, ("vocab", "embed"), "self_cond_embed", zero=True,
+                                    use_bias=False, dtype=dtype)
+    if cfg.prompt_flag:
+      self.prompt_embed = self.param("prompt_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("embed",)), (cfg.d_model,), jnp.float32)
     self.time_in = _dense(cfg.d_model, ("mlp", "embed"), "time_in", dtype=jnp.float32)
     self.time_out = _dense(cfg.d_model, ("embed", "mlp"), "time_out", dtype=jnp.float32)
     if cfg.scan_layers:
@@ -206,11 +218,27 @@ class FlowTransformer(nn.Module):
                              sinusoidal_features(tau_t, cfg.time_features, cfg.time_scale)], axis=-1)
     return self.time_out(nn.silu(self.time_in(feats)))
 
-  def __call__(self, x, tau_s, tau_t, embedded: bool = False, hidden: bool = False):
+  def __call__(self, x, tau_s, tau_t, embedded: bool = False, hidden: bool = False, self_cond=None,
+               prompt_mask=None):
+    """`self_cond`: the previous estimate μ̂ [B, L, V] (None reads as μ̂ = 0); `prompt_mask`: bool
+    [B, L], True at clean prompt positions (None: no prompt). Each needs its config switch."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     # embedded: x is already the projected state h = xW (SPEC §4), so the first layer is skipped.
     h = x.astype(dtype) if embedded else self.embed(x.astype(dtype))
+    if cfg.self_condition:
+      # Applied with μ̂ = 0 when absent on a V-space call, so that init creates the parameters; the
+      # projection has no bias, so skipping it for μ̂ = 0 on an embedded call changes nothing.
+      if self_cond is not None or not embedded:
+        mu_hat = jnp.zeros_like(x) if self_cond is None else self_cond
+        h = h + self.self_cond_embed(mu_hat.astype(dtype))
+    elif self_cond is not None:
+      raise ValueError("self_cond was given but model.self_condition is False")
+    if cfg.prompt_flag:
+      if prompt_mask is not None:
+        h = h + prompt_mask[..., None].astype(dtype) * self.prompt_embed.astype(dtype)
+    elif prompt_mask is not None:
+      raise ValueError("prompt_mask was given but model.prompt_flag is False (set flow.prompt.max_len > 0)")
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     cond = self.conditioning(tau_s, tau_t).astype(dtype)
     rope = rotary_tables(x.shape[1], cfg.head_dim)
@@ -237,8 +265,9 @@ def build(config: ModelConfig):
     tau = jnp.zeros((batch_size,), jnp.float32)
     return module.init(rng, x, tau, tau)["params"]
 
-  def apply_fn(params, x, tau_s, tau_t, embedded: bool = False, hidden: bool = False):
-    return module.apply({"params": params}, x, tau_s, tau_t, embedded=embedded, hidden=hidden)
+  def apply_fn(params, x, tau_s, tau_t, embedded: bool = False, hidden: bool = False, **conditioning):
+    # conditioning: self_cond=, prompt_mask= (see FlowTransformer.__call__)
+    return module.apply({"params": params}, x, tau_s, tau_t, embedded=embedded, hidden=hidden, **conditioning)
 
   return init_fn, apply_fn
 

@@ -65,7 +65,7 @@ def load_records(path: str) -> list[dict]:
 def eval_table(records: list[dict]) -> str:
   """One run's results: a row per generation record, then the held-out likelihood figures."""
   gen = generation_records(records)
-  cols = ["sampler", "steps", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
+  cols = ["sampler", "steps", "prompt_len", "guidance", "renoise", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
           "data_entropy", "entropy_rate", "data_nll_per_token"]
   cols = [c for c in cols if any(c in r for r in gen)]
   parts = []

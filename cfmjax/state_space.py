@@ -299,15 +299,16 @@ class StateSpace:
   noise: str = "cholesky"
   dtype: str = "float32"  # the model's activation dtype (the chunked head matmul runs in it)
 
-  def _call(self, params, state, tau_s, tau_t, hidden=False):
-    kwargs = {"embedded": True} if self.embedded else {}
+  def _call(self, params, state, tau_s, tau_t, hidden=False, **conditioning):
+    # conditioning: the model's prompt_mask= / self_cond= (prompting.py), passed only when given
+    kwargs = dict(conditioning, embedded=True) if self.embedded else dict(conditioning)
     if hidden:
       kwargs["hidden"] = True
     return self.apply_fn(params, state, tau_s, tau_t, **kwargs)
 
-  def logits(self, params, state, tau_s, tau_t):
+  def logits(self, params, state, tau_s, tau_t, **conditioning):
     """Full logits [B, L, V] (teachers need them: ψ, z and δ = ∂z − ⟨ψ, ∂z⟩ per entry)."""
-    return self._call(params, state, tau_s, tau_t)
+    return self._call(params, state, tau_s, tau_t, **conditioning)
 
   def embed_probs(self, params, probs):
     """A distribution [.., V] in this state space: ψW when embedded, ψ itself otherwise."""
@@ -339,15 +340,16 @@ class StateSpace:
     w = jax.lax.stop_gradient(model_lib.embedding_matrix(params))
     return draw_noise(rng, shape, w, mode=self.noise)[0]
 
-  def output_stats(self, params, state, tau_s, tau_t, *, tokens=None, teacher=None, with_embedding=False):
+  def output_stats(self, params, state, tau_s, tau_t, *, tokens=None, teacher=None, with_embedding=False,
+                   **conditioning):
     """`stats_from_logits` of the network's output, chunked over V when `vocab_chunk` > 0."""
     embedding = model_lib.embedding_matrix(params) if with_embedding else None
     if 0 < self.vocab_chunk < self.vocab_size:
-      hidden = self._call(params, state, tau_s, tau_t, hidden=True)
+      hidden = self._call(params, state, tau_s, tau_t, hidden=True, **conditioning)
       kernel, bias = model_lib.head_params(params)
       return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
                          tokens=tokens, teacher=teacher, embedding=embedding)
-    return stats_from_logits(self.logits(params, state, tau_s, tau_t), tokens, teacher, embedding)
+    return stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding)
 
   def readout(self, params, state, tau_s, tau_t):
     """(ψ in this state space, argmax tokens): what a sampler step needs from the network."""

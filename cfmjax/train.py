@@ -54,7 +54,14 @@ def loss_fn_for(exp: experiment.Experiment):
       losses.flow_matching_loss, apply_fn=exp.apply_fn, schedule=exp.schedule,
       vocab_size=exp.vocab_size, adaptive_weighting=flow.adaptive_weighting,
       weight_power=flow.weight_power, weight_offset=flow.weight_offset,
-      space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config))
+      space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config),
+      prompt=prompt_settings(exp.config), self_condition=exp.config.model.self_condition)
+
+
+def prompt_settings(config):
+  """(min_len, max_len, drop_prob) for the losses, or None for an unconditional model."""
+  p = config.flow.prompt
+  return (p.min_len, p.max_len, p.drop_prob) if p.max_len > 0 else None
 
 
 def grad_fn_for(exp: experiment.Experiment):

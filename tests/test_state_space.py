@@ -63,12 +63,14 @@ def test_noisy_state_is_the_projection_of_the_vocab_state(net):
 
 
 def test_samplers_carry_the_projected_state(net):
-  """Euler and the k-step flow map in embedding space (ψW from vocab chunks) track xW of the V run."""
+  """Euler and the k-step flow map (also renoising) in embedding space (ψW from vocab chunks) track
+  xW of the V run."""
   apply_fn, params = net
   vocab, embedded = _spaces(apply_fn, chunk=16)
   schedule = schedules.get_schedule("mixed", VOCAB)
   w = np.asarray(model_lib.embedding_matrix(params))
-  for sampler, steps in ((samplers.euler_sample, 6), (flow_map.flowmap_sample, 3)):
+  renoising = functools.partial(flow_map.flowmap_sample, renoise=0.5)  # fresh noise: εW of the same ε
+  for sampler, steps in ((samplers.euler_sample, 6), (flow_map.flowmap_sample, 3), (renoising, 3)):
     ref_tokens, ref_mu = sampler(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, steps,
                                  space=vocab.bind(params))
     tokens, mu_w = sampler(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, steps,

@@ -1,0 +1,224 @@
+"""Prompts, guidance, self-conditioning, fixed points and renoising (SPEC §8)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfmjax import configs, distill_losses, fixed_point, flow_map, losses, prompting, samplers, schedules
+from cfmjax import state_space, train
+from cfmjax import model as model_lib
+from tests.conftest import tiny_config
+
+V, L, N = 5, 6, 4
+SCHEDULE = schedules.get_schedule("linear", V)
+PROMPT_TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, V, (N, L)), jnp.int32)
+PROMPT_MASK = prompting.prefix_mask(jnp.array([0, 1, 3, 5]), L)  # a row without prompt, too
+PROMPT = (PROMPT_TOKENS, PROMPT_MASK)
+ONEHOT = jax.nn.one_hot(PROMPT_TOKENS, V)
+
+
+def toy_net(x, tau_s, tau_t, prompt_mask=None, self_cond=None):
+  """A position-mixing network that would move every position if nothing held the prompt."""
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((V, V)), jnp.float32)
+  mixed = x + 0.7 * jnp.roll(x, 1, axis=1) + (0.0 if self_cond is None else 0.5 * self_cond)
+  flag = 0.0 if prompt_mask is None else 0.3 * prompt_mask[..., None]
+  return 3.0 * jnp.tanh(mixed @ w + flag) * (1.0 + tau_s[:, None, None] + 0.5 * tau_t[:, None, None])
+
+
+def recording(net, seen):
+  """`net`, also recording (input, prompt_mask given?) of every call, through a host callback."""
+  def wrapped(x, tau_s, tau_t, **kw):
+    jax.debug.callback(lambda v, c: seen.append((np.asarray(v), bool(c))), x, "prompt_mask" in kw)
+    return net(x, tau_s, tau_t, **kw)
+  return wrapped
+
+
+def _check_prompt_held(seen, allow_unconditional=False):
+  assert seen
+  mask = np.asarray(PROMPT_MASK)
+  for x, conditional in seen:
+    if conditional:
+      np.testing.assert_array_equal(x[mask], np.asarray(ONEHOT)[mask])
+    else:  # the guided sampler's unconditional pass: prompt positions read as 'unknown' (zeros)
+      assert allow_unconditional
+      np.testing.assert_array_equal(x[mask], 0.0)
+
+
+@pytest.mark.parametrize("kind", ["euler", "euler_guided", "euler_selfcond", "flowmap", "flowmap_renoise"])
+def test_prompt_positions_never_change_in_any_sampler(kind):
+  seen = []
+  net = recording(toy_net, seen)
+  rng = jax.random.key(3)
+  if kind.startswith("euler"):
+    kw = {"guidance": 2.5} if kind == "euler_guided" else {}
+    denoise = lambda x, tau, **k: net(x, tau, tau, **k)
+    tokens, mu = samplers.euler_sample(denoise, rng, N, L, V, SCHEDULE, steps=5, prompt=PROMPT,
+                                       self_condition=kind == "euler_selfcond", **kw)
+  else:
+    tokens, mu = flow_map.flowmap_sample(net, rng, N, L, V, SCHEDULE, steps=3, prompt=PROMPT,
+                                         renoise=0.7 if kind == "flowmap_renoise" else 0.0)
+  jax.effects_barrier()
+  _check_prompt_held(seen, allow_unconditional=kind == "euler_guided")
+  mask = np.asarray(PROMPT_MASK)
+  np.testing.assert_array_equal(np.asarray(tokens)[mask], np.asarray(PROMPT_TOKENS)[mask])
+  np.testing.assert_array_equal(np.asarray(mu)[mask], np.asarray(ONEHOT)[mask])
+  # ... while generated positions did move away from the prompt's tokens somewhere.
+  assert np.any(np.asarray(tokens)[~mask] != np.asarray(PROMPT_TOKENS)[~mask])
+
+
+@pytest.mark.parametrize("teacher", ["psd", "lsd", "esd"])
+def test_distillation_teachers_keep_the_prompt(teacher):
+  """With the clamped network (as distill.py builds it) every teacher is the prompt's one-hot there."""
+  seen = []
+  inner = recording(toy_net, seen)
+  net = lambda x, gs, gt: prompting.clamp_logits(inner(x, gs, gt, prompt_mask=PROMPT_MASK), *PROMPT)
+  x = prompting.clamp_state(jax.random.normal(jax.random.key(4), (N, L, V)), *PROMPT)
+  gs, gt = jnp.full((N,), 0.2), jnp.full((N,), 0.8)
+  if teacher == "psd":
+    target = distill_losses.psd_teacher(net, x, gs, 0.5 * (gs + gt), gt)
+  elif teacher == "lsd":
+    target = distill_losses.lsd_teacher(net, x, gs, gt)
+  else:
+    target = distill_losses.esd_teacher(net, x, gs, gt)
+  jax.effects_barrier()
+  _check_prompt_held(seen)
+  mask = np.asarray(PROMPT_MASK)
+  np.testing.assert_allclose(np.asarray(target)[mask], np.asarray(ONEHOT)[mask], atol=1e-6)
+
+
+def test_guidance_at_0_and_1_is_the_unconditional_and_conditional_sampler():
+  rng = jax.random.key(5)
+  denoise = lambda x, tau, **k: toy_net(x, tau, tau, **k)
+  run = lambda fn, **kw: samplers.euler_sample(fn, rng, N, L, V, SCHEDULE, steps=6, prompt=PROMPT, **kw)
+  conditional = run(denoise)
+  # The unconditional sampler: the same network never told the prompt (zeros there, no flag).
+  blind = lambda x, tau, prompt_mask=None: toy_net(prompting.unconditional_input(x, PROMPT_MASK), tau, tau)
+  unconditional = run(blind)
+  for got, want in ((run(denoise, guidance=1.0), conditional), (run(denoise, guidance=0.0), unconditional)):
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+  # The two references do differ, and ω = 2 extrapolates: its first step's μ is 2 μ_c − μ_u.
+  assert not np.array_equal(conditional[1], unconditional[1])
+  x0 = prompting.clamp_state(jax.random.normal(rng, (N, L, V)), *PROMPT)
+  tau0 = jnp.zeros((N,))
+  mu_c = jax.nn.softmax(prompting.clamp_logits(toy_net(x0, tau0, tau0, prompt_mask=PROMPT_MASK), *PROMPT))
+  mu_u = jax.nn.softmax(prompting.clamp_logits(blind(x0, tau0), *PROMPT))
+  guided = prompting.network_probs(toy_net, x0, tau0, tau0, prompt=PROMPT, guidance=2.0)
+  np.testing.assert_allclose(guided, 2.0 * mu_c - mu_u, atol=1e-6)
+
+
+def _tiny_model(self_condition, prompt_flag=False):
+  cfg = model_lib.ModelConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
+                              time_features=8, self_condition=self_condition, prompt_flag=prompt_flag)
+  return model_lib.build(cfg)
+
+
+def test_self_conditioned_model_with_zero_estimate_is_the_plain_network():
+  init_sc, apply_sc = _tiny_model(True)
+  _, apply_plain = _tiny_model(False)
+  params = nn.meta.unbox(init_sc(jax.random.key(0), 1, L))
+  assert np.all(np.asarray(params["self_cond_embed"]["kernel"]) == 0)  # zero-initialised
+  # A trained projection (random here) must still vanish at μ̂ = 0: it is linear with no bias.
+  params = dict(params, self_cond_embed={"kernel": jax.random.normal(jax.random.key(1), (V, 16))})
+  plain_params = {k: v for k, v in params.items() if k != "self_cond_embed"}
+  x = jax.random.normal(jax.random.key(2), (N, L, V))
+  tau = jnp.linspace(0.1, 0.9, N)
+  plain = apply_plain(plain_params, x, tau, tau)
+  np.testing.assert_allclose(apply_sc(params, x, tau, tau), plain, atol=1e-6)
+  np.testing.assert_allclose(apply_sc(params, x, tau, tau, self_cond=jnp.zeros_like(x)), plain, atol=1e-6)
+  mu_hat = jax.nn.softmax(x, axis=-1)
+  assert np.max(np.abs(apply_sc(params, x, tau, tau, self_cond=mu_hat) - plain)) > 1e-2  # the path is live
+  with pytest.raises(ValueError, match="self_condition is False"):
+    apply_plain(plain_params, x, tau, tau, self_cond=mu_hat)
+  # Fed the embedded state h = xW, the network skips its first layer and nothing else changes.
+  h = x @ model_lib.embedding_matrix(params)
+  np.testing.assert_allclose(apply_sc(params, h, tau, tau, embedded=True), plain, atol=1e-5)
+  np.testing.assert_allclose(apply_sc(params, h, tau, tau, embedded=True, self_cond=mu_hat),
+                             apply_sc(params, x, tau, tau, self_cond=mu_hat), atol=1e-5)
+
+
+def test_v_space_features_refuse_the_embedding_state():
+  """Prompts, self-conditioning, guided and fixed-point distillation need model.state_space='vocab'."""
+  def config(**model):
+    c = configs.base_config()
+    c.model.update(model)
+    return c
+
+  prompted = config(state_space="embedding")
+  prompted.flow.prompt.max_len = 4
+  with pytest.raises(ValueError, match="flow.prompt.max_len > 0 need model.state_space='vocab'"):
+    prompting.validate_state_space(prompted, vocab_size=64)
+  auto_large_vocab = config(self_condition=True, d_model=16)  # auto: embedding since V = 64 > 16
+  with pytest.raises(ValueError, match="model.self_condition need model.state_space='vocab'"):
+    prompting.validate_state_space(auto_large_vocab, vocab_size=64)
+  fixed = config(state_space="embedding")
+  fixed.stage, fixed.distill.loss = "distill", "fixed_point"
+  with pytest.raises(ValueError, match="fixed_point"):
+    prompting.validate_state_space(fixed, vocab_size=64)
+  for ok in (config(state_space="vocab", self_condition=True), config(state_space="embedding")):
+    prompting.validate_state_space(ok, vocab_size=64)  # vocab with features, embedding without: fine
+  # The functions themselves refuse an embedded state space with conditioning, too.
+  space = state_space.StateSpace(lambda p, x, s, t, **kw: toy_net(x, s, t), V, embedded=True)
+  with pytest.raises(ValueError, match="state_space='vocab'"):
+    samplers.euler_sample(None, jax.random.key(0), N, L, V, SCHEDULE, 2, space=space.bind(None), prompt=PROMPT)
+  with pytest.raises(ValueError, match="state_space='vocab'"):
+    flow_map.flowmap_sample(None, jax.random.key(0), N, L, V, SCHEDULE, 2, space=space.bind(None), prompt=PROMPT)
+  with pytest.raises(ValueError, match="state_space='vocab'"):
+    losses.flow_matching_loss(None, PROMPT_TOKENS, jax.random.key(0), apply_fn=None, schedule=SCHEDULE,
+                              vocab_size=V, space=space, self_condition=True)
+
+
+def test_renoise_zero_is_the_deterministic_sampler_and_positive_renoise_is_not():
+  rng = jax.random.key(6)
+  tau_table = np.linspace(0.0, 1.0, 101)
+  schedule = schedules.Schedule("square", tau_table, tau_table**2)
+  tokens, psi = flow_map.flowmap_sample(toy_net, rng, N, L, V, schedule, steps=4, renoise=0.0)
+  # The deterministic k-step sampler, composed by hand (SPEC §3).
+  x = jax.random.normal(rng, (N, L, V))
+  taus = [jnp.full((N,), v, jnp.float32) for v in (0.0, 0.25, 0.5, 0.75, 1.0)]
+  for a, b in zip(taus[:-1], taus[1:]):
+    expected = jax.nn.softmax(toy_net(x, a, b), axis=-1)
+    x = flow_map.flow_map_update(x, expected, schedule.gamma(a), schedule.gamma(b))
+  # Equal up to float rounding (the sampler runs under lax.scan, the reference op by op).
+  np.testing.assert_allclose(psi, expected, atol=1e-6)
+  np.testing.assert_array_equal(tokens, jnp.argmax(expected, -1))
+  _, psi_noisy = flow_map.flowmap_sample(toy_net, rng, N, L, V, schedule, steps=4, renoise=0.5)
+  assert np.max(np.abs(psi_noisy - expected)) > 1e-2
+  with pytest.raises(ValueError, match="renoise"):
+    flow_map.flowmap_sample(toy_net, rng, N, L, V, schedule, steps=2, renoise=1.5)
+
+
+def test_renoising_preserves_the_marginal_of_the_interpolant():
+  """If x* ~ x_{t*} then renoise_to(x*) ~ x_t: checked on the mean and covariance of one token."""
+  clean = jax.nn.one_hot(jnp.zeros((20000,), jnp.int32), 3)
+  t_star, t = 0.8, 0.5
+  x_star = (1 - t_star) * jax.random.normal(jax.random.key(7), clean.shape) + t_star * clean
+  x_t = flow_map.renoise_to(jax.random.key(8), x_star, jnp.float32(t_star), jnp.float32(t))
+  np.testing.assert_allclose(np.mean(x_t, 0), t * np.asarray(clean[0]), atol=0.01)
+  np.testing.assert_allclose(np.cov(np.asarray(x_t).T), (1 - t) ** 2 * np.eye(3), atol=0.01)
+  np.testing.assert_array_equal(flow_map.renoise_target(jnp.float32(0.3), 0.0), np.float32(0.3))  # exact
+  np.testing.assert_allclose(flow_map.renoise_target(jnp.float32(0.3), 1.0), 1.0, rtol=1e-6)
+
+
+def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp_path, cache_dir):
+  config = tiny_config(**{"model.self_condition": True, "train.num_steps": 150, "train.checkpoint_every": 150,
+                          "train.log_every": 50, "optim.lr": 3e-3, "mesh.data": 1})
+  train.train(config, str(tmp_path / "sc"), devices=jax.devices()[:1])
+  from cfmjax import inference  # noqa: PLC0415
+  exp, params, _ = inference.load(str(tmp_path / "sc"))
+  assert np.max(np.abs(np.asarray(params["self_cond_embed"]["kernel"]))) > 0  # it learned to use μ̂
+  tokens = exp.data.eval_rows(16)
+  x = jax.random.normal(jax.random.key(9), tokens.shape + (exp.vocab_size,))
+  gamma = jnp.full((16,), 0.5)
+  x = (1 - gamma[:, None, None]) * x + gamma[:, None, None] * jax.nn.one_hot(tokens, exp.vocab_size)
+  tau = exp.schedule.tau(gamma)
+  denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
+  with jax.set_mesh(exp.mesh):
+    mu, residuals = jax.jit(lambda x: fixed_point.iterate(denoise, x, tau, 8))(x)
+  residuals = np.asarray(residuals)
+  print("fixed-point residual per iteration (mean L1):", " ".join(f"{r:.2e}" for r in residuals))
+  assert residuals[0] > 0.5  # the first estimate is far from μ_0 = 0 ...
+  assert residuals[-1] < 1e-4 and residuals[-1] < 1e-3 * residuals[1]  # ... then it converges
+  assert np.all(np.diff(residuals[1:]) <= 1e-7)
