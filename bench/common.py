@@ -42,13 +42,7 @@ def sized_config(args, vocab: int, seq_len: int | None = None, **overrides):
   c.model.mlp_dim, c.model.time_features, c.model.dtype = args.mlp, 64, args.dtype
   c.train.batch_size = args.batch
   c.mesh.data = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return configs.override(c, overrides)
 
 
 def has_module(name: str) -> bool:

@@ -68,14 +68,7 @@ class ARTransformer(nn.Module):
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     cond = jnp.broadcast_to(self.cond, (batch, cfg.d_model)).astype(dtype)
     rope = model_lib.rotary_tables(length, cfg.head_dim)
-    if cfg.scan_layers:
-      h, _ = self.blocks(h, cond, rope)
-    else:
-      for block in self.blocks:
-        h = block(h, cond, rope)
-    final_mod = nn.with_logical_constraint(self.final_adaln(nn.silu(cond)), ("batch", None))
-    shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
-    h = model_lib._layer_norm(h) * (1.0 + scale) + shift
+    h = model_lib.trunk(self.blocks, self.final_adaln, cfg.scan_layers, h, cond, rope)
     logits = self.head(h).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 

@@ -144,6 +144,17 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   return config
 
 
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys ({"model.d_model": 64, ...}) in place, as `--config.model.d_model=64` would."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def from_file(path: str, *args):
   """Calls `get_config(*args)` of the config file at `path` (so one config can build on another)."""
   import importlib.util  # noqa: PLC0415

@@ -181,6 +181,19 @@ def _remat(block_cls, policy: str, scanned: bool):
   return nn.remat(block_cls, policy=checkpoint_policy, prevent_cse=not scanned)
 
 
+def trunk(blocks, final_adaln, scanned: bool, h, cond, rope):
+  """The block stack and the final adaLN-modulated norm, shared by the flow and the AR model:
+  hidden states [B, L, D] -> the normalised input of the output head."""
+  if scanned:
+    h, _ = blocks(h, cond, rope)
+  else:
+    for block in blocks:
+      h = block(h, cond, rope)
+  final_mod = nn.with_logical_constraint(final_adaln(nn.silu(cond)), ("batch", None))
+  shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
+  return _layer_norm(h) * (1.0 + scale) + shift
+
+
 class FlowTransformer(nn.Module):
   """f_θ(x, τ_s, τ_t) → logits. See the module docstring."""
 
@@ -242,14 +255,7 @@ class FlowTransformer(nn.Module):
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     cond = self.conditioning(tau_s, tau_t).astype(dtype)
     rope = rotary_tables(x.shape[1], cfg.head_dim)
-    if cfg.scan_layers:
-      h, _ = self.blocks(h, cond, rope)
-    else:
-      for block in self.blocks:
-        h = block(h, cond, rope)
-    final_mod = nn.with_logical_constraint(self.final_adaln(nn.silu(cond)), ("batch", None))
-    shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
-    h = _layer_norm(h) * (1.0 + scale) + shift
+    h = trunk(self.blocks, self.final_adaln, cfg.scan_layers, h, cond, rope)
     if hidden:  # the head is applied by the caller, one vocabulary chunk at a time
       return nn.with_logical_constraint(h, ("batch", "length", "embed"))
     logits = self.head(h).astype(jnp.float32)

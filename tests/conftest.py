@@ -13,6 +13,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
+from cfmjax import configs  # noqa: E402
 from cfmjax.configs import base_config  # noqa: E402
 
 
@@ -40,13 +41,27 @@ def tiny_config(**overrides):
   c.sample.batch_size = 8
   c.eval.num_samples = 16
   c.eval.batch_size = 16
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return configs.override(c, overrides)
+
+
+def run_steps(config, devices=None, num_steps=3):
+  """Per-step losses and the final train state of a fresh run of `config` on `devices` (default: the
+  first device), reading the config's own data stream from its start."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from cfmjax import experiment, train  # noqa: PLC0415
+
+  exp = experiment.build(config, None, devices=devices or jax.devices()[:1])
+  state = experiment.init_state(exp, config.seed)
+  step = train.make_train_step(exp)
+  it = exp.data.train_iterator(config.train.batch_size, seed=0)
+  out = []
+  with jax.set_mesh(exp.mesh):
+    for _ in range(num_steps):
+      state, m = step(state, train.global_batch(exp, np.asarray(next(it))))
+      out.append(float(m["loss"]))
+  return np.array(out), state
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from cfmjax import distill, distill_losses, experiment, flow_map, losses, samplers, schedules, train
 from cfmjax import model as model_lib
 from cfmjax import state_space
-from tests.conftest import tiny_config
+from tests.conftest import run_steps, tiny_config
 
 VOCAB, LENGTH, BATCH = 40, 6, 4
 CFG = model_lib.ModelConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2, mlp_dim=32, time_features=8)
@@ -201,20 +201,7 @@ def test_noise_gradient_matches_the_vocab_path_in_expectation():
 
 @functools.lru_cache(maxsize=None)
 def _cached_trajectory(overrides):
-  return _trajectory(_config(**dict(overrides)))
-
-
-def _trajectory(config, num_steps=3):
-  exp = experiment.build(config, None, devices=jax.devices()[:1])
-  state = experiment.init_state(exp, config.seed)
-  step = train.make_train_step(exp)
-  it = exp.data.train_iterator(config.train.batch_size, seed=0)
-  out = []
-  with jax.set_mesh(exp.mesh):
-    for _ in range(num_steps):
-      state, m = step(state, train.global_batch(exp, np.asarray(next(it))))
-      out.append(float(m["loss"]))
-  return np.array(out), state
+  return run_steps(_config(**dict(overrides)))
 
 
 def _config(**overrides):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cfmjax import experiment, train
-from tests.conftest import tiny_config
+from tests.conftest import run_steps, tiny_config
 
 
 def _losses(workdir):
@@ -16,17 +16,9 @@ def _losses(workdir):
 
 
 def _run_steps(config, devices, num_steps=3):
-  """Per-step losses of a fresh run on `devices` with the mesh in `config`."""
-  exp = experiment.build(config, None, devices=devices)
-  state = experiment.init_state(exp, config.seed)
-  step = train.make_train_step(exp)
-  it = exp.data.train_iterator(config.train.batch_size, seed=0)
-  out = []
-  with jax.set_mesh(exp.mesh):
-    for _ in range(num_steps):
-      state, m = step(state, train.global_batch(exp, np.asarray(next(it))))
-      out.append(float(m["loss"]))
-  return np.array(out), jax.device_get(state["params"])
+  """Per-step losses of a fresh run on `devices` with the mesh in `config`, and its parameters."""
+  losses, state = run_steps(config, devices, num_steps)
+  return losses, jax.device_get(state["params"])
 
 
 def test_same_losses_on_one_device_and_on_8_device_meshes(cache_dir):
