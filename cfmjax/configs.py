@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.causal = False  # True: the autoregressive baseline (cfmjax/ar.py) instead of a flow
   c.model.self_condition = False  # feed the previous estimate μ̂ through a zero-init projection (SPEC §8)
   c.model.prompt_flag = False  # set at run time: True when flow.prompt.max_len > 0 (prompting.py)
+  # Skip parametrisation (SPEC §9, model.py): logits = f_θ + the context-free posterior's evidence
+  # term; the head starts at zero with its bias at the data's log unigram law.
+  c.model.skip = False
+  c.model.input_norm = False  # RMS-normalise the projected state per position (model.py)
+  c.model.conv_width = 0  # > 0 (odd): depthwise convolution over positions at the input (model.py)
 
   c.flow = ml_collections.ConfigDict()
   c.flow.schedule = "mixed"  # linear | argmax | mixed (SPEC §1)

@@ -15,6 +15,7 @@ import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -145,11 +146,31 @@ def state_layout(init_fn, optimizer, mesh, rules, seq_len: int):
   return abstract, shardings
 
 
+def log_unigram_prior(data: pipeline.Data, vocab_size: int, num_rows: int = 2048) -> np.ndarray:
+  """log π [V], float32: the data's unigram law (exact for the Markov source, else counted over the
+  first `num_rows` training rows with add-½ smoothing). The skip-parametrised head starts here."""
+  if data.markov is not None:
+    pi = data.markov.initial.reshape(-1, data.markov.vocab_size).sum(axis=0)
+    return np.log(np.maximum(pi, 1e-30)).astype(np.float32)
+  counts = np.full(vocab_size, 0.5)
+  batch = min(num_rows, 256)
+  it = data.train_iterator(batch, seed=0)
+  for _ in range(max(1, num_rows // batch)):
+    counts += np.bincount(np.asarray(next(it)).ravel(), minlength=vocab_size)[:vocab_size]
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
 def init_state(exp: Experiment, seed: int):
-  """A fresh train state, created directly in its sharded layout (no host copy of the weights)."""
+  """A fresh train state, created directly in its sharded layout (no host copy of the weights).
+
+  With model.skip the output head starts at zero and its bias at the data's log unigram law, so the
+  untrained denoiser is already the context-free posterior (SPEC §9)."""
+  prior = log_unigram_prior(exp.data, exp.vocab_size) if exp.model_config.skip else None
 
   def init(rng):
     params = nn.meta.unbox(exp.init_fn(rng, 1, exp.config.data.seq_len))
+    if prior is not None:
+      params = dict(params, head=dict(params["head"], bias=jnp.asarray(prior)))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params,
             "opt_state": exp.optimizer.init(params), "rng": jax.random.key_data(rng),
             "skipped_steps": jnp.zeros((), jnp.int32)}

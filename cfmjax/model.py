@@ -20,7 +20,9 @@ Entry points (SPEC §4, where the state may live in embedding space):
     apply_fn(params, h, τ_s, τ_t, embedded=True)   h = xW: [B, L, D] state, already projected
     apply_fn(..., hidden=True)                     the final normalised hidden state [B, L, D] instead
                                                    of logits, for losses fused with the head per
-                                                   vocabulary chunk (`state_space.vocab_stats`)
+                                                   vocabulary chunk (`state_space.vocab_stats`);
+                                                   with model.skip, (hidden, skip) where `skip`
+                                                   is `skip_terms`' (features, kernel)
     embedding_matrix(params) → W [V, D]            to embed V-dim states / probabilities (ψW)
     head_params(params) → (kernel [D, V], bias [V])
 
@@ -36,6 +38,8 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from cfmjax import schedules
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -64,6 +68,22 @@ class ModelConfig:
   # Prefix conditioning (SPEC §8): a learned vector is added at prompt positions, so the network
   # knows which positions hold a clean prompt (see prompting.py).
   prompt_flag: bool = False
+  # Skip parametrisation (SPEC §9): the logits include the exact context-free posterior's evidence
+  # term, so the network learns only the correction from context (the prior sits in the head bias).
+  # It needs γ from τ, hence the flow's schedule name.
+  skip: bool = False
+  schedule: str = "linear"
+  # RMS-normalise the projected state per position before it enters the residual stream. The
+  # state's norm moves by ~√V between noise and data (SPEC §9); unnormalised, the input either
+  # swamps or vanishes under the blocks' outputs depending on γ. The state the samplers carry is
+  # still h = xW (linear, SPEC §4): the norm is the network's first operation on it.
+  input_norm: bool = False
+  # Local mixing (0 = off): a depthwise convolution over positions of this (odd) width, added to the
+  # input of the block stack. It puts each position's neighbours into its own residual stream, so the
+  # first MLP can form conjunctions of neighbours (a trigram needs two at once) before attention has
+  # learned where to look; without it, a source whose single neighbours carry no signal gives the
+  # attention no gradient to start from.
+  conv_width: int = 0
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -84,7 +104,76 @@ def model_config_from(config) -> ModelConfig:
   """Builds a ModelConfig from the `model` section of an experiment config plus the data's vocab."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   kwargs = {k: v for k, v in config.model.items() if k in fields}
+  kwargs["schedule"] = config.flow.schedule  # the skip term is written in γ = g(τ)
   return ModelConfig(**kwargs)
+
+
+# γ is capped below 1 in the skip term: its coefficient γ/(1 − γ)² is 10⁶ at the cap, which float32
+# logits carry without trouble, and past it nothing a sampler or the bound visits is cut off.
+SKIP_GAMMA_MAX = 0.999
+
+
+def skip_coefficients(config: ModelConfig, tau):
+  """(γ/(1 − γ)², γ²/(2(1 − γ)²)) per row [B], float32: the evidence and leverage factors of §9."""
+  gamma = schedules.get_schedule(config.schedule, config.vocab_size).gamma(tau.astype(jnp.float32))
+  gamma = jnp.clip(gamma, 0.0, SKIP_GAMMA_MAX)
+  inv = 1.0 / jnp.square(1.0 - gamma)
+  return gamma * inv, 0.5 * jnp.square(gamma) * inv
+
+
+def skip_embedding_form(config: ModelConfig) -> bool:
+  """The skip term is computed from h = xW when V > D (the state may live in embedding space and
+  the V-vector is not recoverable from h), and from x itself otherwise; both entry points of the
+  model use the same form, so the V-space and embedded calls still agree exactly (SPEC §4)."""
+  return config.vocab_size > config.d_model
+
+
+def whitened_embedding(w):
+  """(C, leverage [V]) with C Cᵀ = WᵀW (float32 Cholesky, tiny jitter) and leverage_k = W_k Σ⁻¹ W_kᵀ:
+  what the embedding-space context-free posterior needs (SPEC §9). No gradient flows into W here:
+  the skip term is a fixed function of the current embedding, not something to optimise W through."""
+  w = jax.lax.stop_gradient(w).astype(jnp.float32)
+  d = w.shape[1]
+  gram = jnp.matmul(w.T, w, precision=jax.lax.Precision.HIGHEST)
+  gram = gram + 1e-6 * jnp.trace(gram) / d * jnp.eye(d, dtype=jnp.float32)
+  chol = jnp.linalg.cholesky(gram)
+  w_hat = jax.scipy.linalg.solve_triangular(chol, w.T, lower=True)  # C⁻¹Wᵀ = Ŵᵀ, [D, V]
+  return chol, jnp.sum(jnp.square(w_hat), axis=0)
+
+
+def skip_terms(config: ModelConfig, w, x, h, tau_s):
+  """The context-free evidence as (features [B, L, F], kernel [F, V]) with skip logits = features ·
+  kernel, in float32, or (x-term [B, L, V], None) in the V-space form (logits = c(γ) x directly).
+
+  Embedding form (SPEC §9): (γ Ŵ_k·ĥ − γ² ‖Ŵ_k‖²/2)/(1 − γ)² = c₁ (W Σ⁻¹ hᵀ)_k − c₂ leverage_k,
+  written as features [c₁ Σ⁻¹h, −c₂] against the kernel [Wᵀ; leverage], so that it fuses with the
+  output head per vocabulary chunk (state_space.vocab_stats).
+  """
+  c1, c2 = skip_coefficients(config, tau_s)
+  if not skip_embedding_form(config):
+    if x is None:  # h = xW with W of full row rank V ≤ D: x = h Wᵀ(WWᵀ)⁻¹ exactly
+      w32 = jax.lax.stop_gradient(w).astype(jnp.float32)
+      gram = jnp.matmul(w32, w32.T, precision=jax.lax.Precision.HIGHEST)
+      x = jnp.linalg.solve(gram, jnp.matmul(h.astype(jnp.float32), w32.T,
+                                             precision=jax.lax.Precision.HIGHEST).reshape(-1, w.shape[0]).T)
+      x = x.T.reshape(h.shape[:-1] + (w.shape[0],))
+    return c1[:, None, None] * x.astype(jnp.float32), None
+  chol, leverage = whitened_embedding(w)
+  h32 = h.astype(jnp.float32)
+  flat = h32.reshape(-1, h32.shape[-1]).T
+  u = jax.scipy.linalg.cho_solve((chol, True), flat).T.reshape(h32.shape)  # Σ⁻¹h per position
+  features = jnp.concatenate([c1[:, None, None] * u,
+                              jnp.broadcast_to(-c2[:, None, None], h32.shape[:-1] + (1,))], axis=-1)
+  kernel = jnp.concatenate([jax.lax.stop_gradient(w).astype(jnp.float32).T, leverage[None, :]], axis=0)
+  return features, kernel
+
+
+def add_skip(logits, skip):
+  """logits + the skip term of `skip_terms` (float32)."""
+  features, kernel = skip
+  if kernel is None:
+    return logits + features
+  return logits + jnp.matmul(features, kernel, precision=jax.lax.Precision.HIGHEST)
 
 
 def _dense(features, names, name, zero=False, use_bias=True, dtype=jnp.float32):
@@ -124,6 +213,29 @@ def _layer_norm(x, eps: float = 1e-6):
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _rms_normalise(x, eps: float = 1e-6):
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class LocalMix(nn.Module):
+  """Depthwise convolution over positions, zero-padded at the ends: out_l = Σ_j k_j ⊙ h_{l+j}."""
+
+  width: int
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    if self.width % 2 != 1:
+      raise ValueError(f"model.conv_width must be odd (centred on each position), got {self.width}")
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0 / self.width ** 0.5), (None, "embed")), (self.width, h.shape[-1]), jnp.float32)
+    r = self.width // 2
+    padded = jnp.pad(h, ((0, 0), (r, r), (0, 0)))
+    length = h.shape[1]
+    return sum(padded[:, j:j + length] * kernel[j].astype(self.dtype) for j in range(self.width))
 
 
 class Block(nn.Module):
@@ -210,6 +322,8 @@ class FlowTransformer(nn.Module):
     if cfg.prompt_flag:
       self.prompt_embed = self.param("prompt_embed", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("embed",)), (cfg.d_model,), jnp.float32)
+    if cfg.conv_width:
+      self.local_mix = LocalMix(cfg.conv_width, dtype)
     self.time_in = _dense(cfg.d_model, ("mlp", "embed"), "time_in", dtype=jnp.float32)
     self.time_out = _dense(cfg.d_model, ("embed", "mlp"), "time_out", dtype=jnp.float32)
     if cfg.scan_layers:
@@ -222,7 +336,9 @@ class FlowTransformer(nn.Module):
       block = _remat(Block, cfg.remat, scanned=False)
       self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
     self.final_adaln = _dense(2 * cfg.d_model, ("embed", "mlp"), "final_adaln", zero=True, dtype=dtype)
-    self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype=dtype)
+    # With the skip term the head starts at zero, so an untrained model is the context-free
+    # posterior once its bias holds the log unigram frequencies (experiment.init_state).
+    self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", zero=cfg.skip, dtype=dtype)
 
   def conditioning(self, tau_s, tau_t):
     """Both times → one conditioning vector [B, D]."""
@@ -239,6 +355,14 @@ class FlowTransformer(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     # embedded: x is already the projected state h = xW (SPEC §4), so the first layer is skipped.
     h = x.astype(dtype) if embedded else self.embed(x.astype(dtype))
+    skip = None
+    if cfg.skip:  # from the state as it came in, before any flags or self-conditioning are added
+      w = nn.meta.unbox(self.embed.variables["params"]["kernel"])
+      skip = skip_terms(cfg, w, None if embedded else x, h, tau_s)
+    if cfg.input_norm:
+      h = _rms_normalise(h)
+    if cfg.conv_width:
+      h = h + self.local_mix(h)
     if cfg.self_condition:
       # Applied with μ̂ = 0 when absent on a V-space call, so that init creates the parameters; the
       # projection has no bias, so skipping it for μ̂ = 0 on an embedded call changes nothing.
@@ -257,8 +381,11 @@ class FlowTransformer(nn.Module):
     rope = rotary_tables(x.shape[1], cfg.head_dim)
     h = trunk(self.blocks, self.final_adaln, cfg.scan_layers, h, cond, rope)
     if hidden:  # the head is applied by the caller, one vocabulary chunk at a time
-      return nn.with_logical_constraint(h, ("batch", "length", "embed"))
+      h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+      return h if skip is None else (h, skip)
     logits = self.head(h).astype(jnp.float32)
+    if skip is not None:
+      logits = add_skip(logits, skip)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 

@@ -176,7 +176,7 @@ def stats_from_logits(logits, tokens=None, teacher=None, embedding=None):
 
 
 def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=None, teacher=None,
-                embedding=None):
+                embedding=None, skip=None):
   """`stats_from_logits(hidden·kernel + bias, ...)` without ever holding the [..., V] logits.
 
   A `lax.scan` over vocabulary chunks of `chunk` columns: each step computes that chunk's logits
@@ -184,11 +184,17 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
   with an online log-sum-exp (running max m under stop_gradient, sums rescaled by e^(m − m')).
   The step is rematerialised in the backward pass, so reverse mode stores only the small carries,
   not the chunk logits. chunk ≤ 0 or ≥ V computes the full logits directly.
+
+  `skip`: the model's skip term (`model.skip_terms`), added to each chunk's logits in float32 (its
+  coefficients reach 10⁶, far beyond what a bfloat16 head matmul carries).
   """
   vocab = kernel.shape[1]
   if chunk <= 0 or chunk >= vocab:
     logits = (jnp.matmul(hidden.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)).astype(jnp.float32)
+    if skip is not None:
+      logits = model_lib.add_skip(logits, skip)
     return stats_from_logits(logits, tokens, teacher, embedding)
+  skip_features, skip_kernel = skip if skip is not None else (None, None)
   num_chunks = -(-vocab // chunk)
   pad = num_chunks * chunk - vocab
   if pad:  # zero columns, masked to −1e30 below; a copy of the head, not of anything [B, L, V]
@@ -196,6 +202,10 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
     bias = jnp.pad(bias, (0, pad))
     teacher = None if teacher is None else jnp.pad(teacher, [(0, 0)] * (teacher.ndim - 1) + [(0, pad)])
     embedding = None if embedding is None else jnp.pad(embedding, ((0, pad), (0, 0)))
+    if skip_kernel is not None:
+      skip_kernel = jnp.pad(skip_kernel, ((0, 0), (0, pad)))
+    elif skip_features is not None:  # the V-space form: the term itself, [..., V]
+      skip_features = jnp.pad(skip_features, [(0, 0)] * (skip_features.ndim - 1) + [(0, pad)])
   if teacher is not None:
     teacher = jax.lax.stop_gradient(teacher).astype(jnp.float32)
   h = hidden.astype(dtype)
@@ -207,6 +217,11 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
     k = jax.lax.dynamic_slice_in_dim(kernel, offset, chunk, axis=1).astype(dtype)
     b = jax.lax.dynamic_slice_in_dim(bias, offset, chunk, axis=0).astype(dtype)
     z = (jnp.matmul(h, k) + b).astype(jnp.float32)
+    if skip_kernel is not None:
+      z = z + jnp.matmul(skip_features, jax.lax.dynamic_slice_in_dim(skip_kernel, offset, chunk, axis=1),
+                         precision=HIGHEST)
+    elif skip_features is not None:
+      z = z + jax.lax.dynamic_slice_in_dim(skip_features, offset, chunk, axis=-1)
     column = offset + jnp.arange(chunk)
     z = jnp.where(column < vocab, z, _MASKED)
     m_chunk = jax.lax.stop_gradient(jnp.max(z, axis=-1))
@@ -346,9 +361,10 @@ class StateSpace:
     embedding = model_lib.embedding_matrix(params) if with_embedding else None
     if 0 < self.vocab_chunk < self.vocab_size:
       hidden = self._call(params, state, tau_s, tau_t, hidden=True, **conditioning)
+      hidden, skip = hidden if isinstance(hidden, tuple) else (hidden, None)  # model.skip (SPEC §9)
       kernel, bias = model_lib.head_params(params)
       return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
-                         tokens=tokens, teacher=teacher, embedding=embedding)
+                         tokens=tokens, teacher=teacher, embedding=embedding, skip=skip)
     return stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding)
 
   def readout(self, params, state, tau_s, tau_t):
