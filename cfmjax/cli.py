@@ -292,6 +292,8 @@ def cmd_eval():
     records.append(record)
     print(json.dumps(record))
   if not records:
+    if not _DENOISER_GAP.value:
+      print("--steps=0 and nothing else asked for (--denoiser_gap, --likelihood): nothing to do")
     return
   path = os.path.join(workdir, "eval", "results.json")
   all_records = evaluate.write_results(path, records)

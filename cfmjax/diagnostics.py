@@ -211,7 +211,7 @@ def denoiser_gap(exp, params, rows, num_bins: int = DEFAULT_BINS, seed: int = 0,
     raise ValueError("the denoiser gap applies to flows; this workdir holds an autoregressive model")
   bind, needs_x = _bound or model_ce_fn(exp)
   dp = sharding.data_parallel_size(exp.mesh, exp.rules)
-  batch_size = max(dp, batch_size // dp * dp)
+  batch_size = max(dp, min(batch_size, -(-len(rows) // dp) * dp) // dp * dp)
   posterior = oracles.MarkovPosterior.from_source(exp.data.markov) if exp.data.markov is not None else None
   record = gap_per_bin(bind(params), rows, exp.vocab_size, num_bins=num_bins, seed=seed,
                        lambda_range=lambda_range, batch_size=batch_size, posterior=posterior, needs_x=needs_x,
