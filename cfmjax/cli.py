@@ -73,6 +73,8 @@ _DENOISER_GAP = flags.DEFINE_bool(
 _DENOISER_GAP_BINS = flags.DEFINE_integer("denoiser_gap_bins", 12, "eval --denoiser_gap: number of λ bins.")
 _DENOISER_GAP_ROWS = flags.DEFINE_integer("denoiser_gap_rows", 256, "eval --denoiser_gap: held-out rows "
                                           "(each used in every bin).")
+_DENOISER_GAP_RANGE = flags.DEFINE_string("denoiser_gap_range", "-9,9", "eval --denoiser_gap: the λ range "
+                                           "lo,hi split into the bins (keep it fixed to compare runs).")
 _JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "
                              "(default: exact for the Markov source, none for text).")
 
@@ -265,8 +267,14 @@ def cmd_eval():
   if _DENOISER_GAP.value:
     if exp.model_config.causal:
       raise app.UsageError("--denoiser_gap measures a flow's denoiser; this workdir holds an autoregressive model")
+    try:
+      lambda_range = [float(v) for v in _DENOISER_GAP_RANGE.value.split(",")]
+    except ValueError:
+      lambda_range = []
+    if len(lambda_range) != 2 or not lambda_range[0] < lambda_range[1]:
+      raise app.UsageError(f"--denoiser_gap_range must be lo,hi with lo < hi, got {_DENOISER_GAP_RANGE.value!r}")
     gap = diagnostics.denoiser_gap(exp, params, exp.data.eval_rows(_DENOISER_GAP_ROWS.value),
-                                   num_bins=_DENOISER_GAP_BINS.value, seed=_SEED.value,
+                                   num_bins=_DENOISER_GAP_BINS.value, seed=_SEED.value, lambda_range=lambda_range,
                                    batch_size=_BATCH_SIZE.value or cfg.batch_size)
     gap["checkpoint_step"] = step
     gap_json = os.path.join(workdir, "eval", "denoiser_gap.json")

@@ -151,9 +151,12 @@ def gap_per_bin(model_ce, rows, vocab_size: int, *, num_bins: int = DEFAULT_BINS
     if tau_of_gamma is not None:
       entry["tau_mid"] = float(tau_of_gamma(np.float32(gamma_of_lambda(mid))))
     if posterior is not None:
-      entry["exact_ce"] = float(np.mean(np.concatenate(exact)))
+      exact = np.concatenate(exact)
+      entry["exact_ce"] = float(np.mean(exact))
       entry["context_free_ce"] = float(np.mean(np.concatenate(context_free)))
       entry["gap"] = entry["denoiser_ce"] - entry["exact_ce"]
+      # the paired difference (same rows, same states in V-space) has far less noise than either CE
+      entry["gap_stderr"] = float(np.std(model - exact, ddof=1) / math.sqrt(num_rows)) if num_rows > 1 else None
     bins.append(entry)
   record = {"lambda_range": [lo, hi], "num_bins": num_bins, "num_rows": num_rows,
             "seq_len": int(rows.shape[1]), "seed": seed, "vocab_size": vocab_size,
@@ -273,7 +276,8 @@ def training_diagnostics(exp):
 
 
 def plot_gap(record: dict, path: str, title: str | None = None) -> str:
-  """CE per λ bin: the model, and for a Markov source the exact and context-free posteriors; log V."""
+  """Left: CE per λ bin of the model and, for a Markov source, of the exact and context-free posteriors,
+  with log V. Right (Markov): the excess over the exact posterior (model − exact, context-free − exact)."""
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -281,21 +285,31 @@ def plot_gap(record: dict, path: str, title: str | None = None) -> str:
 
   bins = record["bins"]
   lam = [e["lambda_mid"] for e in bins]
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  markov = "exact_ce" in record
+  fig, axes = plt.subplots(1, 2 if markov else 1, figsize=(11.5 if markov else 6.5, 4.2), squeeze=False)
+  ax = axes[0][0]
   err = [e.get("denoiser_ce_stderr") or 0.0 for e in bins]
   ax.errorbar(lam, [e["denoiser_ce"] for e in bins], yerr=err, marker="o",
               label=f"model (mean {record['denoiser_ce']:.4f})")
-  if "exact_ce" in record:
+  if markov:
     ax.plot(lam, [e["exact_ce"] for e in bins], marker="s", label=f"exact posterior (mean {record['exact_ce']:.4f})")
     ax.plot(lam, [e["context_free_ce"] for e in bins], marker="^", linestyle="--",
             label=f"context-free posterior (mean {record['context_free_ce']:.4f})")
+    excess = axes[0][1]
+    excess.errorbar(lam, [e["gap"] for e in bins], yerr=[e.get("gap_stderr") or 0.0 for e in bins], marker="o",
+                    label=f"model − exact (mean {record['gap']:.4f})")
+    excess.plot(lam, [e["context_free_ce"] - e["exact_ce"] for e in bins], marker="^", linestyle="--", color="C2",
+                label=f"context-free − exact (mean {record['context_free_ce'] - record['exact_ce']:.4f})")
+    excess.axhline(0.0, color="grey", linewidth=0.8)
+    excess.set_ylabel("CE above the exact posterior (nats/token)")
   ax.axhline(record["log_vocab"], color="grey", linestyle=":", label=f"log V = {record['log_vocab']:.3f}")
-  ax.set_xlabel("λ = log SNR = 2 log(γ/(1 − γ))")
   ax.set_ylabel("held-out cross-entropy (nats/token)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
+  for a in axes[0]:
+    a.set_xlabel("λ = log SNR = 2 log(γ/(1 − γ))")
+    a.grid(True, alpha=0.3)
+    a.legend(fontsize=8)
   if title:
-    ax.set_title(title)
+    fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -305,7 +319,7 @@ def plot_gap(record: dict, path: str, title: str | None = None) -> str:
 def gap_table(record: dict) -> str:
   """A Markdown table of the per-bin CE."""
   cols = ["lambda_mid", "gamma_mid", "tau_mid", "denoiser_ce", "denoiser_ce_stderr", "exact_ce",
-          "context_free_ce", "gap"]
+          "context_free_ce", "gap", "gap_stderr"]
   cols = [c for c in cols if c in record["bins"][0]]
   fmt = lambda v: "-" if v is None else f"{v:.4f}"
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
