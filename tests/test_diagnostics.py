@@ -125,3 +125,16 @@ def test_training_diagnostics_and_eval_flags_end_to_end(tmp_path, cache_dir):
          "--exact_reference=false", "--seed=1")
   records = json.loads((workdir / "eval" / "results.json").read_text())
   assert sum(r["sampler"] == "euler_exact" for r in records) == 2  # only the earlier ones
+
+
+def test_training_diagnostics_of_the_autoregressive_baseline(tmp_path):
+  """The AR baseline logs its samples' exact gen NLL (no denoiser gap), so learning curves compare."""
+  from cfmjax import train  # noqa: PLC0415
+
+  config = tiny_config(**{"model.causal": True, "data.seq_len": 8, "train.num_steps": 2,
+                          "train.diagnostics_every": 2, "train.diagnostics_samples": 16})
+  train.train(config, str(tmp_path / "ar"))
+  logged = [json.loads(line) for line in (tmp_path / "ar" / "metrics.jsonl").read_text().splitlines()]
+  (diag,) = [r for r in logged if "gen_nll_per_token" in r]
+  assert diag["step"] == 2 and "denoiser_ce" not in diag
+  assert np.isfinite(diag["gen_nll_per_token"]) and diag["gen_nll_per_token"] > diag["data_nll_per_token"]
