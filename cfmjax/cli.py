@@ -11,6 +11,7 @@
   cfmjax eval   --workdir=W --judge=ar:W_AR   (W_AR: `cfmjax train --config=experiments/ar/...`)
   cfmjax sample --workdir=W --prompt="..." [--block_size=8 --num_blocks=4] [--guidance=1.5]
   cfmjax eval   --workdir=W --prompt_len=24 --guidance=2    (held-out prefixes; NLL of the rest)
+  cfmjax eval   --workdir=W --denoiser_gap --steps=0          (held-out CE per noise bin; no sampling)
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval.")
 _SAMPLER = flags.DEFINE_string("sampler", "euler", "Sampler: euler (base flow) | flowmap (k-step flow map) | "
                                "ar (autoregressive workdir; the default there).")
-_STEPS = flags.DEFINE_string("steps", None, "Network evaluations: one number, or a comma list for eval.")
+_STEPS = flags.DEFINE_string("steps", None, "Network evaluations: one number, or a comma list for eval; "
+                             "eval --steps=0 samples nothing (e.g. with --denoiser_gap or --likelihood alone).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Number of sequences to generate.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences generated per compiled call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -59,16 +61,32 @@ _NAMES = flags.DEFINE_string("names", None, "report: comma-separated model names
 _MESH = flags.DEFINE_string("mesh", None, "compile: mesh sizes data,fsdp,tensor, e.g. 4,8,2.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "compile: fake CPU devices (default: the mesh's size).")
 _STAGE = flags.DEFINE_enum("stage", None, ["base", "distill"], "compile: the step to compile (default: the config's).")
+_EXACT_REFERENCE = flags.DEFINE_bool(
+    "exact_reference", True, "eval, Markov source, --sampler=euler: also run the same Euler sampler (schedule, "
+    "grid, step counts, number of samples, seed) with the exact posterior (SPEC §9) in place of the network, "
+    "judged exactly, recorded as sampler euler_exact: what a perfect denoiser reaches. Costs O(V**(order+1)) "
+    "per position and step; --exact_reference=false skips it. Not run with --prompt_len or --guidance.")
+_DENOISER_GAP = flags.DEFINE_bool(
+    "denoiser_gap", False, "eval: write eval/denoiser_gap.json and .png: held-out cross-entropy of the "
+    "denoiser (EMA params) per bin of λ = log SNR in [-9, 9], and for a Markov source that of the exact and "
+    "the context-free posteriors (cfmjax/diagnostics.py). Add --steps=0 to skip sampling.")
+_DENOISER_GAP_BINS = flags.DEFINE_integer("denoiser_gap_bins", 12, "eval --denoiser_gap: number of λ bins.")
+_DENOISER_GAP_ROWS = flags.DEFINE_integer("denoiser_gap_rows", 256, "eval --denoiser_gap: held-out rows "
+                                          "(each used in every bin).")
+_DENOISER_GAP_RANGE = flags.DEFINE_string("denoiser_gap_range", "-9,9", "eval --denoiser_gap: the λ range "
+                                           "lo,hi split into the bins (keep it fixed to compare runs).")
 _JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "
                              "(default: exact for the Markov source, none for text).")
 
 
-def _steps_list(default) -> list[int]:
+def _steps_list(default, allow_none: bool = False) -> list[int]:
   raw = _STEPS.value if _STEPS.value is not None else str(default)
   try:
     steps = [int(s) for s in raw.split(",") if s.strip()]
   except ValueError:
     raise app.UsageError(f"--steps must be integers separated by commas, got {raw!r}") from None
+  if allow_none and steps == [0]:  # eval --steps=0: no sampling
+    return []
   if not steps or min(steps) < 1:
     raise app.UsageError(f"--steps must be positive, got {raw!r}")
   return steps
@@ -138,9 +156,11 @@ def _sampler_for(exp) -> str:
   return _SAMPLER.value
 
 
-def _steps_for(exp, sampler: str, default) -> list[int]:
+def _steps_for(exp, sampler: str, default, allow_none: bool = False) -> list[int]:
   # The AR sampler has no step count: it takes one network evaluation per position, recorded as steps.
-  return [exp.config.data.seq_len] if sampler == "ar" else _steps_list(default)
+  if sampler == "ar":
+    return [] if allow_none and (_STEPS.value or "").strip() == "0" else [exp.config.data.seq_len]
+  return _steps_list(default, allow_none)
 
 
 def _guidance_and_renoise(cfg):
@@ -213,7 +233,7 @@ def cmd_sample():
 
 
 def cmd_eval():
-  from cfmjax import ar, evaluate, inference, judges  # noqa: PLC0415
+  from cfmjax import ar, diagnostics, evaluate, inference, judges  # noqa: PLC0415
 
   workdir, exp, params, step = _load_for_inference()
   cfg = exp.config.eval
@@ -227,7 +247,9 @@ def cmd_eval():
     raise app.UsageError(f"--prompt_len must lie in [0, data.seq_len={exp.config.data.seq_len})")
   prompts = inference.prefix_prompts(held_out[:, :prompt_len].tolist(), held_out.shape[1]) if prompt_len else None
   records = []
-  for steps in _steps_for(exp, sampler, cfg.steps):
+  exact_reference = (_EXACT_REFERENCE.value and sampler == "euler" and exp.data.markov is not None
+                     and not prompt_len and guidance is None)
+  for steps in _steps_for(exp, sampler, cfg.steps, allow_none=True):
     tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
                                 _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"),
                                 prompts=prompts, guidance=guidance, renoise=renoise)
@@ -237,6 +259,32 @@ def cmd_eval():
     record.update(evaluate.score(exp.data, tokens, held_out, judge, prompt_len=prompt_len))
     records.append(record)
     print(json.dumps(record))
+    if exact_reference:  # the same sampler with the exact denoiser, beside the model's record
+      record = evaluate.exact_reference_record(exp, steps, num, _BATCH_SIZE.value or cfg.batch_size, _SEED.value,
+                                               held_out, progress=_progress_bar(f"euler_exact {steps} steps"))
+      records.append(record)
+      print(json.dumps(record))
+  if _DENOISER_GAP.value:
+    if exp.model_config.causal:
+      raise app.UsageError("--denoiser_gap measures a flow's denoiser; this workdir holds an autoregressive model")
+    try:
+      lambda_range = [float(v) for v in _DENOISER_GAP_RANGE.value.split(",")]
+    except ValueError:
+      lambda_range = []
+    if len(lambda_range) != 2 or not lambda_range[0] < lambda_range[1]:
+      raise app.UsageError(f"--denoiser_gap_range must be lo,hi with lo < hi, got {_DENOISER_GAP_RANGE.value!r}")
+    gap = diagnostics.denoiser_gap(exp, params, exp.data.eval_rows(_DENOISER_GAP_ROWS.value),
+                                   num_bins=_DENOISER_GAP_BINS.value, seed=_SEED.value, lambda_range=lambda_range,
+                                   batch_size=_BATCH_SIZE.value or cfg.batch_size)
+    gap["checkpoint_step"] = step
+    gap_json = os.path.join(workdir, "eval", "denoiser_gap.json")
+    os.makedirs(os.path.dirname(gap_json), exist_ok=True)
+    with open(gap_json, "w") as f:
+      json.dump(gap, f, indent=2)
+    gap_png = diagnostics.plot_gap(gap, os.path.join(workdir, "eval", "denoiser_gap.png"),
+                                   title=f"{os.path.basename(os.path.abspath(workdir))}, step {step}")
+    print(diagnostics.gap_table(gap))
+    print(f"denoiser gap: {gap_json}, {gap_png}")
   if exp.model_config.causal:  # the AR model's exact held-out NLL (it needs no bound: --likelihood is moot)
     rows = exp.data.eval_rows(_LIKELIHOOD_ROWS.value)
     record = ar.heldout_nll(exp, params, rows, _BATCH_SIZE.value or cfg.batch_size)
@@ -251,6 +299,10 @@ def cmd_eval():
     record["checkpoint_step"] = step
     records.append(record)
     print(json.dumps(record))
+  if not records:
+    if not _DENOISER_GAP.value:
+      print("--steps=0 and nothing else asked for (--denoiser_gap, --likelihood): nothing to do")
+    return
   path = os.path.join(workdir, "eval", "results.json")
   all_records = evaluate.write_results(path, records)
   from cfmjax import report  # noqa: PLC0415

@@ -103,6 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
   c.train.on_nonfinite = "stop"  # NaN/Inf loss or gradient: stop (naming step and group) | skip the update
+  # Periodic diagnostics of the EMA parameters (diagnostics.py), logged to metrics.jsonl / TensorBoard:
+  # denoiser_ce (held-out CE averaged over λ = log SNR bins in [-9, 9]) and, for a Markov source,
+  # exact_ce, context_free_ce, denoiser_gap and the exact gen_nll_per_token / gen_entropy of samples.
+  c.train.diagnostics_every = 0  # steps between diagnostics (and at the last step); 0 disables
+  c.train.diagnostics_rows = 128  # held-out rows for the denoiser gap (each used in every bin)
+  c.train.diagnostics_bins = 12  # λ bins of the denoiser gap
+  c.train.diagnostics_samples = 256  # Markov: samples judged exactly; 0 = no sampling
+  c.train.diagnostics_steps = 32  # their sampler's steps (Euler; flow map when distilling; AR: one per token)
 
   # Mesh sizes for (data, fsdp, tensor); one may be -1 (the rest of the devices).
   c.mesh = ml_collections.ConfigDict()

@@ -8,7 +8,9 @@ The judge field is the judge's short name (judges.py): exact, ar:<workdir name>,
 or none. Samples of an autoregressive model have sampler "ar" and steps = L (one network evaluation
 per position); its `cfmjax eval` also writes metric = "nll_per_token", value, ppl, num_tokens (the
 exact held-out NLL). A likelihood-bound record (`cfmjax eval --likelihood`) carries metric = "nll_bound_per_token", value,
-stderr, ppl_bound and num_tokens (SPEC §5).
+stderr, ppl_bound and num_tokens (SPEC §5). On the Markov source `cfmjax eval --sampler=euler` also writes,
+per step count, a record with sampler "euler_exact": the same Euler sampler (schedule, τ grid, number of
+samples, seed) with the exact posterior (SPEC §9) in place of the network, judged exactly (`exact_reference_record`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 import jax
 import numpy as np
 
-from cfmjax import judges, likelihood, sharding
+from cfmjax import diagnostics, judges, likelihood, oracles, sharding
+
+EXACT_SAMPLER = "euler_exact"  # the Euler sampler run with the exact Markov posterior (SPEC §9)
 
 
 def unigram_entropy(tokens) -> float:
@@ -81,6 +85,22 @@ def score(data, tokens, held_out, judge="default", prompt_len: int = 0) -> dict:
                   data_nll_per_token=data.markov.expected_nll_per_token(tokens.shape[1]))
     if prompt_len >= data.markov.order:  # a stationary chain given a full context: the entropy rate
       record["data_nll_per_token"] = data.markov.entropy_rate()
+  return record
+
+
+def exact_reference_record(exp, steps: int, num_samples: int, batch_size: int, seed: int, held_out,
+                           progress=None) -> dict:
+  """The "euler_exact" record: Euler at `steps` with the exact denoiser of the experiment's Markov source,
+  on the experiment's schedule, judged by the exact judge (whatever judge scores the model)."""
+  if exp.data.markov is None:
+    raise ValueError("the exact reference sampler needs the Markov source (data.source='markov')")
+  posterior = oracles.MarkovPosterior.from_source(exp.data.markov)
+  tokens = diagnostics.exact_euler_sample(posterior, exp.schedule, steps, num_samples, exp.config.data.seq_len,
+                                          batch_size, seed)
+  if progress is not None:
+    progress(num_samples, num_samples)
+  record = {"sampler": EXACT_SAMPLER, "steps": steps, "schedule": exp.schedule.name}
+  record.update(score(exp.data, tokens, held_out, judges.ExactMarkovJudge(exp.data.markov)))
   return record
 
 

@@ -5,6 +5,10 @@ Pure functions of records (see `evaluate.py` for their keys). A record is
   a held-out record when metric = "nll_per_token" (exact NLL of an autoregressive model: value, ppl),
   a bound record when metric = "nll_bound_per_token" (SPEC §5: value, stderr, ppl_bound, num_tokens).
 
+On the Markov source, generation records with sampler "euler_exact" are the Euler sampler run with the
+exact posterior (SPEC §9): tables list each right after the model's Euler record of the same step count
+(a column of its own beside the model's in comparisons), plots draw it dashed.
+
 `cfmjax eval` writes `eval/results.md` (`eval_table`) and `eval/results.png` (`plot_runs`, one run);
 `cfmjax report W1 W2 ...` writes `report.md` (`comparison_table`) and `report.png` (`plot_runs`).
 The x axis of the plots is network evaluations per sequence: the step count of a flow sampler. An
@@ -19,7 +23,8 @@ import os
 
 REPORT_STEPS = (1, 2, 4, 8, 128)  # the step counts a comparison always lists (SPEC §7)
 AR_SAMPLER = "ar"
-SAMPLER_NAMES = {"euler": "Euler", "flowmap": "flow map", AR_SAMPLER: "AR"}
+EXACT_SAMPLER = "euler_exact"  # evaluate.EXACT_SAMPLER (not imported: report.py stays free of JAX)
+SAMPLER_NAMES = {"euler": "Euler", "flowmap": "flow map", AR_SAMPLER: "AR", EXACT_SAMPLER: "Euler, exact denoiser"}
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -40,6 +45,23 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def generation_records(records: list[dict]) -> list[dict]:
   return [r for r in records if "metric" not in r and "sampler" in r and "steps" in r]
+
+
+def paired_with_exact(gen: list[dict]) -> list[dict]:
+  """Generation records in their order, each euler_exact record moved right after the model's Euler
+  record with the same step count (unmatched ones at the end)."""
+  exact = [r for r in gen if r["sampler"] == EXACT_SAMPLER]
+  out, used = [], set()
+  for r in gen:
+    if r["sampler"] == EXACT_SAMPLER:
+      continue
+    out.append(r)
+    if r["sampler"] == "euler":
+      match = next((i for i, e in enumerate(exact) if i not in used and e["steps"] == r["steps"]), None)
+      if match is not None:
+        used.add(match)
+        out.append(exact[match])
+  return out + [e for i, e in enumerate(exact) if i not in used]
 
 
 def metric_record(records: list[dict], metric: str) -> dict | None:
@@ -64,13 +86,19 @@ def load_records(path: str) -> list[dict]:
 
 def eval_table(records: list[dict]) -> str:
   """One run's results: a row per generation record, then the held-out likelihood figures."""
-  gen = generation_records(records)
+  gen = paired_with_exact(generation_records(records))
   cols = ["sampler", "steps", "prompt_len", "guidance", "renoise", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
           "data_entropy", "entropy_rate", "data_nll_per_token"]
   cols = [c for c in cols if any(c in r for r in gen)]
+  # gen NLL as a multiple of the floor data_nll_per_token (Markov: the targets of issue 12 are stated so)
+  ratio = lambda r: (r["gen_nll_per_token"] / r["data_nll_per_token"]
+                     if r.get("gen_nll_per_token") is not None and r.get("data_nll_per_token") else None)
+  with_ratio = any(ratio(r) is not None for r in gen)
   parts = []
   if gen:
-    parts.append(_markdown(cols, [[_fmt(r.get(c)) for c in cols] for r in gen]))
+    header = cols + (["gen_nll / floor"] if with_ratio else [])
+    parts.append(_markdown(header, [[_fmt(r.get(c)) for c in cols] + ([_fmt(ratio(r), 3)] if with_ratio else [])
+                                    for r in gen]))
   held_out = metric_record(records, "nll_per_token")
   bound = metric_record(records, "nll_bound_per_token")
   rows = []
@@ -176,6 +204,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
           continue
         if sampler == AR_SAMPLER:
           ax.axhline(points[-1][1], color=color, linestyle="--", label=label)
+        elif sampler == EXACT_SAMPLER:  # the ideal sampler: a dashed reference curve
+          ax.plot(*zip(*points), marker="s", linestyle="--", color=color, label=label)
         else:
           ax.plot(*zip(*points), marker="o", color=color, label=label)
   for value in sorted(data_entropies):

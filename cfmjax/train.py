@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cfmjax import ar, checkpointing, distill, experiment, handoff, losses, metrics as metrics_lib, preflight
+from cfmjax import ar, checkpointing, diagnostics, distill, experiment, handoff, losses, metrics as metrics_lib
+from cfmjax import preflight
 from cfmjax import flops as flops_lib, state_space
 from cfmjax import model as model_lib
 
@@ -274,6 +275,8 @@ def train(config, workdir: str, devices=None) -> dict:
   train_step = make_train_step(exp)
   eval_step = make_eval_step(exp)
   eval_rows = exp.data.eval_rows(cfg.eval_batch_size) if cfg.eval_every else None
+  diagnostics_every = cfg.get("diagnostics_every", 0)
+  diagnose = diagnostics.training_diagnostics(exp) if diagnostics_every else None
 
   # --- Loop ---------------------------------------------------------------------------------
   tokens_per_step = cfg.batch_size * exp.config.data.seq_len
@@ -316,6 +319,9 @@ def train(config, workdir: str, devices=None) -> dict:
       if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
         m = jax.device_get(eval_step(state["ema_params"], global_batch(exp, eval_rows), jax.random.key(0)))
         writer.write(step, {f"eval_{k}": v for k, v in m.items()})
+
+      if diagnose is not None and (step % diagnostics_every == 0 or is_last):
+        writer.write(step, diagnose(state["ema_params"]))
 
       if step % cfg.checkpoint_every == 0 or is_last or stop.signal_name:
         if stop_on_nonfinite:  # never save a state that a non-finite step has already spoiled

@@ -47,8 +47,11 @@ def test_train_sample_eval_on_markov(tmp_path, cache_dir):
   cfmjax("eval", f"--workdir={workdir}", "--sampler=euler", "--steps=8,2", "--num_samples=16",
          "--likelihood", "--likelihood_points=32", "--likelihood_rows=32", "--batch_size=16")
   records = json.loads((workdir / "eval" / "results.json").read_text())
-  results = [r for r in records if "sampler" in r]
+  results = [r for r in records if r.get("sampler") == "euler"]
   assert [r["steps"] for r in results] == [8, 2]
+  # Each model record is followed by the same sampler with the exact denoiser (--exact_reference, on by default).
+  assert [(r["sampler"], r["steps"]) for r in records if "sampler" in r] == [
+      ("euler", 8), ("euler_exact", 8), ("euler", 2), ("euler_exact", 2)]
   (bound,) = [r for r in records if r.get("metric") == "nll_bound_per_token"]
   assert bound["num_tokens"] == 32 * 16 and bound["stderr"] > 0
   assert bound["value"] > results[0]["data_nll_per_token"]  # a 4-step model is far from the data

@@ -78,7 +78,9 @@ def test_export_and_eval_through_the_command_line(base_workdir, tmp_path):
   info = json.loads((out / "export_info.json").read_text())
   assert info["dtype"] == "bfloat16" and info["step"] == 2 and info["source_workdir"] == str(base_workdir)
   run_cli("eval", f"--checkpoint={out}", "--steps=2", "--num_samples=16", "--batch_size=16")
-  (record,) = json.loads((out / "eval" / "results.json").read_text())  # results live next to the export
+  # results live next to the export; the exact-denoiser reference (Markov source) follows the model's record
+  record, exact = json.loads((out / "eval" / "results.json").read_text())
+  assert exact["sampler"] == "euler_exact" and exact["steps"] == 2
   assert record["steps"] == 2 and record["judge"] == "exact" and record["gen_ppl"] > 1
   assert (out / "eval" / "results.md").exists() and (out / "eval" / "results.png").exists()
 

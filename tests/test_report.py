@@ -83,3 +83,21 @@ def test_report_command_merges_workdirs(tmp_path, capsys):
   assert table.splitlines()[0] == "| model | base | psd |" and "| model | base | psd |" in capsys.readouterr().out
   assert _row(table, "gen PPL / entropy, 2 steps") == ["400 / 3.1", "88 / 4.01"]
   _png_size(out / "report.png")
+
+
+def test_exact_reference_rows_sit_next_to_the_models():
+  def markov(sampler, steps, nll):
+    return dict(gen(sampler, steps, math.exp(nll), 2.0, judge="exact"), data_nll_per_token=1.43, entropy_rate=1.40)
+
+  records = [markov("euler", 128, 2.37), markov("euler", 4, 2.9), markov("euler_exact", 128, 1.448),
+             markov("euler_exact", 4, 1.637)]
+  table = report.eval_table(records)
+  lines = [l for l in table.splitlines() if l.startswith("| euler")]
+  assert [l.split("|")[1:3] for l in lines] == [[" euler ", " 128 "], [" euler_exact ", " 128 "],
+                                               [" euler ", " 4 "], [" euler_exact ", " 4 "]]
+  assert "gen_nll / floor" in table and lines[1].rstrip().endswith("| 1.013 |")
+  comparison = report.comparison_table([("base", records)])
+  header = comparison.splitlines()[0]
+  assert "base [Euler]" in header and "base [Euler, exact denoiser]" in header
+  assert _row(comparison, "gen PPL / entropy, 128 steps") == [f"{report._fmt(math.exp(2.37))} / 2",
+                                                              f"{report._fmt(math.exp(1.448))} / 2"]
