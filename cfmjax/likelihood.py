@@ -1,4 +1,4 @@
-"""A variational bound on the NLL of held-out sequences (SPEC §5), for perplexity bounds.
+"""A variational bound on the NLL of held-out sequences (SPEC §5, §9), for perplexity bounds.
 
 With λ = log SNR = 2 log(γ/(1−γ)) (so γ = sigmoid(λ/2)), per sequence of L positions:
 
@@ -6,13 +6,32 @@ With λ = log SNR = 2 log(γ/(1−γ)) (so γ = sigmoid(λ/2)), per sequence of 
           + ½ ∫_{λ0}^{λ1} e^λ E_ε ‖x1 − μθ(x_γ(λ), γ(λ))‖² dλ     diffusion (Brier score, summed over L)
           − Σ_positions log μθ(x_{γ1}, γ1)[x1]                   reconstruction at γ1 = γ(λ1)
 
-The integral is estimated by stratified Monte Carlo in λ: `num_points` equal strata, one uniform
-point per stratum, one noise draw per point. e^λ ‖·‖² is heavy-tailed at high λ (rare noise draws
-that fool a confident denoiser), so many thin strata beat a few fat ones; the estimate's standard
-error is computed from the per-sequence estimates and must be reported with it.
+Any λ1 gives a valid bound; the reconstruction term covers the rest (SPEC §9).
+
+The integral. λ is drawn from a proposal q that is piecewise constant on bins (edges, masses), by
+stratifying its CDF: point k of N has u_k = (k + U)/N, λ_k = Q⁻¹(u_k), and contributes
+f(λ_k)/(N q(λ_k)) with f = ½ e^λ Brier; the sum is unbiased for ∫ f (E = ∫₀¹ f(Q⁻¹(u))/q(Q⁻¹(u)) du).
+One noise draw per point; every sequence draws its own points, so the per-sequence estimates are
+independent and the standard error comes from them (`summarize`). A single bin is the plain
+stratified uniform estimator (N equal strata, weight = the stratum width).
+
+Choosing λ1 and q (`select_endpoint`, `bound_with_selection`). e^λ Brier is heavy-tailed at high λ,
+and a denoiser that is poor near the clean end makes the integral explode there, so the endpoint and
+the proposal are fitted, on a *selection* split of held-out rows only, by a pilot pass:
+  - the pilot covers [λ0, max candidate] with `pilot_width`-wide strata, one uniform point per stratum
+    and row, and evaluates the reconstruction term at every candidate λ1 (which lie on the strata's
+    edges), so the bound at each candidate is prior + Σ strata below it + reconstruction there;
+  - λ1 is the candidate with the smallest mean bound on the selection rows;
+  - q on [λ0, λ1] is proportional, per pilot stratum, to the root mean square of f over the
+    selection rows (the variance-minimising density for an importance sampler of a random
+    integrand), mixed with the uniform density (weight `defensive`) so that q > 0 everywhere.
+The reported bound is then estimated on a disjoint *report* split at that fixed λ1 with that q: as λ1
+and q do not depend on the report rows, it is an unbiased estimate of a valid bound on them.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,46 +39,227 @@ import numpy as np
 
 from cfmjax import corruption, losses
 
+LAMBDA_MIN = -12.0  # λ0: the prior term there is L e^λ0 / 2 ≈ 3e-6 L nats
+CANDIDATES = tuple(float(c) for c in range(0, 13))  # λ1 candidates (log SNR 0 .. 12)
+PILOT_WIDTH = 0.25  # pilot strata width in λ (96 strata over [-12, 12])
+DEFENSIVE = 0.1  # weight of the uniform density in the proposal mixture
+
 
 def gamma_of_lambda(lam):
   return jax.nn.sigmoid(0.5 * lam)
 
 
-def sequence_bounds(denoise_fn, tokens, rng, vocab_size: int, num_points: int = 128,
-                    lambda_min: float = -12.0, lambda_max: float = 12.0, points_per_call: int = 16):
-  """One stratified-MC estimate of the bound for each sequence in `tokens` [B, L] (nats, [B]).
+def prior_term(length: int, lambda_min: float) -> float:
+  """L γ0²/(2(1−γ0)²) = L e^λ0 / 2 (γ0/(1−γ0) = e^(λ0/2))."""
+  return 0.5 * length * float(np.exp(lambda_min))
 
-  `denoise_fn(x, gamma) -> logits` is the denoiser μθ at flow time γ ([B, L, V] and [B]).
-  Returns (total [B], parts dict of [B] arrays: prior, diffusion, reconstruction).
+
+def uniform_proposal(lambda_min: float, lambda_max: float):
+  """(edges [2], masses [1]): the uniform density on [λ0, λ1]."""
+  return np.asarray([lambda_min, lambda_max], np.float64), np.ones(1, np.float64)
+
+
+def fitted_proposal(edges, scale, defensive: float = DEFENSIVE):
+  """(edges, masses) of the density ∝ `scale` per bin (a density, not a mass), mixed with uniform.
+
+  masses_j = (1 − α) scale_j w_j / Σ scale w + α w_j / Σ w, w_j the bin widths; all-zero `scale` gives
+  the uniform density.
   """
+  edges = np.asarray(edges, np.float64)
+  widths = np.diff(edges)
+  mass = np.maximum(np.asarray(scale, np.float64), 0.0) * widths
+  uniform = widths / widths.sum()
+  if not np.isfinite(mass).all() or mass.sum() <= 0:
+    return edges, uniform
+  return edges, (1.0 - defensive) * mass / mass.sum() + defensive * uniform
+
+
+def proposal_points(rng, batch: int, num_points: int, edges, masses):
+  """λ [B, N] drawn from the piecewise-constant proposal, stratified in its CDF (one point per 1/N
+  of probability, its own uniform offset per row), and the importance weights 1/(N q(λ)) [B, N]."""
+  edges = jnp.asarray(edges, jnp.float32)
+  masses = jnp.asarray(masses, jnp.float32)
+  masses = masses / jnp.sum(masses)
+  cdf = jnp.concatenate([jnp.zeros(1), jnp.cumsum(masses)])
+  u = (jnp.arange(num_points)[None, :] + jax.random.uniform(rng, (batch, num_points))) / num_points
+  j = jnp.clip(jnp.searchsorted(cdf, u, side="right") - 1, 0, len(masses) - 1)
+  widths = edges[1:] - edges[:-1]
+  frac = jnp.clip((u - cdf[j]) / jnp.maximum(masses[j], 1e-30), 0.0, 1.0)
+  lam = edges[j] + frac * widths[j]
+  weight = widths[j] / (num_points * masses[j])  # 1/(N q), q = mass / width on bin j
+  return lam, weight
+
+
+def point_terms(terms_fn, tokens, rng, lam, points_per_call: int):
+  """(Brier [B, N], CE [B, N]) of one noise draw of each row at each λ [B, N] (sums over positions).
+
+  `terms_fn(tokens [R, L], gamma [R], rng) -> (brier [R], ce [R])`; it is called with
+  R = B × `points_per_call` rows at a time inside a `lax.scan` (N is padded to a multiple).
+  """
+  batch, num_points = lam.shape
+  per_call = max(1, min(points_per_call, num_points))
+  num_calls = -(-num_points // per_call)
+  pad = num_calls * per_call - num_points
+  if pad:
+    lam = jnp.concatenate([lam, jnp.repeat(lam[:, -1:], pad, axis=1)], axis=1)
+  rows = jnp.repeat(tokens, per_call, axis=0)
+
+  def chunk(_, index):
+    lam_c = jax.lax.dynamic_slice_in_dim(lam, index * per_call, per_call, axis=1)
+    brier, ce = terms_fn(rows, gamma_of_lambda(lam_c).reshape(-1), jax.random.fold_in(rng, index))
+    return None, (brier.reshape(batch, per_call), ce.reshape(batch, per_call))
+
+  _, (brier, ce) = jax.lax.scan(chunk, None, jnp.arange(num_calls))
+  unstack = lambda a: jnp.moveaxis(a, 0, 1).reshape(batch, -1)[:, :num_points]
+  return unstack(brier), unstack(ce)
+
+
+def bound_terms(terms_fn, tokens, rng, *, num_points: int, lambda_min: float, lambda_max: float,
+                proposal=None, points_per_call: int = 16):
+  """One estimate of the bound per sequence, (total [B], parts dict of [B]: prior, diffusion,
+  reconstruction). `proposal` = (edges, masses) on [λ0, λ1]; None: uniform (plain stratified)."""
   batch, length = tokens.shape
-  width = (lambda_max - lambda_min) / num_points
-  rng_points, rng_recon = jax.random.split(rng)
+  edges, masses = proposal if proposal is not None else uniform_proposal(lambda_min, lambda_max)
+  rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
+  lam, weight = proposal_points(rng_lam, batch, num_points, edges, masses)
+  brier, _ = point_terms(terms_fn, tokens, rng_points, lam, points_per_call)
+  diffusion = jnp.sum(0.5 * jnp.exp(lam) * brier * weight, axis=1)
+  _, reconstruction = terms_fn(tokens, jnp.full((batch,), gamma_of_lambda(jnp.float32(lambda_max))), rng_recon)
+  prior = jnp.full((batch,), prior_term(length, lambda_min), jnp.float32)
+  return prior + diffusion + reconstruction, {"prior": prior, "diffusion": diffusion,
+                                               "reconstruction": reconstruction}
 
-  def diffusion_chunk(carry, chunk_index):
-    # `points_per_call` strata at a time, all sequences at once: [B * P] network calls per step.
-    rng_u, rng_eps = jax.random.split(jax.random.fold_in(rng_points, chunk_index))
-    k = chunk_index * points_per_call + jnp.arange(points_per_call)
-    u = jax.random.uniform(rng_u, (batch, points_per_call))
-    lam = lambda_min + (k[None, :] + u) * width  # [B, P]
-    gamma = gamma_of_lambda(lam).reshape(-1)
-    rows = jnp.repeat(tokens, points_per_call, axis=0)
-    x = corruption.noisy_state(rng_eps, rows, gamma, vocab_size)
-    probs = jax.nn.softmax(denoise_fn(x, gamma).astype(jnp.float32), axis=-1)
-    brier = jnp.sum(losses.brier_score(probs, rows), axis=-1).reshape(batch, points_per_call)
-    return carry + jnp.sum(0.5 * jnp.exp(lam) * brier * width, axis=1), None
 
-  if num_points % points_per_call:
-    raise ValueError(f"num_points={num_points} must be a multiple of points_per_call={points_per_call}")
-  diffusion, _ = jax.lax.scan(diffusion_chunk, jnp.zeros((batch,), jnp.float32),
-                              jnp.arange(num_points // points_per_call))
+def denoiser_terms(denoise_fn, vocab_size: int):
+  """The V-space `terms_fn` of a plain `denoise_fn(x, gamma) -> logits` (exact oracles, tests)."""
 
-  gamma0, gamma1 = gamma_of_lambda(lambda_min), gamma_of_lambda(lambda_max)
-  prior = jnp.full((batch,), length * gamma0**2 / (2.0 * (1.0 - gamma0) ** 2))
-  x1 = corruption.noisy_state(rng_recon, tokens, jnp.full((batch,), gamma1), vocab_size)
-  reconstruction = jnp.sum(losses.cross_entropy(denoise_fn(x1, jnp.full((batch,), gamma1)), tokens), axis=-1)
-  total = prior + diffusion + reconstruction
-  return total, {"prior": prior, "diffusion": diffusion, "reconstruction": reconstruction}
+  def terms(tokens, gamma, rng):
+    x = corruption.noisy_state(rng, tokens, gamma, vocab_size)
+    logits = denoise_fn(x, gamma).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return (jnp.sum(losses.brier_score(probs, tokens), axis=-1),
+            jnp.sum(losses.cross_entropy(logits, tokens), axis=-1))
+
+  return terms
+
+
+def sequence_bounds(denoise_fn, tokens, rng, vocab_size: int, num_points: int = 128,
+                    lambda_min: float = LAMBDA_MIN, lambda_max: float = 12.0, points_per_call: int = 16,
+                    proposal=None):
+  """`bound_terms` for a V-space `denoise_fn(x, gamma) -> logits` ([B, L, V] and [B])."""
+  return bound_terms(denoiser_terms(denoise_fn, vocab_size), tokens, rng, num_points=num_points,
+                     lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
+                     points_per_call=points_per_call)
+
+
+def pilot_edges(lambda_min: float, candidates: Sequence[float], width: float):
+  """The pilot strata edges on [λ0, max candidate] and each candidate's edge index (candidates must
+  lie on the grid λ0 + k·width)."""
+  top = max(candidates)
+  num = int(round((top - lambda_min) / width))
+  edges = lambda_min + width * np.arange(num + 1)
+  index = [int(round((c - lambda_min) / width)) for c in candidates]
+  for c, i in zip(candidates, index):
+    if i < 1 or abs(edges[i] - c) > 1e-6:
+      raise ValueError(f"λ1 candidate {c} is not above λ0={lambda_min} on the pilot grid of width {width}")
+  return edges, np.asarray(index)
+
+
+def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequence[float], width: float,
+                points_per_call: int = 16):
+  """(f [B, K] = ½ e^λ Brier at one uniform point in each pilot stratum, CE [B, C] at each candidate)."""
+  batch = tokens.shape[0]
+  edges, _ = pilot_edges(lambda_min, candidates, width)
+  rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
+  lam, _ = proposal_points(rng_lam, batch, len(edges) - 1, edges, np.diff(edges))
+  brier, _ = point_terms(terms_fn, tokens, rng_points, lam, points_per_call)
+  lam_c = jnp.broadcast_to(jnp.asarray(candidates, jnp.float32), (batch, len(candidates)))
+  _, ce = point_terms(terms_fn, tokens, rng_recon, lam_c, points_per_call)
+  return 0.5 * jnp.exp(lam) * brier, ce
+
+
+def _batched(fn, rows, batch_size: int, seed: int, progress=None, label_total=None):
+  """Runs `fn(tokens [batch_size, L], rng) -> tuple of [batch_size, ...]` over `rows`, padding the last
+  batch with copies of its first row; returns the outputs for the real rows, concatenated."""
+  rows = np.asarray(rows, np.int32)
+  outs = []
+  for c, start in enumerate(range(0, len(rows), batch_size)):
+    chunk = rows[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
+    out = fn(chunk, jax.random.fold_in(jax.random.key(seed), c))
+    outs.append(tuple(np.asarray(o, np.float64)[:n] for o in out))
+    if progress is not None:
+      progress(start + n, len(rows))
+  return tuple(np.concatenate(parts) for parts in zip(*outs))
+
+
+def select_endpoint(run_pilot: Callable, selection_rows, *, lambda_min: float = LAMBDA_MIN,
+                    candidates: Sequence[float] = CANDIDATES, width: float = PILOT_WIDTH,
+                    defensive: float = DEFENSIVE, batch_size: int = 64, seed: int = 0, progress=None) -> dict:
+  """λ1 and the proposal from the selection rows alone (see the module docstring).
+
+  `run_pilot(tokens [batch_size, L], rng)` returns `pilot_terms`' (f, CE). Only `selection_rows`
+  are given to it. Returns lambda_max, the candidates with their mean per-token bound and standard
+  error on the selection rows, and proposal = (edges, masses) on [λ0, λ1].
+  """
+  selection_rows = np.asarray(selection_rows)
+  n, length = selection_rows.shape
+  edges, index = pilot_edges(lambda_min, candidates, width)
+  f, ce = _batched(run_pilot, selection_rows, batch_size, seed, progress)
+  partial = np.concatenate([np.zeros((n, 1)), np.cumsum(f * np.diff(edges), axis=1)], axis=1)  # ∫ up to edge
+  per_row = prior_term(length, lambda_min) + partial[:, index] + ce  # [n, C]
+  values = per_row.mean(axis=0) / length
+  stderr = per_row.std(axis=0, ddof=1) / np.sqrt(n) / length if n > 1 else np.full(len(candidates), np.nan)
+  finite = np.where(np.isfinite(values), values, np.inf)
+  best = int(np.argmin(finite))
+  top = index[best]
+  rms = np.sqrt(np.mean(np.square(f[:, :top]), axis=0))
+  proposal = fitted_proposal(edges[:top + 1], rms, defensive)
+  return {"lambda_max": float(candidates[best]), "candidates": [float(c) for c in candidates],
+          "candidate_values": [float(v) for v in values], "candidate_stderr": [float(s) for s in stderr],
+          "proposal": proposal}
+
+
+def bound_with_selection(compile_fn: Callable, terms_fn: Callable, report_rows, selection_rows, *,
+                         num_points: int = 128, lambda_min: float = LAMBDA_MIN,
+                         candidates: Sequence[float] = CANDIDATES, width: float = PILOT_WIDTH,
+                         defensive: float = DEFENSIVE, points_per_call: int = 16, batch_size: int = 64,
+                         seed: int = 0, progress=None) -> dict:
+  """The §5 bound with λ1 and the λ proposal chosen on `selection_rows`, reported on `report_rows`.
+
+  `terms_fn(tokens, gamma, rng) -> (brier [R], ce [R])` (traceable); `compile_fn(f)` turns a traceable
+  `f(tokens, rng)` into a callable on numpy tokens [batch_size, L] (jax.jit, or a sharded jit). The
+  selection pass sees the selection rows only; the report pass uses the fixed λ1 and proposal.
+  Returns `summarize`'s record of the report rows plus the selection's record.
+  """
+  run_pilot = compile_fn(lambda t, r: pilot_terms(terms_fn, t, r, lambda_min=lambda_min, candidates=candidates,
+                                                  width=width, points_per_call=points_per_call))
+  selection = select_endpoint(run_pilot, selection_rows, lambda_min=lambda_min, candidates=candidates,
+                              width=width, defensive=defensive, batch_size=batch_size, seed=seed + 1,
+                              progress=None if progress is None else (lambda d, t: progress(d, t, "selection")))
+  proposal = selection.pop("proposal")
+  lambda_max = selection["lambda_max"]
+
+  def report_fn(tokens, rng):
+    total, parts = bound_terms(terms_fn, tokens, rng, num_points=num_points, lambda_min=lambda_min,
+                               lambda_max=lambda_max, proposal=proposal, points_per_call=points_per_call)
+    return total, parts["diffusion"], parts["reconstruction"]
+
+  total, diffusion, reconstruction = _batched(
+      compile_fn(report_fn), report_rows, batch_size, seed,
+      None if progress is None else (lambda d, t: progress(d, t, "report")))
+  length = np.asarray(report_rows).shape[1]
+  record = summarize(total, length)
+  record.update(lambda_min=lambda_min, lambda_max=lambda_max, num_points=num_points,
+                diffusion_per_token=float(diffusion.mean() / length),
+                reconstruction_per_token=float(reconstruction.mean() / length),
+                selection=dict(selection, num_rows=int(len(selection_rows)), pilot_width=width,
+                               defensive=defensive,
+                               proposal_edges=[float(e) for e in proposal[0]],
+                               proposal_masses=[float(m) for m in proposal[1]]))
+  return record
 
 
 def summarize(per_sequence_nll: np.ndarray, length: int) -> dict:
