@@ -50,8 +50,19 @@ _RENOISE = flags.DEFINE_float("renoise", None, "Flow-map sampler: CTM-style reno
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "eval: condition on the first N tokens of held-out "
                                    "rows and judge only the rest (exact judge: log p(rest | prefix)).")
 _LIKELIHOOD = flags.DEFINE_bool("likelihood", False, "eval: also bound the NLL of held-out rows (SPEC §5).")
-_LIKELIHOOD_POINTS = flags.DEFINE_integer("likelihood_points", 128, "eval: quadrature points in log-SNR.")
-_LIKELIHOOD_ROWS = flags.DEFINE_integer("likelihood_rows", 256, "eval: held-out rows for the bound.")
+_LIKELIHOOD_POINTS = flags.DEFINE_integer("likelihood_points", 128, "eval --likelihood: importance-sampled "
+                                          "log-SNR points per report row (one noise draw each).")
+_LIKELIHOOD_ROWS = flags.DEFINE_integer("likelihood_rows", 256, "eval --likelihood: held-out rows the bound is "
+                                        "reported on (eval_rows index range [0, N)).")
+_LIKELIHOOD_SELECTION_ROWS = flags.DEFINE_integer(
+    "likelihood_selection_rows", 64, "eval --likelihood: further held-out rows [N, N + this) on which the "
+    "endpoint λ1 and the λ proposal are chosen (never reported; SPEC §9).")
+_LIKELIHOOD_ENDPOINTS = flags.DEFINE_string(
+    "likelihood_endpoints", "0,1,2,3,4,5,6,7,8,9,10,11,12", "eval --likelihood: candidate clean-end log-SNR "
+    "endpoints λ1 (multiples of 0.25 above -12); the one with the lowest bound on the selection rows is used.")
+_SAMPLE_PRECISION = flags.DEFINE_enum("sample_precision", None, ["float32", "float64"],
+                                      "sample/eval: dtype of the Euler / flow-map sampler state and its affine "
+                                      "updates (the network keeps its own dtype); default: sample.precision.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "sample/eval: an exported directory (`cfmjax export`) or a workdir to load instead of "
     "--workdir; outputs go under --workdir when given, else under this directory.")
@@ -292,10 +303,17 @@ def cmd_eval():
     records.append(record)
     print(json.dumps(record))
   elif _LIKELIHOOD.value:
-    rows = exp.data.eval_rows(_LIKELIHOOD_ROWS.value)
-    record = evaluate.likelihood_bound(exp, params, rows, _LIKELIHOOD_POINTS.value,
+    try:
+      endpoints = [float(v) for v in _LIKELIHOOD_ENDPOINTS.value.split(",") if v.strip()]
+    except ValueError:
+      endpoints = []
+    if not endpoints:
+      raise app.UsageError(f"--likelihood_endpoints must be numbers separated by commas, got "
+                           f"{_LIKELIHOOD_ENDPOINTS.value!r}")
+    record = evaluate.likelihood_bound(exp, params, _LIKELIHOOD_ROWS.value, _LIKELIHOOD_POINTS.value,
                                        _BATCH_SIZE.value or cfg.batch_size, _SEED.value,
-                                       progress=_progress_bar("likelihood bound"))
+                                       progress=_progress_bar("likelihood bound"),
+                                       selection_rows=_LIKELIHOOD_SELECTION_ROWS.value, candidates=endpoints)
     record["checkpoint_step"] = step
     records.append(record)
     print(json.dumps(record))

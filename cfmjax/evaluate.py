@@ -8,7 +8,8 @@ The judge field is the judge's short name (judges.py): exact, ar:<workdir name>,
 or none. Samples of an autoregressive model have sampler "ar" and steps = L (one network evaluation
 per position); its `cfmjax eval` also writes metric = "nll_per_token", value, ppl, num_tokens (the
 exact held-out NLL). A likelihood-bound record (`cfmjax eval --likelihood`) carries metric = "nll_bound_per_token", value,
-stderr, ppl_bound and num_tokens (SPEC §5). On the Markov source `cfmjax eval --sampler=euler` also writes,
+stderr, ppl_bound and num_tokens (SPEC §5), the chosen endpoint lambda_max, the report_rows /
+selection_rows index ranges and the selection's candidates with their values (`likelihood_bound`). On the Markov source `cfmjax eval --sampler=euler` also writes,
 per step count, a record with sampler "euler_exact": the same Euler sampler (schedule, τ grid, number of
 samples, seed) with the exact posterior (SPEC §9) in place of the network, judged exactly (`exact_reference_record`).
 """
@@ -20,9 +21,10 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import diagnostics, judges, likelihood, oracles, sharding
+from cfmjax import diagnostics, judges, likelihood, oracles, sharding, state_space
 
 EXACT_SAMPLER = "euler_exact"  # the Euler sampler run with the exact Markov posterior (SPEC §9)
 
@@ -104,31 +106,65 @@ def exact_reference_record(exp, steps: int, num_samples: int, batch_size: int, s
   return record
 
 
-def likelihood_bound(exp, params, rows, num_points: int, batch_size: int, seed: int, progress=None) -> dict:
-  """The SPEC §5 bound on held-out `rows` [N, L] under the model's denoiser (EMA parameters)."""
+LIKELIHOOD_ELEMENTS_PER_CALL = 2**25  # rows × L × V per network call of the bound (logits and V-space x)
+
+
+def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size: int, seed: int, progress=None,
+                     *, selection_rows: int = 64, candidates=likelihood.CANDIDATES,
+                     lambda_min: float = likelihood.LAMBDA_MIN) -> dict:
+  """The SPEC §5 bound under the model's denoiser (EMA parameters), λ1 chosen on held-out rows that
+  are not reported (SPEC §9).
+
+  Rows: `exp.data.eval_rows(report_rows + selection_rows)` (the first rows of the validation stream
+  for Markov, of the single held-out split for text; a fixed prefix whatever N). The report split is
+  rows [0, report_rows) (the same rows a plain `eval_rows(report_rows)` gives), the selection split
+  rows [report_rows, report_rows + selection_rows); the record names both ranges. λ1 (among
+  `candidates`) and the λ proposal are fitted on the selection split only (`likelihood.bound_with_selection`).
+
+  The network is called through the experiment's state space (`state_space.from_config`): V-space
+  x_γ, or h_γ = x_γW for an embedding-space model, with the output reduced per vocabulary chunk when
+  model.vocab_chunk > 0. Rows per network call are capped so that rows × L × V stays under
+  LIKELIHOOD_ELEMENTS_PER_CALL (points per call shrink first, then the batch).
+  """
+  space = state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config)
+  length = exp.config.data.seq_len
   dp = sharding.data_parallel_size(exp.mesh, exp.rules)
+  per_row = length * exp.vocab_size
+  batch_size = max(1, min(batch_size, LIKELIHOOD_ELEMENTS_PER_CALL // per_row))
   batch_size = max(dp, batch_size // dp * dp)
-  num_rows = len(rows) // batch_size * batch_size
-  if num_rows == 0:
-    raise ValueError(f"need at least {batch_size} held-out rows for the likelihood bound, got {len(rows)}")
+  points_per_call = int(np.clip(LIKELIHOOD_ELEMENTS_PER_CALL // (batch_size * per_row), 1, 16))
+  if report_rows < 2 or selection_rows < 2:
+    raise ValueError(f"the likelihood bound needs at least 2 report and 2 selection rows, got "
+                     f"{report_rows} and {selection_rows}")
+  rows = exp.data.eval_rows(report_rows + selection_rows)
+  report, selection = rows[:report_rows], rows[report_rows:]
 
-  def bounds(params, tokens, rng):
-    denoise = lambda x, gamma: exp.apply_fn(params, x, exp.schedule.tau(gamma), exp.schedule.tau(gamma))
-    return likelihood.sequence_bounds(denoise, tokens, rng, exp.vocab_size, num_points=num_points,
-                                      points_per_call=min(16, num_points))[0]
+  def terms(params, tokens, gamma, rng):
+    tau = exp.schedule.tau(gamma)
+    state = space.noisy_state(params, rng, tokens, gamma)
+    stats = space.output_stats(params, state, tau, tau, tokens=tokens)
+    return (jnp.sum(state_space.brier_score(stats), axis=-1),
+            jnp.sum(state_space.cross_entropy(stats), axis=-1))
 
-  fn = jax.jit(bounds, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
-  per_sequence = []
-  with jax.set_mesh(exp.mesh):
-    for i in range(0, num_rows, batch_size):
-      chunk = np.asarray(rows[i:i + batch_size])
-      # Every process holds the same held-out rows; each device takes its slice of them.
-      tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
-      per_sequence.append(np.asarray(fn(params, tokens, jax.random.key(seed + i))))
-      if progress is not None:
-        progress(i + batch_size, num_rows)
-  record = likelihood.summarize(np.concatenate(per_sequence), rows.shape[1])
-  record["num_points"] = num_points
+  def compile_fn(fn):
+    jitted = jax.jit(fn, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
+
+    def call(params, chunk, rng):
+      with jax.set_mesh(exp.mesh):
+        # Every process holds the same held-out rows; each device takes its slice of them.
+        tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
+        return jax.device_get(jitted(params, tokens, rng))
+
+    return call
+
+  record = likelihood.bound_with_selection(compile_fn, terms, params, report, selection, num_points=num_points,
+                                           lambda_min=lambda_min, candidates=tuple(candidates),
+                                           points_per_call=points_per_call, batch_size=batch_size, seed=seed,
+                                           progress=progress)
+  record.update(report_rows=[0, int(report_rows)],
+                selection_rows=[int(report_rows), int(report_rows + selection_rows)],
+                rows_split="half-open index ranges into exp.data.eval_rows(report + selection rows)",
+                state_space="embedding" if space.embedded else "vocab")
   return record
 
 

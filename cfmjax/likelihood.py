@@ -31,6 +31,7 @@ and q do not depend on the report rows, it is an unbiased estimate of a valid bo
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -131,9 +132,10 @@ def bound_terms(terms_fn, tokens, rng, *, num_points: int, lambda_min: float, la
 
 
 def denoiser_terms(denoise_fn, vocab_size: int):
-  """The V-space `terms_fn` of a plain `denoise_fn(x, gamma) -> logits` (exact oracles, tests)."""
+  """The V-space `terms_fn(params, tokens, gamma, rng)` of a plain `denoise_fn(x, gamma) -> logits`
+  (exact oracles, tests; params is ignored)."""
 
-  def terms(tokens, gamma, rng):
+  def terms(_, tokens, gamma, rng):
     x = corruption.noisy_state(rng, tokens, gamma, vocab_size)
     logits = denoise_fn(x, gamma).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -147,7 +149,7 @@ def sequence_bounds(denoise_fn, tokens, rng, vocab_size: int, num_points: int = 
                     lambda_min: float = LAMBDA_MIN, lambda_max: float = 12.0, points_per_call: int = 16,
                     proposal=None):
   """`bound_terms` for a V-space `denoise_fn(x, gamma) -> logits` ([B, L, V] and [B])."""
-  return bound_terms(denoiser_terms(denoise_fn, vocab_size), tokens, rng, num_points=num_points,
+  return bound_terms(functools.partial(denoiser_terms(denoise_fn, vocab_size), None), tokens, rng, num_points=num_points,
                      lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
                      points_per_call=points_per_call)
 
@@ -178,9 +180,9 @@ def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequenc
   return 0.5 * jnp.exp(lam) * brier, ce
 
 
-def _batched(fn, rows, batch_size: int, seed: int, progress=None, label_total=None):
-  """Runs `fn(tokens [batch_size, L], rng) -> tuple of [batch_size, ...]` over `rows`, padding the last
-  batch with copies of its first row; returns the outputs for the real rows, concatenated."""
+def _batched(fn, params, rows, batch_size: int, seed: int, progress=None):
+  """Runs `fn(params, tokens [batch_size, L], rng) -> tuple of [batch_size, ...]` over `rows`, padding
+  the last batch with copies of its first row; returns the outputs for the real rows, concatenated."""
   rows = np.asarray(rows, np.int32)
   outs = []
   for c, start in enumerate(range(0, len(rows), batch_size)):
@@ -188,26 +190,26 @@ def _batched(fn, rows, batch_size: int, seed: int, progress=None, label_total=No
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
-    out = fn(chunk, jax.random.fold_in(jax.random.key(seed), c))
+    out = fn(params, chunk, jax.random.fold_in(jax.random.key(seed), c))
     outs.append(tuple(np.asarray(o, np.float64)[:n] for o in out))
     if progress is not None:
-      progress(start + n, len(rows))
+      progress(n)
   return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
-def select_endpoint(run_pilot: Callable, selection_rows, *, lambda_min: float = LAMBDA_MIN,
+def select_endpoint(run_pilot: Callable, params, selection_rows, *, lambda_min: float = LAMBDA_MIN,
                     candidates: Sequence[float] = CANDIDATES, width: float = PILOT_WIDTH,
                     defensive: float = DEFENSIVE, batch_size: int = 64, seed: int = 0, progress=None) -> dict:
   """λ1 and the proposal from the selection rows alone (see the module docstring).
 
-  `run_pilot(tokens [batch_size, L], rng)` returns `pilot_terms`' (f, CE). Only `selection_rows`
-  are given to it. Returns lambda_max, the candidates with their mean per-token bound and standard
+  `run_pilot(params, tokens [batch_size, L], rng)` returns `pilot_terms`' (f, CE). Only
+  `selection_rows` are given to it. Returns lambda_max, the candidates with their mean per-token bound and standard
   error on the selection rows, and proposal = (edges, masses) on [λ0, λ1].
   """
   selection_rows = np.asarray(selection_rows)
   n, length = selection_rows.shape
   edges, index = pilot_edges(lambda_min, candidates, width)
-  f, ce = _batched(run_pilot, selection_rows, batch_size, seed, progress)
+  f, ce = _batched(run_pilot, params, selection_rows, batch_size, seed, progress)
   partial = np.concatenate([np.zeros((n, 1)), np.cumsum(f * np.diff(edges), axis=1)], axis=1)  # ∫ up to edge
   per_row = prior_term(length, lambda_min) + partial[:, index] + ce  # [n, C]
   values = per_row.mean(axis=0) / length
@@ -222,34 +224,42 @@ def select_endpoint(run_pilot: Callable, selection_rows, *, lambda_min: float = 
           "proposal": proposal}
 
 
-def bound_with_selection(compile_fn: Callable, terms_fn: Callable, report_rows, selection_rows, *,
+def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, report_rows, selection_rows, *,
                          num_points: int = 128, lambda_min: float = LAMBDA_MIN,
                          candidates: Sequence[float] = CANDIDATES, width: float = PILOT_WIDTH,
                          defensive: float = DEFENSIVE, points_per_call: int = 16, batch_size: int = 64,
                          seed: int = 0, progress=None) -> dict:
   """The §5 bound with λ1 and the λ proposal chosen on `selection_rows`, reported on `report_rows`.
 
-  `terms_fn(tokens, gamma, rng) -> (brier [R], ce [R])` (traceable); `compile_fn(f)` turns a traceable
-  `f(tokens, rng)` into a callable on numpy tokens [batch_size, L] (jax.jit, or a sharded jit). The
-  selection pass sees the selection rows only; the report pass uses the fixed λ1 and proposal.
-  Returns `summarize`'s record of the report rows plus the selection's record.
+  `terms_fn(params, tokens, gamma, rng) -> (brier [R], ce [R])` (traceable); `compile_fn(f)` turns a
+  traceable `f(params, tokens, rng)` into a callable on (params, numpy tokens [batch_size, L], rng)
+  (jax.jit, or a sharded jit). The selection pass sees the selection rows only; the report pass uses
+  the fixed λ1 and proposal. `progress(done, total)` counts selection then report rows. Returns
+  `summarize`'s record of the report rows plus the selection's record.
   """
-  run_pilot = compile_fn(lambda t, r: pilot_terms(terms_fn, t, r, lambda_min=lambda_min, candidates=candidates,
-                                                  width=width, points_per_call=points_per_call))
-  selection = select_endpoint(run_pilot, selection_rows, lambda_min=lambda_min, candidates=candidates,
+  total_rows, done = len(selection_rows) + len(report_rows), [0]
+
+  def tick(n):
+    done[0] += n
+    if progress is not None:
+      progress(done[0], total_rows)
+
+  run_pilot = compile_fn(lambda p, t, r: pilot_terms(
+      functools.partial(terms_fn, p), t, r, lambda_min=lambda_min, candidates=candidates, width=width,
+      points_per_call=points_per_call))
+  selection = select_endpoint(run_pilot, params, selection_rows, lambda_min=lambda_min, candidates=candidates,
                               width=width, defensive=defensive, batch_size=batch_size, seed=seed + 1,
-                              progress=None if progress is None else (lambda d, t: progress(d, t, "selection")))
+                              progress=tick)
   proposal = selection.pop("proposal")
   lambda_max = selection["lambda_max"]
 
-  def report_fn(tokens, rng):
-    total, parts = bound_terms(terms_fn, tokens, rng, num_points=num_points, lambda_min=lambda_min,
-                               lambda_max=lambda_max, proposal=proposal, points_per_call=points_per_call)
+  def report_fn(p, tokens, rng):
+    total, parts = bound_terms(functools.partial(terms_fn, p), tokens, rng, num_points=num_points,
+                               lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
+                               points_per_call=points_per_call)
     return total, parts["diffusion"], parts["reconstruction"]
 
-  total, diffusion, reconstruction = _batched(
-      compile_fn(report_fn), report_rows, batch_size, seed,
-      None if progress is None else (lambda d, t: progress(d, t, "report")))
+  total, diffusion, reconstruction = _batched(compile_fn(report_fn), params, report_rows, batch_size, seed, tick)
   length = np.asarray(report_rows).shape[1]
   record = summarize(total, length)
   record.update(lambda_min=lambda_min, lambda_max=lambda_max, num_points=num_points,

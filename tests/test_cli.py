@@ -45,7 +45,8 @@ def test_train_sample_eval_on_markov(tmp_path, cache_dir):
   assert all(0 <= t < 12 for s in samples for t in s["tokens"])
 
   cfmjax("eval", f"--workdir={workdir}", "--sampler=euler", "--steps=8,2", "--num_samples=16",
-         "--likelihood", "--likelihood_points=32", "--likelihood_rows=32", "--batch_size=16")
+         "--likelihood", "--likelihood_points=32", "--likelihood_rows=32", "--likelihood_selection_rows=16",
+         "--likelihood_endpoints=2,4,6", "--batch_size=16")
   records = json.loads((workdir / "eval" / "results.json").read_text())
   results = [r for r in records if r.get("sampler") == "euler"]
   assert [r["steps"] for r in results] == [8, 2]
@@ -54,6 +55,9 @@ def test_train_sample_eval_on_markov(tmp_path, cache_dir):
       ("euler", 8), ("euler_exact", 8), ("euler", 2), ("euler_exact", 2)]
   (bound,) = [r for r in records if r.get("metric") == "nll_bound_per_token"]
   assert bound["num_tokens"] == 32 * 16 and bound["stderr"] > 0
+  # λ1 chosen on held-out rows [32, 48), reported on [0, 32) (SPEC §9)
+  assert bound["report_rows"] == [0, 32] and bound["selection_rows"] == [32, 48]
+  assert bound["lambda_max"] in (2.0, 4.0, 6.0) and bound["selection"]["candidates"] == [2.0, 4.0, 6.0]
   assert bound["value"] > results[0]["data_nll_per_token"]  # a 4-step model is far from the data
   if bound["value"] < 700:
     assert abs(bound["ppl_bound"] - math.exp(bound["value"])) < 1e-6 * bound["ppl_bound"]

@@ -47,7 +47,7 @@ def test_summary_reports_per_token_bound_and_stderr():
 
 def _compile(fn):
   jitted = jax.jit(fn)
-  return lambda tokens, rng: jitted(jnp.asarray(tokens), rng)
+  return lambda params, tokens, rng: jitted(params, jnp.asarray(tokens), rng)
 
 
 def _toy_rows(toy, num, seed):
@@ -64,7 +64,7 @@ def test_importance_sampled_bound_is_unbiased_and_selected_on_its_own_split():
   true_nll = toy.nll(report)
   exact = lambda x, gamma: toy.denoiser_logits(x, gamma)
   terms = likelihood.denoiser_terms(exact, toy.vocab_size)
-  record = likelihood.bound_with_selection(_compile, terms, report, selection, num_points=64, batch_size=256,
+  record = likelihood.bound_with_selection(_compile, terms, None, report, selection, num_points=64, batch_size=256,
                                            points_per_call=16, seed=3)
   length = report.shape[1]
   sel = record["selection"]
@@ -84,7 +84,7 @@ def test_importance_sampled_bound_is_unbiased_and_selected_on_its_own_split():
   assert abs(plain.mean() / length - record["value"]) < 4 * np.hypot(plain_se, record["stderr"]) + 1e-3
 
   flat = lambda x, gamma: 0.6 * jnp.maximum(toy.denoiser_logits(x, gamma), -30.0)
-  loose = likelihood.bound_with_selection(_compile, likelihood.denoiser_terms(flat, toy.vocab_size), report,
+  loose = likelihood.bound_with_selection(_compile, likelihood.denoiser_terms(flat, toy.vocab_size), None, report,
                                           selection, num_points=64, batch_size=256, seed=3)
   print(f"perturbed, λ1={loose['lambda_max']}: {loose['value']:.4f} +- {loose['stderr']:.4f}")
   assert loose["value"] - truth > 5 * loose["stderr"] and loose["value"] > 1.05 * truth
@@ -102,18 +102,18 @@ def test_endpoint_selection_never_reads_the_report_split():
     index = len(seen)
     seen.append([])
 
-    def call(tokens, rng):
+    def call(params, tokens, rng):
       seen[index].append(np.array(tokens))
-      return run(tokens, rng)
+      return run(params, tokens, rng)
     return call
 
   kw = dict(num_points=16, batch_size=32, seed=0)
-  clean = likelihood.bound_with_selection(spying_compile, terms, report, selection, **kw)
+  clean = likelihood.bound_with_selection(spying_compile, terms, None, report, selection, **kw)
   pilot_rows = np.concatenate(seen[0])
   assert {tuple(r) for r in pilot_rows} <= {tuple(r) for r in selection}
   poisoned = (report + 1) % toy.vocab_size  # mostly off the toy's support: a very different bound
   seen.clear()
-  other = likelihood.bound_with_selection(spying_compile, terms, poisoned, selection, **kw)
+  other = likelihood.bound_with_selection(spying_compile, terms, None, poisoned, selection, **kw)
   assert other["selection"] == clean["selection"]
   assert other["lambda_max"] == clean["lambda_max"]
   assert abs(other["value"] - clean["value"]) > 3 * (other["stderr"] + clean["stderr"])
