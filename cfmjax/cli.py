@@ -195,6 +195,11 @@ def _read_prompts(tokenizer) -> list[list[int]] | None:
   return [tokenizer.encode(t) for t in texts]
 
 
+def _sample_precision(sample_cfg) -> str:
+  """--sample_precision, else sample.precision (float32 for configs saved before the key existed)."""
+  return _SAMPLE_PRECISION.value or sample_cfg.get("precision", "float32")
+
+
 def cmd_sample():
   from cfmjax import inference  # noqa: PLC0415
 
@@ -211,7 +216,8 @@ def cmd_sample():
       raise app.UsageError("--block_size / --num_blocks continue a prompt: give --prompt or --prompts_file")
     num = _NUM_SAMPLES.value or cfg.num_samples
     tokens = inference.generate(exp, params, sampler, steps, num, batch_size, _SEED.value,
-                                progress=_progress_bar(label), guidance=guidance, renoise=renoise)
+                                progress=_progress_bar(label), guidance=guidance, renoise=renoise,
+                                precision=_sample_precision(cfg))
     rows = [dict(tokens=row.tolist()) for row in tokens]
   else:
     length = exp.config.data.seq_len
@@ -220,7 +226,8 @@ def cmd_sample():
     contexts = [c for c in contexts for _ in range(_NUM_SAMPLES.value or 1)]  # N continuations each
     continuations = inference.generate_blocks(exp, params, contexts, sampler, steps, block,
                                               _NUM_BLOCKS.value, batch_size, _SEED.value,
-                                              guidance=guidance, renoise=renoise)
+                                              guidance=guidance, renoise=renoise,
+                                              precision=_sample_precision(cfg))
     rows = [dict(prompt=c, tokens=c + g, continuation=g) for c, g in zip(contexts, continuations)]
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
@@ -254,6 +261,7 @@ def cmd_eval():
   sampler = _sampler_for(exp)
   guidance, renoise = _guidance_and_renoise(exp.config.sample)
   prompt_len = _PROMPT_LEN.value
+  precision = _sample_precision(exp.config.sample)
   if not 0 <= prompt_len < exp.config.data.seq_len:
     raise app.UsageError(f"--prompt_len must lie in [0, data.seq_len={exp.config.data.seq_len})")
   prompts = inference.prefix_prompts(held_out[:, :prompt_len].tolist(), held_out.shape[1]) if prompt_len else None
@@ -263,10 +271,12 @@ def cmd_eval():
   for steps in _steps_for(exp, sampler, cfg.steps, allow_none=True):
     tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
                                 _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"),
-                                prompts=prompts, guidance=guidance, renoise=renoise)
+                                prompts=prompts, guidance=guidance, renoise=renoise, precision=precision)
     record = {"sampler": sampler, "steps": steps, "checkpoint_step": step}
     if prompt_len or guidance is not None or renoise:
       record.update(prompt_len=prompt_len, guidance=guidance, renoise=renoise)
+    if precision != "float32" and sampler != "ar":
+      record["precision"] = precision
     record.update(evaluate.score(exp.data, tokens, held_out, judge, prompt_len=prompt_len))
     records.append(record)
     print(json.dumps(record))

@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
   # student (fixed_point.py) answers for the limit in one pass and is sampled with μ̂ = 0 (False).
   c.sample.self_condition = True
   c.sample.renoise = 0.0  # flow-map sampler: CTM-style renoising η in [0, 1]; 0 = deterministic
+  # Euler / flow-map sampler state and affine updates: "float32" | "float64" (the network keeps its
+  # own dtype; samplers.py). Overridden by `--sample_precision` on sample / eval.
+  c.sample.precision = "float32"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.steps = "128,16,4"

@@ -171,7 +171,7 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
 def write_results(path: str, new_records: list[dict]) -> list[dict]:
   """Merges records into `path`, replacing earlier ones with the same (sampler, steps, judge, metric)."""
   key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"), r.get("metric"), r.get("prompt_len"),
-                   r.get("guidance"), r.get("renoise"))
+                   r.get("guidance"), r.get("renoise"), r.get("precision"))
   records = []
   if os.path.exists(path):
     with open(path) as f:

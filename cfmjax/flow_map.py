@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption, prompting, state_space
+from cfmjax import corruption, prompting, samplers, state_space
 
 
 def broadcast_time(gamma, like):
@@ -71,7 +71,7 @@ def renoise_to(rng, x_star, gamma_star, gamma_t, noise=None):
 
 
 def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: int, schedule,
-                   steps: int, *, space=None, prompt=None, renoise: float = 0.0):
+                   steps: int, *, space=None, prompt=None, renoise: float = 0.0, precision: str = "float32"):
   """k-step flow-map sampler (SPEC §3). Returns (tokens [N, L] int32, last ψ [N, L, V]).
 
   `flowmap_fn(x, tau_s, tau_t) -> logits` takes model times; the grid is uniform in τ and the
@@ -86,7 +86,12 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
   CTM-style stochastic sampling: each step jumps past its end time t to t* (`renoise_target`) and
   adds fresh noise back down to t (drawn by `space.prior` when given: εW in embedding space); η = 0
   is the deterministic sampler, and the last step (t = 1) is always deterministic.
+
+  `precision` = "float64" keeps the state, the γ grid and the updates in float64 while the network
+  runs in its own dtype on the state rounded to float32 (traced under x64: `samplers.x64_scope`).
   """
+  wide = samplers.state_dtype(precision) == jnp.float64
+  net_scope = lambda: samplers.network_scope(precision)
   if steps < 1:
     raise ValueError(f"the flow-map sampler needs steps >= 1, got {steps}")
   if not 0.0 <= renoise <= 1.0:
@@ -96,23 +101,31 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
                      "(model.state_space='vocab')")
   draw_noise = None if space is None else space.prior  # None: renoise_to's own N(0, I) in the state's dtype
   space = space or state_space.logits_readout(flowmap_fn, vocab_size)
-  x0 = space.prior(rng, (num_samples, length))  # the same draw as without renoising
+  with net_scope():
+    x0 = space.prior(rng, (num_samples, length))  # the same draw as without renoising, at any precision
+  net_dtype = x0.dtype
   rng_renoise = jax.random.fold_in(rng, 0x5EED)
 
-  def readout(x, tau_s, tau_t):
+  def net_readout(x, tau_s, tau_t):
     if prompt is None:
       return space.readout(x, tau_s, tau_t)
     psi = prompting.network_probs(flowmap_fn, x, tau_s, tau_t, prompt=prompt)
     return psi, jnp.argmax(psi, axis=-1).astype(jnp.int32)
 
+  def readout(x, tau_s, tau_t):
+    if not wide:
+      return net_readout(x, tau_s, tau_t)
+    with net_scope():
+      return net_readout(x.astype(net_dtype), tau_s, tau_t)
+
   tau_probe = jnp.zeros((num_samples,), jnp.float32)
   out, tokens0 = jax.eval_shape(readout, x0, tau_probe, tau_probe)
-  dtype = jnp.promote_types(out.dtype, jnp.float32)
+  dtype = jnp.promote_types(out.dtype, jnp.float64 if wide else jnp.float32)
   x0 = x0.astype(dtype)
   if prompt is not None:
     x0 = prompting.clamp_state(x0, *prompt)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
-  gamma_grid = jnp.asarray(schedule.gamma(tau_grid)).astype(dtype)
+  gamma_grid = jnp.asarray(schedule.gamma(tau_grid.astype(dtype) if wide else tau_grid)).astype(dtype)
 
   def step(carry, i):
     x, _, _ = carry
@@ -130,7 +143,13 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
       x_next = x_star
     else:
       rng_step = jax.random.fold_in(rng_renoise, i)
-      noise = None if draw_noise is None else draw_noise(rng_step, (num_samples, length)).astype(dtype)
+      if wide:  # the float32 draw of the narrow sampler, widened
+        with net_scope():
+          noise = (draw_noise or (lambda r, shape: jax.random.normal(r, shape + (vocab_size,), jnp.float32)))(
+              rng_step, (num_samples, length))
+        noise = noise.astype(dtype)
+      else:
+        noise = None if draw_noise is None else draw_noise(rng_step, (num_samples, length)).astype(dtype)
       x_next = renoise_to(rng_step, x_star, gamma_star, gamma_t, noise=noise)
     if prompt is not None:
       x_next = prompting.clamp_state(x_next, *prompt)

@@ -52,12 +52,15 @@ def load(workdir: str, step: int | None = None):
 
 
 def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_size: int, *,
-                   conditional: bool = False, guidance: float | None = None, renoise: float = 0.0):
+                   conditional: bool = False, guidance: float | None = None, renoise: float = 0.0,
+                   precision: str = "float32"):
   """A jitted function (params, rng[, prompt_tokens, prompt_mask]) -> tokens [batch_size, L].
 
   `conditional`: the function also takes a prompt (tokens, mask [batch_size, L]) whose positions
   the sampler keeps fixed. `guidance` = ω (Euler only) and `renoise` = η (flow map only), SPEC §8.
   A self-conditioned model (model.self_condition) is sampled feeding back its last estimate.
+  `precision` = "float64" keeps the flow samplers' state in float64: call the result inside
+  `samplers.x64_scope("float64")` (as `generate` does).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -89,12 +92,12 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
     if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
       jump = lambda x, tau_s, tau_t, **kw: exp.apply_fn(params, x, tau_s, tau_t, **kw)
       tokens, _ = flow_map.flowmap_sample(jump, rng, batch_size, length, vocab, exp.schedule, steps,
-                                          space=bound, prompt=prompt, renoise=renoise)
+                                          space=bound, prompt=prompt, renoise=renoise, precision=precision)
     else:  # Euler steps of the base flow's denoiser, the diagonal s = t (SPEC §2)
       denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
       tokens, _ = samplers.euler_sample(denoise, rng, batch_size, length, vocab, exp.schedule, steps,
                                         space=bound, prompt=prompt, guidance=guidance,
-                                        self_condition=self_condition)
+                                        self_condition=self_condition, precision=precision)
     return tokens
 
   in_shardings = (exp.state_shardings["ema_params"], None)
@@ -110,16 +113,17 @@ def _padded_batch_size(exp, batch_size: int, num_samples: int) -> int:
 
 def generate(exp, params, sampler: str, steps: int, num_samples: int, batch_size: int, seed: int,
              progress=None, *, prompts=None, guidance: float | None = None,
-             renoise: float = 0.0) -> np.ndarray:
+             renoise: float = 0.0, precision: str = "float32") -> np.ndarray:
   """`num_samples` sequences as int32 [num_samples, L], generated `batch_size` at a time.
 
   `prompts`: None, or (tokens, mask) numpy arrays [num_samples, L] to condition on (SPEC §8).
+  `precision`: the flow samplers' state dtype (samplers.py); float64 runs under a scoped x64.
   """
   batch_size = _padded_batch_size(exp, batch_size, num_samples)
   fn = make_generator(exp, sampler, steps, batch_size, conditional=prompts is not None,
-                      guidance=guidance, renoise=renoise)
+                      guidance=guidance, renoise=renoise, precision=precision)
   out = []
-  with jax.set_mesh(exp.mesh):
+  with jax.set_mesh(exp.mesh), samplers.x64_scope(precision if sampler != "ar" else "float32"):
     for i in range(0, num_samples, batch_size):
       args = ()
       if prompts is not None:  # pad the last chunk by repeating its first row
@@ -148,7 +152,7 @@ def prefix_prompts(contexts: list[list[int]], length: int):
 
 def generate_blocks(exp, params, contexts: list[list[int]], sampler: str, steps: int, block_size: int,
                     num_blocks: int, batch_size: int, seed: int, *, guidance: float | None = None,
-                    renoise: float = 0.0, progress=None) -> list[list[int]]:
+                    renoise: float = 0.0, progress=None, precision: str = "float32") -> list[list[int]]:
   """Continues each context by `num_blocks` blocks of `block_size` tokens; returns the new tokens.
 
   Window: the model sees at most seq_len = L positions. Each block is generated from the last
@@ -167,7 +171,8 @@ def generate_blocks(exp, params, contexts: list[list[int]], sampler: str, steps:
   for k in range(num_blocks):
     window = [t[max(0, len(t) - (length - block_size)):] for t in texts]
     tokens = generate(exp, params, sampler, steps, len(texts), batch_size, seed + 7919 * k,
-                      prompts=prefix_prompts(window, length), guidance=guidance, renoise=renoise)
+                      prompts=prefix_prompts(window, length), guidance=guidance, renoise=renoise,
+                      precision=precision)
     for i, w in enumerate(window):
       block = tokens[i, len(w):len(w) + block_size].tolist()
       texts[i] += block
