@@ -58,8 +58,9 @@ _LIKELIHOOD_SELECTION_ROWS = flags.DEFINE_integer(
     "likelihood_selection_rows", 64, "eval --likelihood: further held-out rows [N, N + this) on which the "
     "endpoint λ1 and the λ proposal are chosen (never reported; SPEC §9).")
 _LIKELIHOOD_ENDPOINTS = flags.DEFINE_string(
-    "likelihood_endpoints", "0,1,2,3,4,5,6,7,8,9,10,11,12", "eval --likelihood: candidate clean-end log-SNR "
-    "endpoints λ1 (multiples of 0.25 above -12); the one with the lowest bound on the selection rows is used.")
+    "likelihood_endpoints", "-4,-3,-2,-1,0,1,2,3,4,5,6,7,8,9,10,11,12", "eval --likelihood: candidate clean-end "
+    "log-SNR endpoints λ1 (multiples of 0.25 above -12); the one with the lowest bound on the selection rows is "
+    "used (likelihood.py).")
 _SAMPLE_PRECISION = flags.DEFINE_enum("sample_precision", None, ["float32", "float64"],
                                       "sample/eval: dtype of the Euler / flow-map sampler state and its affine "
                                       "updates (the network keeps its own dtype); default: sample.precision.")

@@ -38,7 +38,7 @@ def test_train_sample_eval_on_markov(tmp_path, cache_dir):
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
   assert any("eval_loss" in r for r in records)
 
-  cfmjax("sample", f"--workdir={workdir}", "--steps=8", "--num_samples=5")
+  cfmjax("sample", f"--workdir={workdir}", "--steps=8", "--num_samples=5", "--sample_precision=float64")
   (sample_file,) = (workdir / "samples").glob("*.jsonl")
   samples = [json.loads(line) for line in sample_file.read_text().splitlines()]
   assert len(samples) == 5 and all(len(s["tokens"]) == 16 for s in samples)
