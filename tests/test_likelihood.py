@@ -132,3 +132,37 @@ def test_proposal_points_are_stratified_in_the_cdf_with_inverse_density_weights(
   assert np.allclose(np.asarray(weight), 6.0 / 8)
   strata = np.floor((np.asarray(lam) + 2.0) / 0.75).astype(int)
   assert (strata == np.arange(8)[None, :]).all()
+
+
+def test_network_bound_is_the_same_through_either_state_space():
+  """evaluate.likelihood_bound calls the network through the experiment's state space: with the
+  embedding state drawn by projecting the same V-space noise (embedded_noise="project"), with and
+  without a chunked head, it reproduces the V-space bound; the Cholesky draw agrees within its SE."""
+  from conftest import tiny_config
+
+  from cfmjax import evaluate, experiment
+
+  records = {}
+  params = None
+  for name, overrides in (("vocab", {"model.state_space": "vocab"}),
+                          ("project", {"model.state_space": "embedding", "model.embedded_noise": "project"}),
+                          ("chunked", {"model.state_space": "embedding", "model.embedded_noise": "project",
+                                       "model.vocab_chunk": 7}),
+                          ("cholesky", {"model.state_space": "embedding"})):
+    config = tiny_config(**{"data.seq_len": 8, "data.markov.vocab_size": 40, **overrides})  # V > D = 32
+    exp = experiment.build(config, None, devices=jax.devices()[:1])
+    params = params if params is not None else experiment.init_state(exp, 0)["ema_params"]
+    records[name] = evaluate.likelihood_bound(exp, params, 16, 16, batch_size=16, seed=0, selection_rows=8,
+                                              candidates=(-2.0, 1.0))
+    assert records[name]["report_rows"] == [0, 16] and records[name]["selection_rows"] == [16, 24]
+  assert records["vocab"]["state_space"] == "vocab" and records["project"]["state_space"] == "embedding"
+  ref = records["vocab"]
+  for name in ("project", "chunked"):
+    assert records[name]["lambda_max"] == ref["lambda_max"]
+    np.testing.assert_allclose(records[name]["value"], ref["value"], rtol=1e-4)
+    np.testing.assert_allclose(records[name]["selection"]["candidate_values"],
+                               ref["selection"]["candidate_values"], rtol=1e-4)
+  chol = records["cholesky"]
+  print({k: (r["value"], r["stderr"], r["lambda_max"]) for k, r in records.items()})
+  if chol["lambda_max"] == ref["lambda_max"]:
+    assert abs(chol["value"] - ref["value"]) < 4 * np.hypot(chol["stderr"], ref["stderr"])
