@@ -164,6 +164,7 @@ def _decode_block(p, x, cond, cache_k, cache_v, position, rope, config):
   w = lambda a: a.astype(dtype)
   mod = nn.silu(cond) @ w(p["adaln"]["kernel"]) + w(p["adaln"]["bias"])
   shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+  gate1, gate2 = gate1 + config.gate_init, gate2 + config.gate_init
   h = model_lib._layer_norm(x) * (1.0 + scale1) + shift1
   qkv = jnp.einsum("bld,dtnh->bltnh", h, w(p["qkv"]["kernel"]))
   cos, sin = rope

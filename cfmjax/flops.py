@@ -54,7 +54,7 @@ import platform
 STAGES = ("base", "distill", "ar")
 
 # Terms of one network forward, keyed by name; each is MACs for `rows` examples of `seq_len` positions.
-PER_POSITION_TERMS = ("input", "qkv", "attn_scores", "attn_values", "attn_out", "mlp", "head")
+PER_POSITION_TERMS = ("input", "qkv", "attn_scores", "attn_values", "attn_out", "mlp", "head", "skip")
 PER_EXAMPLE_TERMS = ("time_in", "time_out", "adaln", "final_adaln")
 
 
@@ -72,6 +72,7 @@ class Dims:
   causal: bool
   fused_attention: bool  # cuDNN: a causal mask skips the masked blocks
   remat: str
+  skip: bool = False  # model.skip: in embedding space a second head-sized product (SPEC §9)
 
 
 def _get(node, key, default):
@@ -101,7 +102,8 @@ def dims_from_config(config, *, seq_len: int | None = None, vocab: int | None = 
   return Dims(vocab=vocab, d_model=int(m.d_model), num_layers=int(m.num_layers), mlp_dim=int(m.mlp_dim),
               time_features=int(m.time_features), seq_len=seq_len,
               embedding_state=state_space == "embedding", causal=bool(_get(m, "causal", False)),
-              fused_attention=_get(m, "attention", "xla") == "cudnn", remat=_get(m, "remat", "none"))
+              fused_attention=_get(m, "attention", "xla") == "cudnn", remat=_get(m, "remat", "none"),
+              skip=bool(_get(m, "skip", False)) and not bool(_get(m, "causal", False)))
 
 
 def forward_macs(d: Dims, rows: int) -> dict[str, float]:
@@ -123,7 +125,15 @@ def forward_macs(d: Dims, rows: int) -> dict[str, float]:
       "mlp": N * positions * 2 * D * F,
       "final_adaln": float(n) * D * 2 * D,
       "head": positions * D * V,
+      # The skip term's embedding form (model.skip_terms): Σ⁻¹h by two triangular solves (D² per
+      # position) and the [D + 1] × V product fused with the head; the V-space form is elementwise.
+      "skip": positions * (D * D + (D + 1) * V) if (d.skip and vocab_form_is_embedding(d)) else 0.0,
   }
+
+
+def vocab_form_is_embedding(d: Dims) -> bool:
+  """Mirrors model.skip_embedding_form: the skip term is computed from h = xW when V > D."""
+  return d.vocab > d.d_model
 
 
 # How many times each term runs in forward + backward (see the module docstring).

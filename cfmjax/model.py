@@ -73,17 +73,12 @@ class ModelConfig:
   # It needs γ from τ, hence the flow's schedule name.
   skip: bool = False
   schedule: str = "linear"
-  # RMS-normalise the projected state per position before it enters the residual stream. The
-  # state's norm moves by ~√V between noise and data (SPEC §9); unnormalised, the input either
-  # swamps or vanishes under the blocks' outputs depending on γ. The state the samplers carry is
-  # still h = xW (linear, SPEC §4): the norm is the network's first operation on it.
-  input_norm: bool = False
-  # Local mixing (0 = off): a depthwise convolution over positions of this (odd) width, added to the
-  # input of the block stack. It puts each position's neighbours into its own residual stream, so the
-  # first MLP can form conjunctions of neighbours (a trigram needs two at once) before attention has
-  # learned where to look; without it, a source whose single neighbours carry no signal gives the
-  # attention no gradient to start from.
-  conv_width: int = 0
+  # The residual gates of each block are gate_init + (a zero-initialised function of time). DiT's
+  # adaLN-zero is gate_init = 0: every block starts switched off. Together with a zero-initialised
+  # head (model.skip) that is a saddle: the head gets no signal from the blocks and the gates none
+  # from the head, so whatever needs the blocks' nonlinear features (a source whose single
+  # neighbours say nothing) is never learned. gate_init > 0 starts the blocks on.
+  gate_init: float = 0.0
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -215,29 +210,6 @@ def _layer_norm(x, eps: float = 1e-6):
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _rms_normalise(x, eps: float = 1e-6):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-class LocalMix(nn.Module):
-  """Depthwise convolution over positions, zero-padded at the ends: out_l = Σ_j k_j ⊙ h_{l+j}."""
-
-  width: int
-  dtype: object = jnp.float32
-
-  @nn.compact
-  def __call__(self, h):
-    if self.width % 2 != 1:
-      raise ValueError(f"model.conv_width must be odd (centred on each position), got {self.width}")
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.normal(1.0 / self.width ** 0.5), (None, "embed")), (self.width, h.shape[-1]), jnp.float32)
-    r = self.width // 2
-    padded = jnp.pad(h, ((0, 0), (r, r), (0, 0)))
-    length = h.shape[1]
-    return sum(padded[:, j:j + length] * kernel[j].astype(self.dtype) for j in range(self.width))
-
-
 class Block(nn.Module):
   """Pre-LN transformer block with adaLN-zero: every residual branch starts switched off."""
 
@@ -252,6 +224,7 @@ class Block(nn.Module):
     # sharded feature axis forces the partitioner into a full rematerialisation.
     mod = nn.with_logical_constraint(mod, ("batch", None))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+    gate1, gate2 = gate1 + cfg.gate_init, gate2 + cfg.gate_init
 
     h = _layer_norm(x) * (1.0 + scale1) + shift1
     qkv = nn.DenseGeneral(
@@ -322,8 +295,6 @@ class FlowTransformer(nn.Module):
     if cfg.prompt_flag:
       self.prompt_embed = self.param("prompt_embed", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("embed",)), (cfg.d_model,), jnp.float32)
-    if cfg.conv_width:
-      self.local_mix = LocalMix(cfg.conv_width, dtype)
     self.time_in = _dense(cfg.d_model, ("mlp", "embed"), "time_in", dtype=jnp.float32)
     self.time_out = _dense(cfg.d_model, ("embed", "mlp"), "time_out", dtype=jnp.float32)
     if cfg.scan_layers:
@@ -359,10 +330,6 @@ class FlowTransformer(nn.Module):
     if cfg.skip:  # from the state as it came in, before any flags or self-conditioning are added
       w = nn.meta.unbox(self.embed.variables["params"]["kernel"])
       skip = skip_terms(cfg, w, None if embedded else x, h, tau_s)
-    if cfg.input_norm:
-      h = _rms_normalise(h)
-    if cfg.conv_width:
-      h = h + self.local_mix(h)
     if cfg.self_condition:
       # Applied with μ̂ = 0 when absent on a V-space call, so that init creates the parameters; the
       # projection has no bias, so skipping it for μ̂ = 0 on an embedded call changes nothing.

@@ -1,0 +1,92 @@
+"""The skip parametrisation (SPEC §9): an untrained skip model is the context-free posterior.
+
+References are independent of model.py: the V-space form from the Markov oracle, the embedding form
+from the Gaussian likelihood of h = xW given each token, evaluated with scipy in float64.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from cfmjax import model as model_lib
+from cfmjax import oracles, schedules, state_space
+from cfmjax.data.markov import MarkovSource
+
+
+def _untrained(vocab, d_model, log_prior):
+  cfg = model_lib.ModelConfig(vocab_size=vocab, d_model=d_model, num_layers=1, num_heads=2, mlp_dim=32,
+                              time_features=8, skip=True, schedule="mixed", gate_init=0.5)
+  init_fn, apply_fn = model_lib.build(cfg)
+  params = nn.meta.unbox(init_fn(jax.random.key(0), 1, 6))
+  # Zero network output: the head kernel starts at zero under model.skip; the bias is the prior.
+  assert not np.any(np.asarray(params["head"]["kernel"]))
+  params = dict(params, head=dict(params["head"], bias=jnp.asarray(log_prior, jnp.float32)))
+  return cfg, apply_fn, params
+
+
+def _noisy(rng, tokens, gamma, vocab):
+  g = gamma[:, None, None]
+  return ((1 - g) * rng.normal(size=tokens.shape + (vocab,)) + g * np.eye(vocab)[tokens]).astype(np.float32)
+
+
+def test_vocab_form_equals_the_context_free_posterior_of_the_markov_oracle():
+  markov = MarkovSource(12, 2, 0.3, seed=4)
+  post = oracles.MarkovPosterior.from_source(markov)
+  cfg, apply_fn, params = _untrained(12, 16, np.log(post.unigram()))
+  rng = np.random.default_rng(0)
+  tokens = markov.sample(rng, 4, 6)
+  tau = jnp.asarray([0.05, 0.3, 0.6, 0.9], jnp.float32)
+  gamma = np.asarray(schedules.get_schedule("mixed", 12).gamma(tau))
+  x = _noisy(rng, tokens, gamma, 12)
+  got = jax.nn.log_softmax(apply_fn(params, jnp.asarray(x), tau, tau))
+  want = jax.nn.log_softmax(post.context_free_logits(jnp.asarray(x), jnp.asarray(gamma)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+
+
+@pytest.mark.parametrize("vocab,d_model", [(40, 16), (24, 8)])
+def test_embedding_form_equals_the_gaussian_posterior_given_h(vocab, d_model):
+  rng = np.random.default_rng(1)
+  log_prior = np.log(rng.dirichlet(np.ones(vocab)))
+  cfg, apply_fn, params = _untrained(vocab, d_model, log_prior)
+  w = np.asarray(model_lib.embedding_matrix(params), np.float64)
+  tokens = rng.integers(0, vocab, (3, 6))
+  tau = jnp.asarray([0.2, 0.5, 0.8], jnp.float32)
+  gamma = np.asarray(schedules.get_schedule("mixed", vocab).gamma(tau), np.float64)
+  x = _noisy(rng, tokens, gamma, vocab).astype(np.float64)
+  h = x @ w
+  got = np.asarray(jax.nn.log_softmax(apply_fn(params, jnp.asarray(h, jnp.float32), tau, tau, embedded=True)))
+  sigma = w.T @ w
+  for b in range(3):
+    # h | k ~ N(γ W_k, (1 − γ)² WᵀW): the exact context-free posterior given only h.
+    cov = (1 - gamma[b]) ** 2 * sigma
+    loglik = np.stack([stats.multivariate_normal(gamma[b] * w[k], cov).logpdf(h[b]) for k in range(vocab)], -1)
+    want = log_prior + loglik
+    want = want - np.logaddexp.reduce(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.exp(got[b]), np.exp(want), atol=2e-4)
+  # The V-space call computes h = xW itself and must give the same logits (SPEC §4).
+  via_x = apply_fn(params, jnp.asarray(x, jnp.float32), tau, tau)
+  np.testing.assert_allclose(np.asarray(jax.nn.log_softmax(via_x)), got, atol=1e-3)
+
+
+@pytest.mark.parametrize("vocab,d_model", [(40, 16), (12, 16)])
+def test_chunked_statistics_carry_the_skip_term(vocab, d_model):
+  """vocab_stats over chunks (a padded last one included) equals the full logits' statistics."""
+  rng = np.random.default_rng(2)
+  cfg, apply_fn, params = _untrained(vocab, d_model, np.log(rng.dirichlet(np.ones(vocab))))
+  params = dict(params, head=dict(params["head"], kernel=jnp.asarray(rng.normal(size=(d_model, vocab)) * 0.1, jnp.float32)))
+  tokens = jnp.asarray(rng.integers(0, vocab, (2, 6)))
+  tau = jnp.asarray([0.3, 0.95], jnp.float32)
+  gamma = np.asarray(schedules.get_schedule("mixed", vocab).gamma(tau))
+  x = jnp.asarray(_noisy(rng, np.asarray(tokens), gamma, vocab))
+  embedded = vocab > d_model
+  state = x @ model_lib.embedding_matrix(params) if embedded else x
+  full = state_space.StateSpace(apply_fn, vocab, embedded=embedded)
+  chunked = state_space.StateSpace(apply_fn, vocab, embedded=embedded, vocab_chunk=7)
+  a = full.output_stats(params, state, tau, tau, tokens=tokens)
+  b = chunked.output_stats(params, state, tau, tau, tokens=tokens)
+  for key in ("lse", "target", "sum_sq"):
+    np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=1e-4, atol=1e-3)
+  np.testing.assert_array_equal(np.asarray(a["argmax"]), np.asarray(b["argmax"]))
