@@ -61,6 +61,10 @@ _LIKELIHOOD_ENDPOINTS = flags.DEFINE_string(
     "likelihood_endpoints", "-4,-3,-2,-1,0,1,2,3,4,5,6,7,8,9,10,11,12", "eval --likelihood: candidate clean-end "
     "log-SNR endpoints λ1 (multiples of 0.25 above -12); the one with the lowest bound on the selection rows is "
     "used (likelihood.py).")
+_LIKELIHOOD_SPACE = flags.DEFINE_enum(
+    "likelihood_space", "auto", ["auto", "vocab"], "eval --likelihood: which bound. auto: the ELBO of the "
+    "embedding diffusion (whitened Brier) when the state lives in embedding space with V > D, else the V-space "
+    "bound; vocab: always the V-space bound (SPEC §5; likelihood.py).")
 _SAMPLE_PRECISION = flags.DEFINE_enum("sample_precision", None, ["float32", "float64"],
                                       "sample/eval: dtype of the Euler / flow-map sampler state and its affine "
                                       "updates (the network keeps its own dtype); default: sample.precision.")
@@ -324,7 +328,8 @@ def cmd_eval():
     record = evaluate.likelihood_bound(exp, params, _LIKELIHOOD_ROWS.value, _LIKELIHOOD_POINTS.value,
                                        _BATCH_SIZE.value or cfg.batch_size, _SEED.value,
                                        progress=_progress_bar("likelihood bound"),
-                                       selection_rows=_LIKELIHOOD_SELECTION_ROWS.value, candidates=endpoints)
+                                       selection_rows=_LIKELIHOOD_SELECTION_ROWS.value, candidates=endpoints,
+                                       bound_space=_LIKELIHOOD_SPACE.value)
     record["checkpoint_step"] = step
     records.append(record)
     print(json.dumps(record))

@@ -9,7 +9,8 @@ or none. Samples of an autoregressive model have sampler "ar" and steps = L (one
 per position); its `cfmjax eval` also writes metric = "nll_per_token", value, ppl, num_tokens (the
 exact held-out NLL). A likelihood-bound record (`cfmjax eval --likelihood`) carries metric = "nll_bound_per_token", value,
 stderr, ppl_bound and num_tokens (SPEC §5), the chosen endpoint lambda_max, the report_rows /
-selection_rows index ranges and the selection's candidates with their values (`likelihood_bound`). On the Markov source `cfmjax eval --sampler=euler` also writes,
+selection_rows index ranges, the selection's candidates with their values and bound_space ("vocab" or
+"embedding": which bound, `likelihood_bound`). On the Markov source `cfmjax eval --sampler=euler` also writes,
 per step count, a record with sampler "euler_exact": the same Euler sampler (schedule, τ grid, number of
 samples, seed) with the exact posterior (SPEC §9) in place of the network, judged exactly (`exact_reference_record`).
 """
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfmjax import diagnostics, judges, likelihood, oracles, sharding, state_space
+from cfmjax import model as model_lib
 
 EXACT_SAMPLER = "euler_exact"  # the Euler sampler run with the exact Markov posterior (SPEC §9)
 
@@ -111,7 +113,7 @@ LIKELIHOOD_ELEMENTS_PER_CALL = 2**25  # rows × L × V per network call of the b
 
 def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size: int, seed: int, progress=None,
                      *, selection_rows: int = 64, candidates=likelihood.CANDIDATES,
-                     lambda_min: float = likelihood.LAMBDA_MIN) -> dict:
+                     lambda_min: float = likelihood.LAMBDA_MIN, bound_space: str = "auto") -> dict:
   """The SPEC §5 bound under the model's denoiser (EMA parameters), λ1 chosen on held-out rows that
   are not reported (SPEC §9).
 
@@ -125,8 +127,19 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
   x_γ, or h_γ = x_γW for an embedding-space model, with the output reduced per vocabulary chunk when
   model.vocab_chunk > 0. Rows per network call are capped so that rows × L × V stays under
   LIKELIHOOD_ELEMENTS_PER_CALL (points per call shrink first, then the batch).
+
+  `bound_space` (recorded as the record's bound_space): "vocab" is the V-space bound (Brier ‖e_x1 − μ‖²);
+  "embedding" the ELBO of the diffusion of h itself (whitened Brier ‖C⁻¹(W_x1 − μW)ᵀ‖², prior from the
+  tokens' leverages; likelihood.py), the tight one when the network sees only h = xW with V > D;
+  "auto" picks "embedding" exactly then (embedding state and V > D), "vocab" otherwise.
   """
   space = state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config)
+  if bound_space not in ("auto", "vocab", "embedding"):
+    raise ValueError(f"unknown likelihood bound space {bound_space!r}; choose auto, vocab or embedding")
+  if bound_space == "auto":
+    bound_space = "embedding" if space.embedded and exp.vocab_size > exp.config.model.d_model else "vocab"
+  if bound_space == "embedding" and not space.embedded:
+    raise ValueError("the embedding-space bound needs an embedding-space model (model.state_space)")
   length = exp.config.data.seq_len
   dp = sharding.data_parallel_size(exp.mesh, exp.rules)
   per_row = length * exp.vocab_size
@@ -146,6 +159,19 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
     return (jnp.sum(state_space.brier_score(stats), axis=-1),
             jnp.sum(state_space.cross_entropy(stats), axis=-1))
 
+  def embedding_terms(params, tokens, gamma, rng):  # the whitened Brier of the h-diffusion's clean point
+    tau = exp.schedule.tau(gamma)
+    state = space.noisy_state(params, rng, tokens, gamma)
+    stats = space.output_stats(params, state, tau, tau, tokens=tokens, with_embedding=True)
+    w = model_lib.embedding_matrix(params).astype(jnp.float32)
+    chol, _ = model_lib.whitened_embedding(w)
+    brier = likelihood.whitened_brier(chol, jnp.take(w, tokens, axis=0), stats["mean_embedding"])
+    return jnp.sum(brier, axis=-1), jnp.sum(state_space.cross_entropy(stats), axis=-1)
+
+  def embedding_prior(params, tokens):
+    _, leverage = model_lib.whitened_embedding(model_lib.embedding_matrix(params))
+    return likelihood.embedding_prior_norms(leverage, tokens)
+
   def compile_fn(fn):
     jitted = jax.jit(fn, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
 
@@ -157,21 +183,23 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
 
     return call
 
-  record = likelihood.bound_with_selection(compile_fn, terms, params, report, selection, num_points=num_points,
+  embedded_bound = bound_space == "embedding"
+  record = likelihood.bound_with_selection(compile_fn, embedding_terms if embedded_bound else terms, params, report,
+                                           selection, num_points=num_points,
                                            lambda_min=lambda_min, candidates=tuple(candidates),
                                            points_per_call=points_per_call, batch_size=batch_size, seed=seed,
-                                           progress=progress)
+                                           progress=progress, prior_fn=embedding_prior if embedded_bound else None)
   record.update(report_rows=[0, int(report_rows)],
                 selection_rows=[int(report_rows), int(report_rows + selection_rows)],
                 rows_split="half-open index ranges into exp.data.eval_rows(report + selection rows)",
-                state_space="embedding" if space.embedded else "vocab")
+                state_space="embedding" if space.embedded else "vocab", bound_space=bound_space)
   return record
 
 
 def write_results(path: str, new_records: list[dict]) -> list[dict]:
   """Merges records into `path`, replacing earlier ones with the same (sampler, steps, judge, metric)."""
   key = lambda r: (r.get("sampler"), r.get("steps"), r.get("judge"), r.get("metric"), r.get("prompt_len"),
-                   r.get("guidance"), r.get("renoise"), r.get("precision"))
+                   r.get("guidance"), r.get("renoise"), r.get("precision"), r.get("bound_space"))
   records = []
   if os.path.exists(path):
     with open(path) as f:

@@ -8,6 +8,21 @@ With λ = log SNR = 2 log(γ/(1−γ)) (so γ = sigmoid(λ/2)), per sequence of 
 
 Any λ1 gives a valid bound; the reconstruction term covers the rest (SPEC §9).
 
+Embedding space (`embedded_denoiser_terms`, `whitened_brier`). When the network only sees h = xW
+(W: V × D, V > D), the V-space diffusion term above is not tight even for the best denoiser given h:
+h loses information about x, and e^λ times the irreducible Brier error diverges. The bound then is the
+ELBO of the diffusion of h itself. With Σ = WᵀW = CCᵀ (`model.whitened_embedding`, the factor the
+noise is drawn with) and Ŵ = WC⁻ᵀ, the whitened state ĥ = C⁻¹h = γ Ŵ_{x1} + (1−γ) ξ, ξ ~ N(0, I_D),
+is an ordinary Gaussian diffusion of the point Ŵ_{x1}, so (sums over positions)
+
+  NLL(x1) ≤ γ0² ‖Ŵ_{x1}‖²/(2(1−γ0)²)                               prior (leverage of x1, ≤ 1 each)
+          + ½ ∫_{λ0}^{λ1} e^λ E ‖(e_{x1} − μθ)Ŵ‖² dλ                 diffusion, whitened Brier
+          − log μθ(h_{γ1}, γ1)[x1]                                   reconstruction
+
+with ‖(e_{x1} − μ)Ŵ‖² = ‖C⁻¹(W_{x1} − μW)ᵀ‖² (μW: the softmax-weighted embedding). It is tight in
+expectation when μθ is the exact posterior given h, and with D = V, W invertible (ŴŴᵀ = I) it is the
+V-space bound. The V-space bound is the case Ŵ = I: prior L e^λ0/2, Brier ‖e_{x1} − μ‖².
+
 The integral. λ is drawn from a proposal q that is piecewise constant on bins (edges, masses), by
 stratifying its CDF: point k of N has u_k = (k + U)/N, λ_k = Q⁻¹(u_k), and contributes
 f(λ_k)/(N q(λ_k)) with f = ½ e^λ Brier; the sum is unbiased for ∫ f (E = ∫₀¹ f(Q⁻¹(u))/q(Q⁻¹(u)) du).
@@ -38,7 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import corruption, losses
+from cfmjax import corruption, losses, state_space
+from cfmjax import model as model_lib
 
 LAMBDA_MIN = -12.0  # λ0: the prior term there is L e^λ0 / 2 ≈ 3e-6 L nats
 # λ1 candidates (log SNR -4 .. 12): a model that is poor near the clean end does best stopping early.
@@ -54,6 +70,23 @@ def gamma_of_lambda(lam):
 def prior_term(length: int, lambda_min: float) -> float:
   """L γ0²/(2(1−γ0)²) = L e^λ0 / 2 (γ0/(1−γ0) = e^(λ0/2))."""
   return 0.5 * length * float(np.exp(lambda_min))
+
+
+def whitened_brier(chol, target_embedding, mean_embedding):
+  """‖C⁻¹(W_{x1} − μW)ᵀ‖² per position [...]: the Brier score of the whitened clean point (float32).
+
+  `chol` [D, D] lower-triangular, CCᵀ = WᵀW; target_embedding = W[x1], mean_embedding = μW, [..., D].
+  """
+  diff = (target_embedding.astype(jnp.float32) - mean_embedding.astype(jnp.float32))
+  d = diff.shape[-1]
+  white = jax.scipy.linalg.solve_triangular(chol.astype(jnp.float32), diff.reshape(-1, d).T, lower=True)
+  return jnp.sum(jnp.square(white), axis=0).reshape(diff.shape[:-1])
+
+
+def embedding_prior_norms(leverage, tokens):
+  """Σ_positions ‖Ŵ_{x1}‖² [B] (leverage [V] from `model.whitened_embedding`): the prior term is
+  e^λ0/2 times this (L for the one-hot points of V-space)."""
+  return jnp.sum(jnp.take(leverage.astype(jnp.float32), tokens, axis=0), axis=-1)
 
 
 def uniform_proposal(lambda_min: float, lambda_max: float):
@@ -116,10 +149,20 @@ def point_terms(terms_fn, tokens, rng, lam, points_per_call: int):
   return unstack(brier), unstack(ce)
 
 
+def _prior(prior_fn, tokens, lambda_min: float):
+  """The prior term per row [B]: e^λ0/2 × `prior_fn(tokens)` (Σ ‖clean point‖²; None: L, V-space)."""
+  batch, length = tokens.shape
+  if prior_fn is None:
+    return jnp.full((batch,), prior_term(length, lambda_min), jnp.float32)
+  return 0.5 * float(np.exp(lambda_min)) * prior_fn(tokens).astype(jnp.float32)
+
+
 def bound_terms(terms_fn, tokens, rng, *, num_points: int, lambda_min: float, lambda_max: float,
-                proposal=None, points_per_call: int = 16):
+                proposal=None, points_per_call: int = 16, prior_fn=None):
   """One estimate of the bound per sequence, (total [B], parts dict of [B]: prior, diffusion,
-  reconstruction). `proposal` = (edges, masses) on [λ0, λ1]; None: uniform (plain stratified)."""
+  reconstruction). `proposal` = (edges, masses) on [λ0, λ1]; None: uniform (plain stratified).
+  `prior_fn(tokens) -> [B]`: Σ_positions ‖clean point‖² (embedding space: the leverages of the tokens,
+  `embedding_prior_norms`); None: L (V-space)."""
   batch, length = tokens.shape
   edges, masses = proposal if proposal is not None else uniform_proposal(lambda_min, lambda_max)
   rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
@@ -127,7 +170,7 @@ def bound_terms(terms_fn, tokens, rng, *, num_points: int, lambda_min: float, la
   brier, _ = point_terms(terms_fn, tokens, rng_points, lam, points_per_call)
   diffusion = jnp.sum(0.5 * jnp.exp(lam) * brier * weight, axis=1)
   _, reconstruction = terms_fn(tokens, jnp.full((batch,), gamma_of_lambda(jnp.float32(lambda_max))), rng_recon)
-  prior = jnp.full((batch,), prior_term(length, lambda_min), jnp.float32)
+  prior = _prior(prior_fn, tokens, lambda_min)
   return prior + diffusion + reconstruction, {"prior": prior, "diffusion": diffusion,
                                                "reconstruction": reconstruction}
 
@@ -146,13 +189,43 @@ def denoiser_terms(denoise_fn, vocab_size: int):
   return terms
 
 
+def embedded_denoiser_terms(denoise_fn, w, noise: str = "cholesky"):
+  """The embedding-space `terms_fn(params, tokens, gamma, rng)` of a plain `denoise_fn(h, gamma) ->
+  logits` that sees only h_γ = x_γW (W [V, D], fixed; params is ignored): (whitened Brier [R], CE [R]),
+  h drawn as the network's state is (`state_space.draw_noise`). Pair it with
+  `prior_fn=embedded_prior_fn(w)` (`sequence_bounds`, `bound_with_selection`)."""
+  w = jnp.asarray(w, jnp.float32)
+  chol, _ = model_lib.whitened_embedding(w)
+
+  def terms(_, tokens, gamma, rng):
+    n, _ = state_space.draw_noise(rng, tokens.shape, w, mode=noise)
+    h = state_space.interpolate_embedded(n, w, tokens, gamma)
+    logits = denoise_fn(h, gamma).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    brier = whitened_brier(chol, jnp.take(w, tokens, axis=0), state_space.embed_probs(probs, w))
+    return jnp.sum(brier, axis=-1), jnp.sum(losses.cross_entropy(logits, tokens), axis=-1)
+
+  return terms
+
+
+def embedded_prior_fn(w):
+  """`prior_fn(params, tokens)` of a fixed embedding W (params ignored): Σ_positions leverage of x1."""
+  _, leverage = model_lib.whitened_embedding(jnp.asarray(w, jnp.float32))
+  return lambda _, tokens: embedding_prior_norms(leverage, tokens)
+
+
 def sequence_bounds(denoise_fn, tokens, rng, vocab_size: int, num_points: int = 128,
                     lambda_min: float = LAMBDA_MIN, lambda_max: float = 12.0, points_per_call: int = 16,
-                    proposal=None):
-  """`bound_terms` for a V-space `denoise_fn(x, gamma) -> logits` ([B, L, V] and [B])."""
-  return bound_terms(functools.partial(denoiser_terms(denoise_fn, vocab_size), None), tokens, rng, num_points=num_points,
+                    proposal=None, embedding=None):
+  """`bound_terms` for a V-space `denoise_fn(x, gamma) -> logits` ([B, L, V] and [B]); with `embedding`
+  W [V, D] the embedding-space bound of a `denoise_fn(h, gamma)` that sees h_γ = x_γW only."""
+  if embedding is None:
+    terms, prior_fn = denoiser_terms(denoise_fn, vocab_size), None
+  else:
+    terms, prior_fn = embedded_denoiser_terms(denoise_fn, embedding), embedded_prior_fn(embedding)
+  return bound_terms(functools.partial(terms, None), tokens, rng, num_points=num_points,
                      lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
-                     points_per_call=points_per_call)
+                     points_per_call=points_per_call, prior_fn=_bind(prior_fn, None))
 
 
 def pilot_edges(lambda_min: float, candidates: Sequence[float], width: float):
@@ -169,8 +242,9 @@ def pilot_edges(lambda_min: float, candidates: Sequence[float], width: float):
 
 
 def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequence[float], width: float,
-                points_per_call: int = 16):
-  """(f [B, K] = ½ e^λ Brier at one uniform point in each pilot stratum, CE [B, C] at each candidate)."""
+                points_per_call: int = 16, prior_fn=None):
+  """(f [B, K] = ½ e^λ Brier at one uniform point in each pilot stratum, CE [B, C] at each candidate,
+  prior term [B])."""
   batch = tokens.shape[0]
   edges, _ = pilot_edges(lambda_min, candidates, width)
   rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
@@ -178,7 +252,7 @@ def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequenc
   brier, _ = point_terms(terms_fn, tokens, rng_points, lam, points_per_call)
   lam_c = jnp.broadcast_to(jnp.asarray(candidates, jnp.float32), (batch, len(candidates)))
   _, ce = point_terms(terms_fn, tokens, rng_recon, lam_c, points_per_call)
-  return 0.5 * jnp.exp(lam) * brier, ce
+  return 0.5 * jnp.exp(lam) * brier, ce, _prior(prior_fn, tokens, lambda_min)
 
 
 def _batched(fn, params, rows, batch_size: int, seed: int, progress=None):
@@ -203,16 +277,18 @@ def select_endpoint(run_pilot: Callable, params, selection_rows, *, lambda_min: 
                     defensive: float = DEFENSIVE, batch_size: int = 64, seed: int = 0, progress=None) -> dict:
   """λ1 and the proposal from the selection rows alone (see the module docstring).
 
-  `run_pilot(params, tokens [batch_size, L], rng)` returns `pilot_terms`' (f, CE). Only
+  `run_pilot(params, tokens [batch_size, L], rng)` returns `pilot_terms`' (f, CE[, prior]). Only
   `selection_rows` are given to it. Returns lambda_max, the candidates with their mean per-token bound and standard
   error on the selection rows, and proposal = (edges, masses) on [λ0, λ1].
   """
   selection_rows = np.asarray(selection_rows)
   n, length = selection_rows.shape
   edges, index = pilot_edges(lambda_min, candidates, width)
-  f, ce = _batched(run_pilot, params, selection_rows, batch_size, seed, progress)
+  out = _batched(run_pilot, params, selection_rows, batch_size, seed, progress)
+  f, ce = out[:2]
+  prior = out[2][:, None] if len(out) > 2 else prior_term(length, lambda_min)
   partial = np.concatenate([np.zeros((n, 1)), np.cumsum(f * np.diff(edges), axis=1)], axis=1)  # ∫ up to edge
-  per_row = prior_term(length, lambda_min) + partial[:, index] + ce  # [n, C]
+  per_row = prior + partial[:, index] + ce  # [n, C]
   values = per_row.mean(axis=0) / length
   stderr = per_row.std(axis=0, ddof=1) / np.sqrt(n) / length if n > 1 else np.full(len(candidates), np.nan)
   finite = np.where(np.isfinite(values), values, np.inf)
@@ -229,13 +305,15 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
                          num_points: int = 128, lambda_min: float = LAMBDA_MIN,
                          candidates: Sequence[float] = CANDIDATES, width: float = PILOT_WIDTH,
                          defensive: float = DEFENSIVE, points_per_call: int = 16, batch_size: int = 64,
-                         seed: int = 0, progress=None) -> dict:
+                         seed: int = 0, progress=None, prior_fn=None) -> dict:
   """The §5 bound with λ1 and the λ proposal chosen on `selection_rows`, reported on `report_rows`.
 
   `terms_fn(params, tokens, gamma, rng) -> (brier [R], ce [R])` (traceable); `compile_fn(f)` turns a
   traceable `f(params, tokens, rng)` into a callable on (params, numpy tokens [batch_size, L], rng)
   (jax.jit, or a sharded jit). The selection pass sees the selection rows only; the report pass uses
-  the fixed λ1 and proposal. `progress(done, total)` counts selection then report rows. Returns
+  the fixed λ1 and proposal. `progress(done, total)` counts selection then report rows.
+  `prior_fn(params, tokens) -> [B]` (traceable): Σ_positions ‖clean point‖² for the prior term (the
+  embedding-space bound: the tokens' leverages); None: L (V-space). Returns
   `summarize`'s record of the report rows plus the selection's record.
   """
   total_rows, done = len(selection_rows) + len(report_rows), [0]
@@ -247,7 +325,7 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
 
   run_pilot = compile_fn(lambda p, t, r: pilot_terms(
       functools.partial(terms_fn, p), t, r, lambda_min=lambda_min, candidates=candidates, width=width,
-      points_per_call=points_per_call))
+      points_per_call=points_per_call, prior_fn=_bind(prior_fn, p)))
   selection = select_endpoint(run_pilot, params, selection_rows, lambda_min=lambda_min, candidates=candidates,
                               width=width, defensive=defensive, batch_size=batch_size, seed=seed + 1,
                               progress=tick)
@@ -257,7 +335,7 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
   def report_fn(p, tokens, rng):
     total, parts = bound_terms(functools.partial(terms_fn, p), tokens, rng, num_points=num_points,
                                lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
-                               points_per_call=points_per_call)
+                               points_per_call=points_per_call, prior_fn=_bind(prior_fn, p))
     return total, parts["diffusion"], parts["reconstruction"]
 
   total, diffusion, reconstruction = _batched(compile_fn(report_fn), params, report_rows, batch_size, seed, tick)
@@ -271,6 +349,10 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
                                proposal_edges=[float(e) for e in proposal[0]],
                                proposal_masses=[float(m) for m in proposal[1]]))
   return record
+
+
+def _bind(prior_fn, params):
+  return None if prior_fn is None else functools.partial(prior_fn, params)
 
 
 def summarize(per_sequence_nll: np.ndarray, length: int) -> dict:

@@ -137,7 +137,8 @@ def test_proposal_points_are_stratified_in_the_cdf_with_inverse_density_weights(
 def test_network_bound_is_the_same_through_either_state_space():
   """evaluate.likelihood_bound calls the network through the experiment's state space: with the
   embedding state drawn by projecting the same V-space noise (embedded_noise="project"), with and
-  without a chunked head, it reproduces the V-space bound; the Cholesky draw agrees within its SE."""
+  without a chunked head, the V-space bound (bound_space="vocab") is reproduced; the Cholesky draw
+  agrees within its SE. With V > D, "auto" picks the embedding bound, the same with and without chunks."""
   from conftest import tiny_config
 
   from cfmjax import evaluate, experiment
@@ -153,9 +154,15 @@ def test_network_bound_is_the_same_through_either_state_space():
     exp = experiment.build(config, None, devices=jax.devices()[:1])
     params = params if params is not None else experiment.init_state(exp, 0)["ema_params"]
     records[name] = evaluate.likelihood_bound(exp, params, 16, 16, batch_size=16, seed=0, selection_rows=8,
-                                              candidates=(-2.0, 1.0))
+                                              candidates=(-2.0, 1.0), bound_space="vocab")
     assert records[name]["report_rows"] == [0, 16] and records[name]["selection_rows"] == [16, 24]
+    assert records[name]["bound_space"] == "vocab"
+    if name in ("project", "chunked"):  # V = 40 > D = 32 in embedding space: auto is the h-diffusion's bound
+      records[name + "_auto"] = evaluate.likelihood_bound(exp, params, 16, 16, batch_size=16, seed=0,
+                                                          selection_rows=8, candidates=(-2.0, 1.0))
+      assert records[name + "_auto"]["bound_space"] == "embedding"
   assert records["vocab"]["state_space"] == "vocab" and records["project"]["state_space"] == "embedding"
+  np.testing.assert_allclose(records["chunked_auto"]["value"], records["project_auto"]["value"], rtol=1e-4)
   ref = records["vocab"]
   for name in ("project", "chunked"):
     assert records[name]["lambda_max"] == ref["lambda_max"]
@@ -166,3 +173,89 @@ def test_network_bound_is_the_same_through_either_state_space():
   print({k: (r["value"], r["stderr"], r["lambda_max"]) for k, r in records.items()})
   if chol["lambda_max"] == ref["lambda_max"]:
     assert abs(chol["value"] - ref["value"]) < 4 * np.hypot(chol["stderr"], ref["stderr"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedding-space bound: the ELBO of the diffusion of h = xW itself (likelihood.py).
+
+
+def _h_posterior_logits(toy, w):
+  """The exact denoiser given h only, written here from scratch: with CCᵀ = WᵀW, ĥ = C⁻¹h and
+  Ŵ = WC⁻ᵀ, the posterior over the K support sequences is w_j ∝ π_j exp(−Σ_l ‖ĥ_l − γŴ_{s_jl}‖²/(2(1−γ)²));
+  its per-position marginals are μ (returned as log μ)."""
+  w = np.asarray(w, np.float64)
+  chol = np.linalg.cholesky(w.T @ w)
+  w_hat = np.linalg.solve(chol, w.T).T  # [V, D]
+  points = jnp.asarray(w_hat[toy.sequences], jnp.float32)  # [K, L, D]
+  chol_inv = jnp.asarray(np.linalg.inv(chol), jnp.float32)
+  support = toy.one_hot()  # [K, L, V]
+  log_pi = jnp.log(jnp.asarray(toy.probs, jnp.float32))
+
+  def logits(h, gamma):
+    h_hat = jnp.einsum("ed,bld->ble", chol_inv, h.astype(jnp.float32))
+    g = gamma.astype(jnp.float32)[:, None, None, None]
+    dist = jnp.sum(jnp.square(h_hat[:, None] - g * points[None]), axis=(-1, -2))  # [B, K]
+    post = jax.nn.softmax(log_pi[None] - dist / (2.0 * jnp.square(1.0 - g[:, :, 0, 0])), axis=-1)
+    mu = jnp.einsum("bk,klv->blv", post, support)
+    return jnp.log(jnp.maximum(mu, jnp.finfo(jnp.float32).tiny))
+
+  return logits
+
+
+def _embedded_estimate(denoise_fn, toy, tokens, seed, embedding=None, num_points=256):
+  fn = jax.jit(lambda t, r: likelihood.sequence_bounds(denoise_fn, t, r, toy.vocab_size, num_points=num_points,
+                                                       points_per_call=32, embedding=embedding)[0])
+  return np.asarray(fn(jnp.asarray(tokens), jax.random.key(seed)), np.float64)
+
+
+def test_embedding_bound_is_tight_at_the_exact_posterior_given_h():
+  """V = 6 > D = 3, L = 2, fixed W: the bound with the exact denoiser given h lands within its SE of
+  −log π (per sequence, averaged); a cooled one is clearly above. Also through the importance-sampled,
+  selected bound (prior from the tokens' leverages)."""
+  toy = oracles.random_finite_support(seed=3, num_sequences=6, length=2, vocab_size=6, concentration=2.0)
+  w = np.random.default_rng(7).normal(size=(6, 3))
+  tokens = _toy_rows(toy, 1024, 0)
+  true_nll = toy.nll(tokens)
+  exact = _h_posterior_logits(toy, w)
+
+  bound = _embedded_estimate(exact, toy, tokens, seed=0, embedding=w)
+  diff = bound - true_nll
+  mean, stderr = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
+  print(f"embedding, exact posterior given h: {bound.mean():.4f} vs {true_nll.mean():.4f} ({mean:.4f} +- {stderr:.4f})")
+  assert abs(mean) < 4 * stderr + 1e-3
+  assert abs(bound.mean() / true_nll.mean() - 1) < 0.03
+
+  flat = lambda h, gamma: 0.6 * jnp.maximum(exact(h, gamma), -30.0)
+  loose = _embedded_estimate(flat, toy, tokens, seed=0, embedding=w)
+  gap = loose - true_nll
+  print(f"embedding, cooled: {loose.mean():.4f} (gap {gap.mean():.4f} +- {gap.std(ddof=1) / np.sqrt(len(gap)):.4f})")
+  assert gap.mean() > 5 * gap.std(ddof=1) / np.sqrt(len(gap))
+  assert loose.mean() > 1.05 * true_nll.mean()
+
+  report, selection = tokens[:768], _toy_rows(toy, 128, 1)
+  record = likelihood.bound_with_selection(_compile, likelihood.embedded_denoiser_terms(exact, w), None, report,
+                                           selection, num_points=64, batch_size=256, seed=3,
+                                           prior_fn=likelihood.embedded_prior_fn(w))
+  truth = toy.nll(report).mean() / report.shape[1]
+  print(f"embedding IS, λ1={record['lambda_max']}: {record['value']:.4f} +- {record['stderr']:.4f} vs {truth:.4f}")
+  assert abs(record["value"] - truth) < 4 * record["stderr"] + 1e-3
+
+
+def test_embedding_bound_with_square_invertible_w_is_the_vocab_bound():
+  """D = V, W invertible: ŴŴᵀ = I, so the whitened Brier is the V-space Brier and the leverages are 1;
+  with the same (cooled, not exact) denoiser read through x = hW⁻¹ both bounds agree within their SE."""
+  toy = oracles.random_finite_support(seed=1, num_sequences=6, length=3, vocab_size=4, concentration=2.0)
+  w = np.random.default_rng(3).normal(size=(4, 4)) + 2.0 * np.eye(4)
+  w_inv = jnp.asarray(np.linalg.inv(w), jnp.float32)
+  flat = lambda x, gamma: 0.6 * jnp.maximum(toy.denoiser_logits(x, gamma), -30.0)
+  flat_h = lambda h, gamma: flat(jnp.einsum("bld,dv->blv", h, w_inv), gamma)
+  tokens = _toy_rows(toy, 1024, 0)
+  vocab = _embedded_estimate(flat, toy, tokens, seed=0, num_points=128)
+  emb = _embedded_estimate(flat_h, toy, tokens, seed=1, embedding=w, num_points=128)
+  se = lambda a: a.std(ddof=1) / np.sqrt(len(a))
+  print(f"D = V: vocab {vocab.mean():.4f} +- {se(vocab):.4f}, embedding {emb.mean():.4f} +- {se(emb):.4f}, "
+        f"true {toy.nll(tokens).mean():.4f}")
+  assert abs(vocab.mean() - emb.mean()) < 4 * np.hypot(se(vocab), se(emb))
+  assert vocab.mean() > 1.05 * toy.nll(tokens).mean()  # a loose bound, so the agreement is not just the NLL's
+  prior = likelihood.embedded_prior_fn(w)(None, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(prior), 3.0, rtol=1e-4)
