@@ -27,6 +27,6 @@ setup(
         "tokenizers==0.23.3",  # the GPT-2 judge's byte-level BPE
         "matplotlib==3.11.2",  # eval / report plots
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
     entry_points={"console_scripts": ["cfmjax=cfmjax.cli:run"]},
 )

@@ -1,14 +1,15 @@
 """Shared test setup: 8 fake CPU devices (so sharding is exercised) and a tiny Markov config."""
 
 import os
-import tempfile
 
 # Must be set before JAX initialises its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run (and the CLI subprocesses it starts): the same
 # tiny programs are compiled by several tests, and compiling dominates their run time on 2 cores.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cfmjax-test-jax-cache"))
+# It lives in the checkout (.cache/ is git-ignored), not in a /tmp shared with other checkouts.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO_ROOT, ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
@@ -70,7 +71,3 @@ def cache_dir(tmp_path, monkeypatch):
   return tmp_path / "cache"
 
 
-def pytest_configure(config):
-  # Slow tests (real subprocesses, signals, several processes) still run by default: CI runs
-  # `python -m pytest -q tests`. Skip them locally with `-m "not slow"`.
-  config.addinivalue_line("markers", "slow: starts real processes; tens of seconds each")

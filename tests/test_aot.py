@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 from cfmjax import aot
 
