@@ -15,6 +15,7 @@ setup(
         "orbax-checkpoint==0.12.8",
         "grain==0.2.18",
         "tensorflow-datasets==4.9.10",
+        "importlib_resources==7.1.0",  # etils imports it when tfds prepares a dataset (not installed with tfds)
         "array-record==0.8.6",
         "sentencepiece==0.2.3",
         "ml-collections==1.1.0",

@@ -95,7 +95,7 @@ def test_conventions_embedding_state_causal_and_remat():
   assert flops.step_flops(dots, vocab=8, hardware=True)["total"] == 2 * 16 * (TRAIN + SCORES + VALUES)
 
 
-@pytest.mark.parametrize("stage,loss", [("base", None), ("distill", "esd")])
+@pytest.mark.parametrize("stage,loss", [("base", None), pytest.param("distill", "esd", marks=pytest.mark.slow)])
 def test_step_count_agrees_with_xla_cost_analysis(stage, loss, cache_dir):
   """XLA counts every floating-point op of the compiled gradient; flops.py counts matmuls only.
 
