@@ -52,7 +52,9 @@ def test_prompt_blocks_guidance_and_checkpoint_step(prompt_base, tmp_path):
   name, rows = _samples(out)
   assert name == "euler_2steps_prompted_ckpt4.jsonl"  # the latest checkpoint by default
   assert [r["tokens"][:len(p)] for r, p in zip(rows, ([1, 2], [5, 6, 7, 0]))] == [[1, 2], [5, 6, 7, 0]]
-  assert all(len(r["tokens"]) == 16 for r in rows)  # default block: the rest of the window
+  # Default block: what the window leaves after the longest prompt (16 - 4), for every prompt.
+  assert [len(r["continuation"].split()) for r in rows] == [12, 12]
+  assert [len(r["tokens"]) for r in rows] == [2 + 12, 4 + 12]
 
 
 def test_eval_conditions_on_held_out_prefixes_and_judges_the_rest_exactly(prompt_base, tmp_path):
