@@ -124,13 +124,14 @@ def test_time_pairs_are_ordered_and_hit_the_boundary():
   assert 0.08 < boundary.mean() < 0.12
 
 
-@pytest.mark.slow
-def test_learned_weights_train_and_sit_at_log_of_the_loss(tmp_path, cache_dir):
-  from cfmjax import loss_weights  # noqa: PLC0415
-
+def test_learned_weights_sit_at_log_of_the_loss():
   # exp(-w) L + w is minimised at w = log L: the gradient in w vanishes there and nowhere else.
   grad = jax.grad(lambda w: loss_weights.weighted(jnp.array(0.3), w))
   assert abs(float(grad(jnp.log(0.3)))) < 1e-6 and abs(float(grad(0.0))) > 0.5
+
+
+@pytest.mark.slow
+def test_learned_weights_train(tmp_path, cache_dir):
   config = _distill_config(**{"distill.loss": "psd", "distill.learned_weighting": "st", "mesh.data": 1,
                               "train.num_steps": 3})
   last = train.train(config, str(tmp_path / "weighted"), devices=jax.devices()[:1])
