@@ -15,6 +15,7 @@ setup(
         "orbax-checkpoint==0.12.8",
         "grain==0.2.18",
         "tensorflow-datasets==4.9.10",
+        "importlib_resources==7.1.0",  # etils imports it when tfds prepares a dataset (not installed with tfds)
         "array-record==0.8.6",
         "sentencepiece==0.2.3",
         "ml-collections==1.1.0",
@@ -27,6 +28,6 @@ setup(
         "tokenizers==0.23.3",  # the GPT-2 judge's byte-level BPE
         "matplotlib==3.11.2",  # eval / report plots
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
     entry_points={"console_scripts": ["cfmjax=cfmjax.cli:run"]},
 )

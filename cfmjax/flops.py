@@ -201,16 +201,18 @@ def jvp_macs(d: Dims, rows: int, tangent_in: str) -> float:
   return _total(macs) + _total(macs, _JVP_TANGENT[tangent_in])
 
 
-def teacher_macs(d: Dims, rows: int, loss: str) -> float:
+def teacher_macs(d: Dims, rows: int, loss: str, fixed_point_iters: int = 1) -> float:
   """MACs of the (never differentiated) teacher of `loss` on `rows` consistency rows."""
   fwd = _total(forward_macs(d, rows))
+  if loss == "fixed_point":  # T^k(stopgrad S): k self-conditioned passes of the frozen base per target
+    return fixed_point_iters * fwd
   if loss == "psd":  # ψ(x, s, u), then ψ(X_{s,u}(x), u, t); X_{s,u} needs ψW in embedding space
     return 2.0 * fwd + state_map_macs(d, rows)
   if loss == "lsd":  # JVP in t at (s, t), ψW for the landing point, the diagonal there
     return jvp_macs(d, rows, "t") + state_map_macs(d, rows) + fwd
   if loss == "esd":  # the diagonal at (s, s), μW for the velocity, JVP in (x, s) at (s, t)
     return fwd + state_map_macs(d, rows) + jvp_macs(d, rows, "xs")
-  raise ValueError(f"unknown distill.loss={loss!r}; choose psd, lsd or esd")
+  raise ValueError(f"unknown distill.loss={loss!r}; choose psd, lsd, esd or fixed_point")
 
 
 def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = None,
@@ -236,15 +238,21 @@ def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = N
   from cfmjax.distill import num_diagonal_rows  # noqa: PLC0415 (one rule for the split, kept there)
 
   loss = config.distill.loss
-  n_diag = num_diagonal_rows(batch, float(config.distill.diag_fraction))
+  # fixed_point (fixed_point.py) has no diagonal split: every row is a student row with a teacher target.
+  n_diag = 0 if loss == "fixed_point" else num_diagonal_rows(batch, float(config.distill.diag_fraction))
   n_cons = batch - n_diag
+  iters = int(_get(config.distill, "fixed_point_iters", 1))
   out.update(
       diagonal_rows=n_diag, consistency_rows=n_cons, loss=loss,
       diagonal=2.0 * train_macs(d, n_diag, hardware) if n_diag else 0.0,
       student=2.0 * train_macs(d, n_cons, hardware),
-      teacher=2.0 * teacher_macs(d, n_cons, loss),
+      teacher=2.0 * teacher_macs(d, n_cons, loss, iters),
       noise_factor=noise_factor_flops(d, True),
   )
+  if loss != "fixed_point" and float(_get(config.distill, "guidance", -1.0)) >= 0 and n_diag:
+    # Guided diagonal (distill.guided_diagonal_loss): two frozen-base passes (conditional and
+    # unconditional) per diagonal row give its target.
+    out["teacher"] += 2.0 * 2.0 * _total(forward_macs(d, n_diag))
   out["total"] = out["diagonal"] + out["student"] + out["teacher"] + out["noise_factor"]
   return out
 

@@ -1,14 +1,21 @@
 """Shared test setup: 8 fake CPU devices (so sharding is exercised) and a tiny Markov config."""
 
 import os
-import tempfile
+import sys
 
 # Must be set before JAX initialises its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Cheaper CPU compiles: the programs are tiny, so compiling them (LLVM), not running them, is the
+# cost on 2 cores; these halve it (measured on tests/test_training.py + test_flow_map_math.py, whose
+# tolerances hold). CFMJAX_TEST_FULL_XLA=1 keeps XLA's default optimisation.
+if not os.environ.get("CFMJAX_TEST_FULL_XLA") and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run (and the CLI subprocesses it starts): the same
 # tiny programs are compiled by several tests, and compiling dominates their run time on 2 cores.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cfmjax-test-jax-cache"))
+# It lives in the checkout (.cache/ is git-ignored), not in a /tmp shared with other checkouts.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO_ROOT, ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
@@ -70,7 +77,107 @@ def cache_dir(tmp_path, monkeypatch):
   return tmp_path / "cache"
 
 
-def pytest_configure(config):
-  # Slow tests (real subprocesses, signals, several processes) still run by default: CI runs
-  # `python -m pytest -q tests`. Skip them locally with `-m "not slow"`.
-  config.addinivalue_line("markers", "slow: starts real processes; tens of seconds each")
+
+
+def run_cli(*argv):
+  """`cfmjax ARGV` in this process (flags parsed as absl would), sparing a JAX start-up and reusing
+  this process's compiled programs. Returns (stdout, log): what it printed, and what it logged
+  through the `cfmjax` loggers (resumes, handoffs) which the real command writes to stderr."""
+  import contextlib  # noqa: PLC0415
+  import io  # noqa: PLC0415
+  import logging  # noqa: PLC0415
+
+  from absl import flags  # noqa: PLC0415
+
+  from cfmjax import cli  # noqa: PLC0415
+
+  log, stream, stdout = logging.getLogger("cfmjax"), io.StringIO(), io.StringIO()
+  handler, level = logging.StreamHandler(stream), log.level
+  log.addHandler(handler)  # also keeps cli.main from binding a handler to this test's stderr
+  log.setLevel(logging.INFO)
+  flags.FLAGS.unparse_flags()
+  saved_argv, sys.argv = sys.argv, ["cfmjax", *argv]  # ml_collections reads --config.* overrides there
+  try:
+    with contextlib.redirect_stdout(stdout):
+      cli.main(flags.FLAGS(sys.argv))
+  finally:
+    sys.argv = saved_argv
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # defined per parse, from argv
+      delattr(flags.FLAGS, name)
+    log.removeHandler(handler)
+    log.setLevel(level)
+  return stdout.getvalue(), stream.getvalue()
+
+
+# Model and batch sizes of the command-line tests (what tiny_config sets, as flags).
+TINY_FLAGS = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+              "--config.model.mlp_dim=64", "--config.model.time_features=16", "--config.data.seq_len=16",
+              "--config.train.batch_size=16", "--config.train.log_every=1", "--config.train.eval_every=2",
+              "--config.train.eval_batch_size=16", "--config.train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+  """CFMJAX_CACHE for the session-scoped runs (prepared corpora, tokenizers)."""
+  path = tmp_path_factory.mktemp("cfmjax_cache")
+  old = os.environ.get("CFMJAX_CACHE")
+  os.environ["CFMJAX_CACHE"] = str(path)
+  yield path
+  if old is None:
+    os.environ.pop("CFMJAX_CACHE", None)
+  else:
+    os.environ["CFMJAX_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def markov_base(tmp_path_factory, session_cache):
+  """A tiny base flow trained through `cfmjax train` on a 2x2x2 mesh (V = 12): 2 steps, then resumed
+  to 4. Shared: tests that write into it must copy it (outputs of eval / sample can go elsewhere
+  with --checkpoint=THIS --workdir=OTHER). Returns (workdir, log of the resumed run)."""
+  workdir = tmp_path_factory.mktemp("markov_base") / "w"
+  args = ["train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={workdir}",
+          "--config.data.markov.vocab_size=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *TINY_FLAGS]
+  with _in_repo():
+    run_cli(*args, "--config.train.num_steps=2")
+    _, log = run_cli(*args, "--config.train.num_steps=4")
+  return workdir, log
+
+
+@pytest.fixture(scope="session")
+def markov_psd(tmp_path_factory, markov_base):
+  """PSD distilled 2 steps from `markov_base` on another mesh (8x1x1) through `cfmjax distill`.
+  Returns (workdir, log)."""
+  workdir = tmp_path_factory.mktemp("markov_psd") / "w"
+  with _in_repo():
+    _, log = run_cli("distill", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={workdir}",
+                     f"--config.init_from={markov_base[0]}", "--config.train.num_steps=2",
+                     "--config.train.batch_size=16", "--config.train.log_every=1", "--config.mesh.data=8")
+  return workdir, log
+
+
+@pytest.fixture(scope="session")
+def markov_ar(tmp_path_factory, markov_base):
+  """The AR baseline on markov_base's source (V = 12), 2 steps through `cfmjax train`."""
+  workdir = tmp_path_factory.mktemp("markov_ar") / "w"
+  with _in_repo():
+    run_cli("train", "--config=experiments/ar/markov_tiny.py", f"--workdir={workdir}",
+            "--config.data.markov.vocab_size=12", *TINY_FLAGS, "--config.train.num_steps=2",
+            "--config.train.eval_every=0")
+  return workdir
+
+
+def _in_repo():
+  """cwd = the repository root for the duration (config paths are relative to it, as in the README)."""
+  import contextlib  # noqa: PLC0415
+
+  @contextlib.contextmanager
+  def cm():
+    old = os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+      yield
+    finally:
+      os.chdir(old)
+
+  return cm()

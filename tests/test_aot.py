@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-from conftest import tiny_config
+import pytest
+from tests.conftest import tiny_config
 
 from cfmjax import aot
 
@@ -15,12 +16,29 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.mo
         "--config.train.batch_size=16", "--config.data.markov.vocab_size=8"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_readme_compile_check_of_the_1p7b_config(tmp_path):
+  """`cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2`, as the README gives it
+  (64 fake devices made by the command; full size, nothing runs)."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "cfmjax", "compile", "--config=experiments/base_flow/owt_1p7b.py", "--mesh=4,8,2",
+       f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=850)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  report = json.loads((tmp_path / "compile_report.json").read_text())
+  assert report["num_devices"] == 64 and report["mesh"] == {"data": 4, "fsdp": 8, "tensor": 2}
+  assert 1.6e9 < report["num_params"] < 1.8e9 and report["vocab_size"] == 50257
+  assert report["flops_per_step"] > 0 and report["per_device_gib"]["params"] > 0
+
+
+@pytest.mark.slow
 def test_compile_command_reports_memory_on_fake_devices(tmp_path, cache_dir):
   # No XLA_FLAGS from outside: the command itself must make the 8 fake devices.
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   proc = subprocess.run(
       [sys.executable, "-m", "cfmjax", "compile", "--config=experiments/base_flow/markov_tiny.py",
-       "--mesh=1,8,1", "--stage=distill", f"--workdir={tmp_path}", *TINY],
+       "--mesh=1,8,1", "--num_devices=8", "--stage=distill", f"--workdir={tmp_path}", *TINY],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   report = json.loads((tmp_path / "compile_report.json").read_text())

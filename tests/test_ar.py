@@ -70,6 +70,7 @@ def _write_corpus(path, num_docs=60, seed=0):
     f.write("\n\n".join(" ".join(rng.choice(words, size=rng.integers(8, 30))) for _ in range(num_docs)))
 
 
+@pytest.mark.slow
 def test_ar_trains_and_judges_text_exactly_also_across_tokenizers(tmp_path, cache_dir):
   _write_corpus(tmp_path / "corpus")
   config = tiny_config(**{"data.source": "text", "data.text.paths": str(tmp_path / "corpus" / "*.txt"),

@@ -1,16 +1,23 @@
-"""End to end through the real command line: train -> (resume) -> sample -> eval on the Markov source."""
+"""End to end through the command line: train -> (resume) -> sample -> eval on the Markov source.
 
+In process (conftest.run_cli) where the process boundary is not the point; `cfmjax()` starts the
+real command for the tests where it is."""
+
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from cfmjax.data.markov import MarkovSource
+from tests.conftest import TINY_FLAGS as TINY
+from tests.conftest import run_cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.model.mlp_dim=64", "--config.model.time_features=16", "--config.data.seq_len=16",
-        "--config.train.batch_size=16", "--config.train.log_every=1", "--config.train.eval_every=2",
-        "--config.train.eval_batch_size=16", "--config.train.checkpoint_every=2"]
 
 
 def cfmjax(*args, env_extra=None):
@@ -22,14 +29,21 @@ def cfmjax(*args, env_extra=None):
   return proc
 
 
-def test_train_sample_eval_on_markov(tmp_path, cache_dir):
-  workdir = tmp_path / "w"
-  base = ["--config=experiments/base_flow/markov_tiny.py", f"--workdir={workdir}",
-          "--config.data.markov.vocab_size=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *TINY]
-  cfmjax("train", *base, "--config.train.num_steps=2", env_extra={"CFMJAX_CACHE": str(cache_dir)})
-  proc = cfmjax("train", *base, "--config.train.num_steps=4", env_extra={"CFMJAX_CACHE": str(cache_dir)})
-  assert "resumed from step 2" in proc.stderr
+def _unigram_entropy(tokens):
+  """Mean over rows of the entropy of each row's own token frequencies (numpy, written out here)."""
+  out = []
+  for row in np.asarray(tokens):
+    _, counts = np.unique(row, return_counts=True)
+    p = counts / row.size
+    out.append(-(p * np.log(p)).sum())
+  return float(np.mean(out))
 
+
+def test_train_sample_eval_on_markov(markov_base, tmp_path):
+  """`cfmjax train` (2 steps, then resumed to 4), `sample` and `eval` (in process: the CLI's own
+  code path; `markov_base` in conftest.py), and the eval record against the exact judge computed here."""
+  workdir, resumed_log = markov_base
+  assert "resumed from step 2" in resumed_log
   for name in ("config.json", "metrics.jsonl", "checkpoints", "tensorboard"):
     assert (workdir / name).exists(), name
   config = json.loads((workdir / "config.json").read_text())
@@ -38,37 +52,111 @@ def test_train_sample_eval_on_markov(tmp_path, cache_dir):
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
   assert any("eval_loss" in r for r in records)
 
-  cfmjax("sample", f"--workdir={workdir}", "--steps=8", "--num_samples=5", "--sample_precision=float64")
-  (sample_file,) = (workdir / "samples").glob("*.jsonl")
+  # Outputs go to another directory (--checkpoint=the shared run --workdir=here).
+  out = tmp_path / "out"
+  run_cli("sample", f"--checkpoint={workdir}", f"--workdir={out}", "--steps=8", "--num_samples=16",
+          "--batch_size=16", "--sample_precision=float64")
+  (sample_file,) = (out / "samples").glob("*.jsonl")
   samples = [json.loads(line) for line in sample_file.read_text().splitlines()]
-  assert len(samples) == 5 and all(len(s["tokens"]) == 16 for s in samples)
+  assert len(samples) == 16 and all(len(s["tokens"]) == 16 for s in samples)
   assert all(0 <= t < 12 for s in samples for t in s["tokens"])
+  assert all(s["checkpoint_step"] == 4 for s in samples)
 
-  cfmjax("eval", f"--workdir={workdir}", "--sampler=euler", "--steps=8,2", "--num_samples=16",
-         "--likelihood", "--likelihood_points=32", "--likelihood_rows=32", "--likelihood_selection_rows=16",
-         "--likelihood_endpoints=2,4,6", "--batch_size=16")
-  records = json.loads((workdir / "eval" / "results.json").read_text())
-  results = [r for r in records if r.get("sampler") == "euler"]
-  assert [r["steps"] for r in results] == [8, 2]
+  run_cli("eval", f"--checkpoint={workdir}", f"--workdir={out}", "--sampler=euler", "--steps=8,2",
+          "--num_samples=16", "--likelihood", "--likelihood_points=32", "--likelihood_rows=32",
+          "--likelihood_selection_rows=16", "--likelihood_endpoints=2,4,6", "--batch_size=16",
+          "--sample_precision=float64")
+  records = json.loads((out / "eval" / "results.json").read_text())
   # Each model record is followed by the same sampler with the exact denoiser (--exact_reference, on by default).
   assert [(r["sampler"], r["steps"]) for r in records if "sampler" in r] == [
       ("euler", 8), ("euler_exact", 8), ("euler", 2), ("euler_exact", 2)]
+  results = [r for r in records if r.get("sampler") == "euler"]
   (bound,) = [r for r in records if r.get("metric") == "nll_bound_per_token"]
   assert bound["num_tokens"] == 32 * 16 and bound["stderr"] > 0
   # λ1 chosen on held-out rows [32, 48), reported on [0, 32) (SPEC §9)
   assert bound["report_rows"] == [0, 32] and bound["selection_rows"] == [32, 48]
   assert bound["lambda_max"] in (2.0, 4.0, 6.0) and bound["selection"]["candidates"] == [2.0, 4.0, 6.0]
-  assert bound["value"] > results[0]["data_nll_per_token"]  # a 4-step model is far from the data
-  if bound["value"] < 700:
-    assert abs(bound["ppl_bound"] - math.exp(bound["value"])) < 1e-6 * bound["ppl_bound"]
-  else:  # an untrained model's bound can overflow exp: recorded as null, not as Infinity
-    assert bound["ppl_bound"] is None
   for r in results:
     for key in ("sampler", "steps", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
                 "data_entropy", "entropy_rate"):
       assert key in r, key
     assert r["judge"] == "exact" and r["sampler"] == "euler" and r["num_samples"] == 16
-    assert r["gen_ppl"] > 1 and 0 < r["entropy"] <= r["data_entropy"] * 2
+
+  # The exact judge, independently: eval's 8-step samples are `sample`'s (same seed, count, batch),
+  # scored by the chain itself (rebuilt here from the saved config).
+  m = config["data"]["markov"]
+  chain = MarkovSource(m["vocab_size"], m["order"], m["concentration"], m["seed"])
+  tokens = np.array([s["tokens"] for s in samples])
+  r8 = results[0]
+  nll = -chain.log_likelihood(tokens).sum() / tokens.size
+  assert r8["gen_nll_per_token"] == pytest.approx(nll, rel=1e-9)
+  assert r8["gen_ppl"] == pytest.approx(math.exp(nll), rel=1e-9)
+  assert r8["entropy"] == pytest.approx(_unigram_entropy(tokens), rel=1e-9)
+  assert r8["entropy_rate"] == pytest.approx(chain.entropy_rate(), rel=1e-12)
+  assert r8["data_nll_per_token"] == pytest.approx(chain.expected_nll_per_token(16), rel=1e-12)
+
+  (bound,) = [r for r in records if r.get("metric") == "nll_bound_per_token"]
+  assert bound["num_tokens"] == 32 * 16 and bound["stderr"] > 0
+  if bound["value"] < 700:
+    assert abs(bound["ppl_bound"] - math.exp(bound["value"])) < 1e-6 * bound["ppl_bound"]
+  else:  # an untrained model's bound can overflow exp: recorded as null, not as Infinity
+    assert bound["ppl_bound"] is None
+
+
+def _markov_posterior(x, gamma, transition, initial):
+  """E[x1 | x_γ] for an order-1 chain by forward-backward (emission exp(γ x_v/(1 − γ)²), SPEC §9),
+  written out here independently of oracles.MarkovPosterior; jnp, so it runs inside the jitted bound."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  x = x.astype(jnp.float32)
+  g = gamma.reshape(-1, 1, 1).astype(jnp.float32)
+  log_e = g * x / jnp.square(1.0 - g)
+  e = jnp.exp(log_e - log_e.max(-1, keepdims=True))
+  norm = lambda a: a / a.sum(-1, keepdims=True)
+  length = x.shape[1]
+  alpha = [norm(initial[None] * e[:, 0])]
+  for l in range(1, length):
+    alpha.append(norm((alpha[-1] @ transition) * e[:, l]))
+  beta = [jnp.ones_like(alpha[0])]
+  for l in range(length - 2, -1, -1):
+    beta.insert(0, norm((e[:, l + 1] * beta[0]) @ transition.T))
+  return norm(jnp.stack(alpha, 1) * jnp.stack(beta, 1))
+
+
+def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(markov_base):
+  """evaluate.likelihood_bound (what `cfmjax eval --likelihood` calls: held-out rows, batching over
+  the run's 2x2x2 mesh, seeds, summary) with the chain's exact posterior in place of the network:
+  the bound must equal the rows' exact NLL, within its standard error."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from cfmjax import evaluate, inference  # noqa: PLC0415
+
+  exp, params, _ = inference.load(str(markov_base[0]))
+  chain = exp.data.markov
+  assert chain.order == 1
+  transition, initial = np.asarray(chain.transition, np.float64), np.asarray(chain.initial, np.float64)
+
+  def exact_logits(params, x, tau_s, tau_t):
+    del params, tau_t
+    probs = _markov_posterior(x, exp.schedule.gamma(tau_s), jnp.asarray(transition, jnp.float32),
+                              jnp.asarray(initial, jnp.float32))
+    return jnp.log(jnp.maximum(probs, 1e-30))
+
+  rows = exp.data.eval_rows(64)
+  record = evaluate.likelihood_bound(dataclasses.replace(exp, apply_fn=exact_logits), params, rows, 64, 16, 0)
+  exact = -chain.log_likelihood(rows).sum() / rows.size
+  assert record["num_tokens"] == rows.size
+  assert abs(record["value"] - exact) < 4 * record["stderr"] + 0.02 * exact, (record, exact)
+  # ... and a denoiser that ignores the context (the stationary marginal only) is clearly looser.
+  pi = initial / initial.sum()
+
+  def context_free(params, x, tau_s, tau_t):
+    gamma = exp.schedule.gamma(tau_s)[:, None, None]
+    return jnp.log(jnp.asarray(pi, jnp.float32)) + gamma * x / jnp.square(1.0 - gamma)
+
+  loose = evaluate.likelihood_bound(dataclasses.replace(exp, apply_fn=context_free), params, rows, 64, 16, 0)
+  assert loose["value"] > exact + 4 * loose["stderr"], (loose, exact)
 
 
 def test_usage_errors_are_reported():

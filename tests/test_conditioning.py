@@ -202,6 +202,7 @@ def test_renoising_preserves_the_marginal_of_the_interpolant():
   np.testing.assert_allclose(flow_map.renoise_target(jnp.float32(0.3), 1.0), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp_path, cache_dir):
   config = tiny_config(**{"model.self_condition": True, "train.num_steps": 150, "train.checkpoint_every": 150,
                           "train.log_every": 50, "optim.lr": 3e-3, "mesh.data": 1})
@@ -224,6 +225,7 @@ def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp
   assert np.all(np.diff(residuals[1:]) <= 1e-7)
 
 
+@pytest.mark.slow
 def test_guided_distillation_target_is_the_guided_base():
   """The student's diagonal is trained toward the frozen base's μ_ω: a student equal to the base has
   zero loss at ω = 1 (μ_ω = μ_c, its own conditional output) and a positive one at ω = 2."""

@@ -1,43 +1,84 @@
 """Distillation stage: handoff across meshes, each loss runs, config errors, gradient surgery."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import distill, train
-from tests.conftest import tiny_config
-from tests.test_cli import TINY, cfmjax
+from cfmjax import configs, distill, experiment, frozen_teacher, handoff, inference, loss_weights, train
+from tests.conftest import REPO_ROOT as REPO
+from tests.conftest import run_cli, tiny_config
 
 
-def test_handoff_from_a_different_mesh_and_each_loss_runs(tmp_path, cache_dir):
-  base = tmp_path / "base"
-  env = {"CFMJAX_CACHE": str(cache_dir)}
-  cfmjax("train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={base}", *TINY,
-         "--config.train.num_steps=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", env_extra=env)
-  # PSD through the command line, on a mesh of another shape than the base run's (2x2x2 -> 8x1x1).
-  psd = tmp_path / "psd"
-  proc = cfmjax("distill", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={psd}",
-                f"--config.init_from={base}", "--config.train.num_steps=2", "--config.train.batch_size=16",
-                "--config.train.log_every=1", "--config.mesh.data=8", env_extra=env)
-  assert "initialised from" in proc.stderr
-  cfmjax("eval", f"--workdir={psd}", "--sampler=flowmap", "--steps=1,2", "--num_samples=16", env_extra=env)
-  results = json.loads((psd / "eval" / "results.json").read_text())
+def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_base, tmp_path):
+  """The base ran on a 2x2x2 mesh; the distillation starts on 8x1x1 from exactly its EMA weights
+  (params and EMA alike), and a frozen teacher (fixed point, guided) is the base too."""
+  base = str(markov_base[0])
+  _, base_ema, step = inference.load(base)  # the base's EMA weights, on its own mesh
+  assert step == 4
+  base_ema = jax.device_get(base_ema)
+  for loss in ("psd", "fixed_point"):
+    config = configs.from_file(os.path.join(REPO, "experiments", "flow_map", "markov_tiny_psd.py"))
+    with config.unlocked():
+      config.init_from = base
+      config.distill.loss = loss
+      config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 8, 1, 1
+    config = handoff.inherit_base_config(config, str(tmp_path / loss))
+    exp = experiment.build(config, None)
+    state = handoff.start_from_base(exp, experiment.init_state(exp, config.seed))
+    for key in ("params", "ema_params"):
+      got = state[key]
+      network = {k: v for k, v in got.items() if k not in (frozen_teacher.PARAMS_KEY, loss_weights.PARAMS_KEY)}
+      assert set(network) == set(base_ema)
+      _assert_same(network, base_ema)
+      leaf = jax.tree_util.tree_leaves(network)[0]
+      assert dict(leaf.sharding.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    if loss == "fixed_point":
+      _assert_same(state["params"][frozen_teacher.PARAMS_KEY], base_ema)
+
+
+def _assert_same(tree, reference):
+  flat_ref = dict(jax.tree_util.tree_flatten_with_path(reference)[0])
+  flat = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0])
+  assert flat.keys() == flat_ref.keys()
+  for k in flat_ref:
+    np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(flat_ref[k]), err_msg=str(k))
+
+
+@pytest.mark.slow
+def test_handoff_from_a_different_mesh_and_each_loss_runs(markov_base, markov_psd, tmp_path):
+  base = markov_base[0]
+  # PSD through the command line (conftest.markov_psd), on a mesh of another shape than the base run's
+  # (2x2x2 -> 8x1x1).
+  psd, log = markov_psd
+  assert "initialised from" in log
+  out = tmp_path / "psd_eval"
+  run_cli("eval", f"--checkpoint={psd}", f"--workdir={out}", "--sampler=flowmap", "--steps=1,2", "--num_samples=16")
+  results = json.loads((out / "eval" / "results.json").read_text())
   assert [(r["sampler"], r["steps"]) for r in results] == [("flowmap", 1), ("flowmap", 2)]
-  # LSD and ESD on a single-device process: a third layout, and a much cheaper compile of the JVPs.
-  one_device = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  run_cli("sample", f"--checkpoint={psd}", f"--workdir={out}", "--sampler=flowmap", "--steps=2", "--renoise=0.5",
+          "--num_samples=8")
+  (samples,) = (out / "samples").glob("*.jsonl")
+  assert samples.name == "flowmap_2steps_renoise0.5_ckpt2.jsonl"
+  assert all(json.loads(l)["renoise"] == 0.5 for l in samples.read_text().splitlines())
+  # LSD and ESD through the trainer on one device: a third layout, and a much cheaper compile of the JVPs.
+  runs = {"psd": psd}
   for loss in ("lsd", "esd"):
-    cfmjax("distill", f"--config=experiments/flow_map/markov_tiny_{loss}.py", f"--workdir={tmp_path / loss}",
-           f"--config.init_from={base}", "--config.train.num_steps=2", "--config.train.batch_size=16",
-           "--config.train.log_every=1", env_extra=one_device)
-  for loss in ("psd", "lsd", "esd"):
-    records = [json.loads(l) for l in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
+    config = configs.from_file(os.path.join(REPO, "experiments", "flow_map", f"markov_tiny_{loss}.py"))
+    config = configs.override(config, {"init_from": str(base), "train.num_steps": 2, "train.batch_size": 16,
+                                       "train.log_every": 1, "mesh.data": 1})
+    runs[loss] = tmp_path / loss
+    train.train(config, str(runs[loss]), devices=jax.devices()[:1])
+  for loss, workdir in runs.items():
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["consistency_kl"]) and r["consistency_kl"] >= 0 for r in records)
-    saved = json.loads((tmp_path / loss / "config.json").read_text())
+    saved = json.loads((workdir / "config.json").read_text())
     assert saved["model"]["d_model"] == 32  # inherited from the base run, not the distill file
+    assert saved["model"]["vocab_size"] == 12
 
 
 def _distill_config(**overrides):
@@ -45,6 +86,7 @@ def _distill_config(**overrides):
   return c
 
 
+@pytest.mark.slow
 def test_joint_self_distillation_from_scratch(tmp_path, cache_dir):
   config = _distill_config(**{"distill.loss": "esd", "distill.teacher": "student", "mesh.data": 1})
   last = train.train(config, str(tmp_path / "joint"), devices=jax.devices()[:1])
@@ -82,12 +124,14 @@ def test_time_pairs_are_ordered_and_hit_the_boundary():
   assert 0.08 < boundary.mean() < 0.12
 
 
-def test_learned_weights_train_and_sit_at_log_of_the_loss(tmp_path, cache_dir):
-  from cfmjax import loss_weights  # noqa: PLC0415
-
+def test_learned_weights_sit_at_log_of_the_loss():
   # exp(-w) L + w is minimised at w = log L: the gradient in w vanishes there and nowhere else.
   grad = jax.grad(lambda w: loss_weights.weighted(jnp.array(0.3), w))
   assert abs(float(grad(jnp.log(0.3)))) < 1e-6 and abs(float(grad(0.0))) > 0.5
+
+
+@pytest.mark.slow
+def test_learned_weights_train(tmp_path, cache_dir):
   config = _distill_config(**{"distill.loss": "psd", "distill.learned_weighting": "st", "mesh.data": 1,
                               "train.num_steps": 3})
   last = train.train(config, str(tmp_path / "weighted"), devices=jax.devices()[:1])

@@ -2,6 +2,7 @@
 distillation, and works through the command line; directories that are neither kind are refused."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -15,9 +16,10 @@ from tests.test_report import run_cli
 
 
 @pytest.fixture(scope="module")
-def base_workdir(tmp_path_factory):
+def base_workdir(tmp_path_factory, markov_base):
+  """A copy of the shared tiny base run (conftest.markov_base: 4 steps, V = 12), with a tokenizer file."""
   workdir = tmp_path_factory.mktemp("export") / "base"
-  train.train(tiny_config(**{"train.num_steps": 2}), str(workdir))
+  shutil.copytree(markov_base[0], workdir)
   (workdir / "tokenizer.model").write_bytes(b"a stand-in tokenizer file")  # copied verbatim
   return workdir
 
@@ -35,7 +37,7 @@ def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
   out32, out16 = tmp_path / "f32", tmp_path / "bf16"
   info = export.export(str(base_workdir), str(out32), "float32")
   export.export(str(base_workdir), str(out16), "bfloat16")
-  assert info["step"] == step_w == 2 and info["dtype"] == "float32"
+  assert info["step"] == step_w == 4 and info["dtype"] == "float32"
 
   # The file itself: documented names ("/"-joined Flax paths) holding the EMA weights.
   tensors = load_file(str(out32 / export.PARAMS_FILE))
@@ -76,7 +78,7 @@ def test_export_and_eval_through_the_command_line(base_workdir, tmp_path):
   out = tmp_path / "exported"
   run_cli("export", f"--workdir={base_workdir}", f"--out={out}", "--dtype=bfloat16")
   info = json.loads((out / "export_info.json").read_text())
-  assert info["dtype"] == "bfloat16" and info["step"] == 2 and info["source_workdir"] == str(base_workdir)
+  assert info["dtype"] == "bfloat16" and info["step"] == 4 and info["source_workdir"] == str(base_workdir)
   run_cli("eval", f"--checkpoint={out}", "--steps=2", "--num_samples=16", "--batch_size=16")
   # results live next to the export; the exact-denoiser reference (Markov source) follows the model's record
   record, exact = json.loads((out / "eval" / "results.json").read_text())

@@ -5,7 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 from cfmjax import experiment, flops, train
 
@@ -51,6 +51,20 @@ def test_distillation_steps_match_the_hand_count():
   assert esd["total"] == student + 2 * 12 * (FORWARD + FORWARD + tangent_t + INPUT)
 
 
+def test_fixed_point_and_guided_distillation_steps_match_the_hand_count():
+  # Fixed point (fixed_point.py): no diagonal split; all 16 rows are student rows (forward +
+  # backward), and each target is k passes of the frozen self-conditioned base.
+  for k in (1, 3):
+    fp = flops.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "fixed_point",
+                                         "distill.fixed_point_iters": k}), vocab=8)
+    assert fp["diagonal_rows"] == 0 and fp["consistency_rows"] == 16
+    assert fp["total"] == 2 * 16 * TRAIN + 2 * 16 * k * FORWARD
+  # Guided PSD: the 4 diagonal rows' target is two frozen-base passes (conditional, unconditional).
+  guided = flops.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "psd", "distill.guidance": 1.5}),
+                            vocab=8)
+  assert guided["total"] == 2 * 16 * TRAIN + 2 * 12 * (2 * FORWARD) + 2 * 4 * (2 * FORWARD)
+
+
 def test_conventions_embedding_state_causal_and_remat():
   # Embedding-space state: no V×D input matmul; the noise is z Lᵀ (D² per position, forward and the
   # gradient into L), and WᵀW plus its Cholesky factor once per step (×3 with their backward).
@@ -81,7 +95,7 @@ def test_conventions_embedding_state_causal_and_remat():
   assert flops.step_flops(dots, vocab=8, hardware=True)["total"] == 2 * 16 * (TRAIN + SCORES + VALUES)
 
 
-@pytest.mark.parametrize("stage,loss", [("base", None), ("distill", "esd")])
+@pytest.mark.parametrize("stage,loss", [("base", None), pytest.param("distill", "esd", marks=pytest.mark.slow)])
 def test_step_count_agrees_with_xla_cost_analysis(stage, loss, cache_dir):
   """XLA counts every floating-point op of the compiled gradient; flops.py counts matmuls only.
 

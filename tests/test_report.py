@@ -6,18 +6,7 @@ import math
 import struct
 
 from cfmjax import report
-
-
-def run_cli(*argv):
-  """`cfmjax ARGV` in this process (flags parsed as absl would), sparing a JAX start-up."""
-  from absl import flags  # noqa: PLC0415
-  from cfmjax import cli  # noqa: PLC0415
-
-  flags.FLAGS.unparse_flags()
-  try:
-    cli.main(flags.FLAGS(["cfmjax", *argv]))
-  finally:
-    flags.FLAGS.unparse_flags()
+from tests.conftest import run_cli
 
 
 def gen(sampler, steps, ppl, entropy, judge="ar:judge", data_entropy=4.31):
@@ -73,14 +62,14 @@ def test_plots_are_written_as_png(tmp_path):
   assert "| euler | 128 |" in (tmp_path / "eval" / "results.md").read_text()
 
 
-def test_report_command_merges_workdirs(tmp_path, capsys):
+def test_report_command_merges_workdirs(tmp_path):
   for name, records in (("w_base", BASE), ("w_psd", PSD)):
     (tmp_path / name / "eval").mkdir(parents=True)
     (tmp_path / name / "eval" / "results.json").write_text(json.dumps(records))
   out = tmp_path / "out"
-  run_cli("report", str(tmp_path / "w_base"), str(tmp_path / "w_psd"), f"--out={out}", "--names=base,psd")
+  stdout, _ = run_cli("report", str(tmp_path / "w_base"), str(tmp_path / "w_psd"), f"--out={out}", "--names=base,psd")
   table = (out / "report.md").read_text()
-  assert table.splitlines()[0] == "| model | base | psd |" and "| model | base | psd |" in capsys.readouterr().out
+  assert table.splitlines()[0] == "| model | base | psd |" and "| model | base | psd |" in stdout
   assert _row(table, "gen PPL / entropy, 2 steps") == ["400 / 3.1", "88 / 4.01"]
   _png_size(out / "report.png")
 

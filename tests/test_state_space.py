@@ -209,6 +209,7 @@ def _config(**overrides):
   return tiny_config(**{"data.markov.vocab_size": 48, "mesh.data": 1, **overrides})
 
 
+@pytest.mark.slow
 def test_training_gives_the_same_loss_trajectory_on_both_paths(cache_dir):
   ref, _ = _cached_trajectory((("model.state_space", "vocab"),))
   projected, _ = _cached_trajectory((("model.embedded_noise", "project"), ("model.vocab_chunk", 20)))

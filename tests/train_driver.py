@@ -14,6 +14,7 @@ The config is `tiny_config` from conftest.py with the JSON overrides applied.
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -22,7 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.conftest import tiny_config  # noqa: E402 (sets the compile cache like the suite does)
 
 # conftest appended its own device count; this process may want another one (read at backend start).
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.environ.get('CFMJAX_TEST_DEVICES', 8)}"
+# Only that flag changes: the others (conftest's compile flags) must match the test process's, whose
+# runs are compared bit for bit with this one's.
+os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                                 f"--xla_force_host_platform_device_count={os.environ.get('CFMJAX_TEST_DEVICES', 8)}",
+                                 os.environ["XLA_FLAGS"])
 
 from cfmjax import distributed, train  # noqa: E402
 
