@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from test_cli import TINY, cfmjax
+from tests.conftest import tiny_config
+from tests.conftest import TINY_FLAGS as TINY
+from tests.conftest import run_cli
 
 from cfmjax import diagnostics, evaluate, experiment, judges, oracles, schedules, state_space
 from cfmjax.data import pipeline
@@ -88,11 +89,11 @@ def test_denoiser_gap_of_a_network(space, tmp_path):
 
 def test_training_diagnostics_and_eval_flags_end_to_end(tmp_path, cache_dir):
   workdir = tmp_path / "w"
-  cfmjax("train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={workdir}", *TINY,
+  run_cli("train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={workdir}", *TINY,
          "--config.data.markov.vocab_size=8", "--config.train.num_steps=2", "--config.train.eval_every=0",
          "--config.train.diagnostics_every=2", "--config.train.diagnostics_rows=16",
          "--config.train.diagnostics_bins=10", "--config.train.diagnostics_samples=16",
-         "--config.train.diagnostics_steps=4", env_extra={"CFMJAX_CACHE": str(cache_dir)})
+         "--config.train.diagnostics_steps=4")
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   (diag,) = [r for r in logged if "denoiser_ce" in r]
   assert diag["step"] == 2
@@ -102,7 +103,7 @@ def test_training_diagnostics_and_eval_flags_end_to_end(tmp_path, cache_dir):
   assert diag["exact_ce"] < diag["context_free_ce"]
 
   # Sampling with the exact reference beside it, and the gap, in one call.
-  proc = cfmjax("eval", f"--workdir={workdir}", "--steps=4,2", "--num_samples=16", "--batch_size=16",
+  out, _ = run_cli("eval", f"--workdir={workdir}", "--steps=4,2", "--num_samples=16", "--batch_size=16",
                 "--denoiser_gap", "--denoiser_gap_rows=16", "--denoiser_gap_bins=10")
   records = json.loads((workdir / "eval" / "results.json").read_text())
   assert [(r["sampler"], r["steps"]) for r in records] == [
@@ -113,15 +114,15 @@ def test_training_diagnostics_and_eval_flags_end_to_end(tmp_path, cache_dir):
   assert len(gap["bins"]) == 10 and gap["checkpoint_step"] == 2 and "exact_ce" in gap
   assert (workdir / "eval" / "denoiser_gap.png").exists()
   assert "euler_exact" in (workdir / "eval" / "results.md").read_text()
-  assert "denoiser gap:" in proc.stdout
+  assert "denoiser gap:" in out
 
   # The gap alone (no sampling), and the reference switched off: results.json is left as it was.
   (workdir / "eval" / "denoiser_gap.json").unlink()
-  cfmjax("eval", f"--workdir={workdir}", "--steps=0", "--denoiser_gap", "--denoiser_gap_rows=16",
+  run_cli("eval", f"--workdir={workdir}", "--steps=0", "--denoiser_gap", "--denoiser_gap_rows=16",
          "--denoiser_gap_bins=10", "--exact_reference=false")
   assert (workdir / "eval" / "denoiser_gap.json").exists()
   assert json.loads((workdir / "eval" / "results.json").read_text()) == records
-  cfmjax("eval", f"--workdir={workdir}", "--steps=2", "--num_samples=16", "--batch_size=16",
+  run_cli("eval", f"--workdir={workdir}", "--steps=2", "--num_samples=16", "--batch_size=16",
          "--exact_reference=false", "--seed=1")
   records = json.loads((workdir / "eval" / "results.json").read_text())
   assert sum(r["sampler"] == "euler_exact" for r in records) == 2  # only the earlier ones
