@@ -76,7 +76,8 @@ def test_denoiser_gap_of_a_network(space, tmp_path):
                                  batch_size=16)
   assert gap["state_space"] == space and gap["num_rows"] == 20 and len(gap["bins"]) == 10
   for e in gap["bins"]:
-    assert np.isfinite(e["denoiser_ce"]) and e["denoiser_ce_stderr"] > 0
+    # >= 0: with the skip term an untrained network is exact (CE 0 for every row) in the cleanest bins
+    assert np.isfinite(e["denoiser_ce"]) and e["denoiser_ce_stderr"] >= 0
     assert np.isfinite(e["exact_ce"]) and np.isfinite(e["context_free_ce"])
     assert e["lambda_lo"] < e["lambda_mid"] < e["lambda_hi"] and 0 <= e["tau_mid"] <= 1
   # (Per bin the ordering holds in expectation; 20 rows of 8 tokens are too few to assert it per bin.)

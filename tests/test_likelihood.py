@@ -139,7 +139,7 @@ def test_network_bound_is_the_same_through_either_state_space():
   embedding state drawn by projecting the same V-space noise (embedded_noise="project"), with and
   without a chunked head, the V-space bound (bound_space="vocab") is reproduced; the Cholesky draw
   agrees within its SE. With V > D, "auto" picks the embedding bound, the same with and without chunks."""
-  from conftest import tiny_config
+  from tests.conftest import tiny_config
 
   from cfmjax import evaluate, experiment
 
