@@ -49,7 +49,7 @@ def test_text_tiny_train_distill_sample_eval_in_embedding_space(tmp_path, sessio
 
   run_cli("eval", f"--workdir={psd}", "--sampler=flowmap", "--steps=1,2", f"--judge=ar:{ar}",
           "--num_samples=16", "--batch_size=8")
-  run_cli("eval", f"--workdir={base}", "--steps=4", f"--judge=ar:{ar}", "--likelihood", "--likelihood_rows=16",
+  run_cli("eval", f"--workdir={base}", "--steps=4", f"--judge=ar:{ar}", "--likelihood", "--likelihood_rows=16", "--likelihood_selection_rows=16",
           "--likelihood_points=16", "--num_samples=16", "--batch_size=8")
   run_cli("eval", f"--workdir={ar}", "--num_samples=16", "--batch_size=8", "--likelihood_rows=16")
   flow_map = json.loads((psd / "eval" / "results.json").read_text())
