@@ -42,6 +42,8 @@ VARIANTS = {
     "skip": dict(OFF, **{"model.skip": True}),
     "skip_gates": dict(OFF, **{"model.skip": True, "model.gate_init": 1.0}),
     "recipe": {},  # today's defaults in cfmjax/configs.py and the config file
+    # + self-conditioning (SPEC §8; V-space only until issue 13) with the residual gates started on
+    "recipe_sc": {"model.self_condition": True, "model.gate_init": 1.0},
 }
 
 

@@ -27,9 +27,11 @@ def cross_entropy(logits, tokens):
 
 
 def brier_score(probs, tokens):
-  """‖p − e_x1‖² per position, computed without materialising the one-hot vector."""
-  p_target = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.square(probs), axis=-1) - 2.0 * p_target + 1.0
+  """‖p − e_x1‖² = (Σ_{v≠x1} p_v)² + Σ_{v≠x1} p_v² per position: a sum of nonnegative terms, so
+  float32 rounding cannot turn it negative when p is nearly e_x1 (the bound multiplies it by e^λ)."""
+  off = jnp.arange(probs.shape[-1]) != tokens[..., None]
+  p_off = jnp.where(off, probs, 0.0)
+  return jnp.square(jnp.sum(p_off, axis=-1)) + jnp.sum(jnp.square(p_off), axis=-1)
 
 
 def adaptive_weight(logits, tokens, power: float = 0.5, offset: float = 0.01):

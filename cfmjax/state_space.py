@@ -150,14 +150,21 @@ def embed_probs(probs, w):
 # ----------------------------------------------------------------------------------------------
 # The output softmax, reduced one vocabulary chunk at a time.
 
-STAT_NAMES = ("lse", "target", "argmax", "sum_sq", "teacher_dot", "teacher_prob", "mean_embedding")
+STAT_NAMES = ("lse", "target", "off_target", "off_target_sq", "argmax", "sum_sq", "teacher_dot", "teacher_prob",
+              "mean_embedding")
 
 
 def stats_from_logits(logits, tokens=None, teacher=None, embedding=None):
   """The reference reduction of full logits [..., V]: the same dict `vocab_stats` returns.
 
-  lse = log Σ e^z; argmax; sum_sq = Σ p²; with tokens: target = z[token]; with a teacher T:
-  teacher_dot = Σ T z, teacher_prob = Σ T p; with an embedding W: mean_embedding = pW.
+  lse = log Σ e^z; argmax; sum_sq = Σ p²; with tokens: target = z[token], off_target = Σ_{v≠token} p_v
+  and off_target_sq = Σ_{v≠token} p_v²; with a teacher T: teacher_dot = Σ T z, teacher_prob = Σ T p;
+  with an embedding W: mean_embedding = pW.
+
+  Why the off-target sums: near the clean end the logits reach 10⁵ (the skip term γx/(1−γ)²), where
+  one float32 ulp is 0.016, and XLA may round z[token] and lse in different fusions, so
+  1 − exp(z[token] − lse) can come out negative. e^λ times that wrecked the likelihood bound; the
+  Brier score and the CE of a near-certain prediction are read off the off-target mass instead.
   """
   z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   lse = jax.nn.logsumexp(z, axis=-1)
@@ -166,6 +173,9 @@ def stats_from_logits(logits, tokens=None, teacher=None, embedding=None):
          "sum_sq": jnp.sum(jnp.square(probs), axis=-1)}
   if tokens is not None:
     out["target"] = jnp.take_along_axis(z, tokens[..., None], axis=-1)[..., 0]
+    off = jnp.arange(z.shape[-1]) != tokens[..., None]
+    out["off_target"] = jnp.sum(jnp.where(off, probs, 0.0), axis=-1)
+    out["off_target_sq"] = jnp.sum(jnp.where(off, jnp.square(probs), 0.0), axis=-1)
   if teacher is not None:
     t = jax.lax.stop_gradient(teacher).astype(z.dtype)
     out["teacher_dot"] = jnp.sum(t * z, axis=-1)
@@ -238,6 +248,10 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
       inside = (local >= 0) & (local < chunk)
       picked = jnp.take_along_axis(z, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
       out["target"] = carry["target"] + jnp.where(inside, picked, 0.0)
+      off = column != tokens[..., None]
+      out["off_target"] = carry["off_target"] * rescale + jnp.sum(jnp.where(off, e, 0.0), axis=-1)
+      out["off_target_sq"] = (carry["off_target_sq"] * jnp.square(rescale)
+                              + jnp.sum(jnp.where(off, jnp.square(e), 0.0), axis=-1))
     if teacher is not None:
       t = jax.lax.dynamic_slice_in_dim(teacher, offset, chunk, axis=-1)
       out["teacher_dot"] = carry["teacher_dot"] + jnp.sum(t * z, axis=-1)
@@ -252,7 +266,7 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
   init = {"m": jnp.full(batch_shape, -jnp.inf, jnp.float32), "s": zeros, "sum_sq": zeros,
           "argmax": jnp.zeros(batch_shape, jnp.int32)}
   if tokens is not None:
-    init["target"] = zeros
+    init["target"], init["off_target"], init["off_target_sq"] = zeros, zeros, zeros
   if teacher is not None:
     init["teacher_dot"], init["teacher_prob"] = zeros, zeros
   if embedding is not None:
@@ -262,6 +276,8 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
          "sum_sq": acc["sum_sq"] / jnp.square(acc["s"])}
   if tokens is not None:
     out["target"] = acc["target"]
+    out["off_target"] = acc["off_target"] / acc["s"]
+    out["off_target_sq"] = acc["off_target_sq"] / jnp.square(acc["s"])
   if teacher is not None:
     out["teacher_dot"], out["teacher_prob"] = acc["teacher_dot"], acc["teacher_prob"] / acc["s"]
   if embedding is not None:
@@ -272,13 +288,19 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
 # Losses read off the statistics (each equals its textbook form on full logits).
 
 def cross_entropy(stats):
-  """−log p[token] = lse − z[token]."""
-  return stats["lse"] - stats["target"]
+  """−log p[token] = lse − z[token]; −log(1 − off-target mass) where that mass is below ½ (the same
+  value, but free of the rounding of huge logits, see `stats_from_logits`)."""
+  direct = stats["lse"] - stats["target"]
+  if "off_target" not in stats:
+    return direct
+  off = stats["off_target"]
+  return jnp.where(off < 0.5, -jnp.log1p(-jnp.minimum(off, 0.5)), direct)
 
 
 def brier_score(stats):
-  """‖p − e_x1‖² = Σp² − 2 p[token] + 1."""
-  return stats["sum_sq"] - 2.0 * jnp.exp(stats["target"] - stats["lse"]) + 1.0
+  """‖p − e_x1‖² = (1 − p[token])² + Σ_{v≠token} p_v², from the off-target sums (nonnegative by
+  construction; see `stats_from_logits`)."""
+  return jnp.square(stats["off_target"]) + stats["off_target_sq"]
 
 
 def kl_to_teacher(stats, teacher):
