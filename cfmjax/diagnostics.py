@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import corruption, oracles, samplers, sharding, state_space
+from cfmjax import corruption, inference, oracles, samplers, scores, sharding, state_space
 
 LAMBDA_RANGE = (-9.0, 9.0)
 DEFAULT_BINS = 12
@@ -237,8 +237,6 @@ def training_diagnostics(exp):
   fixed seed: Euler for a base flow, the flow map for a distilled one, ancestral sampling for the
   autoregressive baseline (which gets no denoiser gap), plus the floor data_nll_per_token.
   """
-  from cfmjax import evaluate, inference  # noqa: PLC0415 (inference imports the models)
-
   cfg = exp.config.train
   bound = None if exp.model_config.causal else model_ce_fn(exp)
   rows = exp.data.eval_rows(cfg.diagnostics_rows) if bound is not None else None
@@ -263,8 +261,8 @@ def training_diagnostics(exp):
       with jax.set_mesh(exp.mesh):
         tokens = np.concatenate([np.asarray(jax.device_get(fn(params, jax.random.key(i))))
                                  for i in range(0, num_samples, batch)])[:num_samples]
-      out.update(gen_nll_per_token=evaluate.exact_markov_nll(markov, tokens),
-                 gen_entropy=evaluate.unigram_entropy(tokens),
+      out.update(gen_nll_per_token=scores.exact_markov_nll(markov, tokens),
+                 gen_entropy=scores.unigram_entropy(tokens),
                  data_nll_per_token=markov.expected_nll_per_token(tokens.shape[1]))
     return out
 

@@ -26,37 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfmjax import diagnostics, judges, likelihood, oracles, sharding, state_space
+from cfmjax.scores import exact_markov_conditional_nll, exact_markov_nll, unigram_entropy
 from cfmjax import model as model_lib
 
 EXACT_SAMPLER = "euler_exact"  # the Euler sampler run with the exact Markov posterior (SPEC §9)
-
-
-def unigram_entropy(tokens) -> float:
-  """Mean over sequences of −Σ_v (c_v/L) ln(c_v/L) over each sequence's own token counts."""
-  tokens = np.asarray(tokens)
-  values = []
-  for row in tokens:
-    counts = np.bincount(row)
-    p = counts[counts > 0] / row.size
-    values.append(float(-np.sum(p * np.log(p))))
-  return float(np.mean(values))
-
-
-def exact_markov_nll(markov, tokens) -> float:
-  """Σ NLL / Σ tokens under the true chain (pooled, as generative perplexity is defined)."""
-  tokens = np.asarray(tokens)
-  return float(-np.sum(markov.log_likelihood(tokens)) / tokens.size)
-
-
-def exact_markov_conditional_nll(markov, tokens, prompt_len: int) -> float:
-  """Σ −log p(x_{P:} | x_{:P}) / Σ generated tokens under the true chain: the prompt is not judged.
-
-  log p(rest | prefix) = log p(whole row) − log p(prefix), both exact.
-  """
-  tokens = np.asarray(tokens)
-  full = markov.log_likelihood(tokens)
-  prefix = markov.log_likelihood(tokens[:, :prompt_len]) if prompt_len else np.zeros(len(tokens))
-  return float(-np.sum(full - prefix) / (tokens.shape[0] * (tokens.shape[1] - prompt_len)))
 
 
 def score(data, tokens, held_out, judge="default", prompt_len: int = 0) -> dict:

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import ar, evaluate, inference, judges, model, train
+from cfmjax import ar, evaluate, inference, judges, model, scores, train
 from cfmjax.data import markov as markov_lib
 from cfmjax.data.tokenizer import train_sentencepiece
 from tests.conftest import tiny_config
@@ -133,7 +133,7 @@ def test_exact_judge_is_the_chains_likelihood_and_reads_text():
   tokens = chain.rows(range(8), 12, "validation")
   total, count = judge.nll(tokens=tokens)
   assert count == tokens.size
-  assert total / count == pytest.approx(evaluate.exact_markov_nll(chain, tokens), rel=1e-12)
+  assert total / count == pytest.approx(scores.exact_markov_nll(chain, tokens), rel=1e-12)
   texts = [" ".join(map(str, row)) for row in tokens]
   assert judge.nll(texts=texts) == pytest.approx((total, count), rel=1e-12)
   with pytest.raises(ValueError, match="exactly one"):

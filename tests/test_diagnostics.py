@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 from tests.conftest import TINY_FLAGS as TINY
 from tests.conftest import run_cli
 
-from cfmjax import diagnostics, evaluate, experiment, judges, oracles, schedules, state_space
+from cfmjax import diagnostics, evaluate, experiment, judges, oracles, schedules, scores, state_space
 from cfmjax.data import pipeline
 from cfmjax.data.markov import MarkovSource
 
@@ -39,7 +39,7 @@ def test_exact_euler_sampler_reaches_the_floor_through_the_judge(cache_dir):
   assert abs(record["gen_nll_per_token"] - record["data_nll_per_token"]) < 3 * stderr, (record, stderr)
   # One step collapses onto the mode (SPEC §9): far below the floor, a check that the test can fail.
   one = diagnostics.exact_euler_sample(posterior, schedule, 1, 256, 8, 256, seed=0)
-  assert evaluate.exact_markov_nll(data.markov, one) < record["data_nll_per_token"] - 10 * stderr
+  assert scores.exact_markov_nll(data.markov, one) < record["data_nll_per_token"] - 10 * stderr
 
 
 def test_denoiser_gap_of_the_exact_posterior_is_zero_and_the_bounds_hold():
