@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption, prompting, samplers, state_space
+from cfmjax import corruption, samplers, state_space
 
 
 def broadcast_time(gamma, like):
@@ -81,8 +81,8 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
   `state_space.BoundStateSpace`) replaces `flowmap_fn` and the V-space state, as in
   `samplers.euler_sample`: the state is then h = xW and the second output ψW.
 
-  `prompt` = (tokens, mask) keeps those positions fixed (then `flowmap_fn` must accept the
-  model's `prompt_mask=`; V-space only, so `space` must be None). `renoise` = η ∈ [0, 1] is
+  `prompt` = (tokens, mask) keeps those positions fixed, in either space (`StateSpace.readout`;
+  a plain `flowmap_fn` must then accept the model's `prompt_mask=`). `renoise` = η ∈ [0, 1] is
   CTM-style stochastic sampling: each step jumps past its end time t to t* (`renoise_target`) and
   adds fresh noise back down to t (drawn by `space.prior` when given: εW in embedding space); η = 0
   is the deterministic sampler, and the last step (t = 1) is always deterministic.
@@ -96,9 +96,6 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
     raise ValueError(f"the flow-map sampler needs steps >= 1, got {steps}")
   if not 0.0 <= renoise <= 1.0:
     raise ValueError(f"renoise must lie in [0, 1] (0 = deterministic), got {renoise}")
-  if prompt is not None and space is not None:
-    raise ValueError("prompted flow-map sampling runs in V-space: give flowmap_fn, not space= "
-                     "(model.state_space='vocab')")
   draw_noise = None if space is None else space.prior  # None: renoise_to's own N(0, I) in the state's dtype
   space = space or state_space.logits_readout(flowmap_fn, vocab_size)
   with net_scope():
@@ -107,10 +104,8 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
   rng_renoise = jax.random.fold_in(rng, 0x5EED)
 
   def net_readout(x, tau_s, tau_t):
-    if prompt is None:
-      return space.readout(x, tau_s, tau_t)
-    psi = prompting.network_probs(flowmap_fn, x, tau_s, tau_t, prompt=prompt)
-    return psi, jnp.argmax(psi, axis=-1).astype(jnp.int32)
+    psi, tokens, _ = space.readout(x, tau_s, tau_t, prompt=prompt)
+    return psi, tokens
 
   def readout(x, tau_s, tau_t):
     if not wide:
@@ -122,8 +117,7 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
   out, tokens0 = jax.eval_shape(readout, x0, tau_probe, tau_probe)
   dtype = jnp.promote_types(out.dtype, jnp.float64 if wide else jnp.float32)
   x0 = x0.astype(dtype)
-  if prompt is not None:
-    x0 = prompting.clamp_state(x0, *prompt)
+  x0 = space.clamp(x0, prompt)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
   gamma_grid = jnp.asarray(schedule.gamma(tau_grid.astype(dtype) if wide else tau_grid)).astype(dtype)
 
@@ -151,8 +145,7 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
       else:
         noise = None if draw_noise is None else draw_noise(rng_step, (num_samples, length)).astype(dtype)
       x_next = renoise_to(rng_step, x_star, gamma_star, gamma_t, noise=noise)
-    if prompt is not None:
-      x_next = prompting.clamp_state(x_next, *prompt)
+    x_next = space.clamp(x_next, prompt)
     return (x_next, psi, tokens), None
 
   init = (x0, jnp.zeros(out.shape, dtype), jnp.zeros(tokens0.shape, jnp.int32))

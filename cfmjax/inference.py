@@ -72,6 +72,9 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
                      "with distill.guidance has its ω built in")
   if guidance is not None and not conditional:
     raise ValueError("--guidance needs a prompt (--prompt, --prompts_file or --prompt_len)")
+  if guidance is not None and not exp.config.model.get("prompt_flag", False):
+    raise ValueError("--guidance needs a model trained with prompts (flow.prompt.max_len > 0); this one can "
+                     "be prompted (by inpainting) but not guided")
   if renoise and sampler != "flowmap":
     raise ValueError("--renoise applies to the flow-map sampler")
   if sampler == "ar" and (conditional or guidance is not None or renoise):
@@ -85,17 +88,14 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
     if sampler == "ar":  # one network evaluation per position; `steps` does not apply (ar.py)
       return ar.sample(params, exp.model_config, rng, batch_size, length)
     prompt = tuple(prompt) if conditional else None
-    # Prompts, guidance and self-conditioning call the network in V-space (config validation keeps
-    # them off the embedding-space state); otherwise the state lives where configured (SPEC §4).
-    v_space = prompt is not None or guidance is not None or self_condition
-    bound = None if v_space else space.bind(params)
+    # The state lives where configured (SPEC §4); prompts, guidance and self-conditioning are data
+    # for its readout (StateSpace.readout), in either space.
+    bound = space.bind(params)
     if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
-      jump = lambda x, tau_s, tau_t, **kw: exp.apply_fn(params, x, tau_s, tau_t, **kw)
-      tokens, _ = flow_map.flowmap_sample(jump, rng, batch_size, length, vocab, exp.schedule, steps,
+      tokens, _ = flow_map.flowmap_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
                                           space=bound, prompt=prompt, renoise=renoise, precision=precision)
     else:  # Euler steps of the base flow's denoiser, the diagonal s = t (SPEC §2)
-      denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
-      tokens, _ = samplers.euler_sample(denoise, rng, batch_size, length, vocab, exp.schedule, steps,
+      tokens, _ = samplers.euler_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
                                         space=bound, prompt=prompt, guidance=guidance,
                                         self_condition=self_condition, precision=precision)
     return tokens

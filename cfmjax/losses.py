@@ -48,62 +48,39 @@ def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: i
 
   `space` (a `state_space.StateSpace`) says where the state lives and whether the output is reduced
   in vocabulary chunks; None is the V-space reference with full logits from `apply_fn`. `prompt`
-  and `self_condition` (module docstring) run in V-space with full logits only, for now.
+  and `self_condition` (module docstring) are data for the network call, the same in either space:
+  the clean prefix is the state of clean tokens there (one-hot, or the row W[x] in embedding space)
+  and μ̂ is fed as the state space gives it (μ̂, or μ̂W_sc).
   """
-  if prompt is not None or self_condition:
-    if space is not None and space.embedded:
-      raise ValueError("flow.prompt / model.self_condition need model.state_space='vocab' for now")
-    return _conditioned_flow_matching_loss(
-        params, tokens, rng, apply_fn=apply_fn, schedule=schedule, vocab_size=vocab_size,
-        adaptive_weighting=adaptive_weighting, weight_power=weight_power, weight_offset=weight_offset,
-        prompt=prompt, self_condition=self_condition)
   space = space or state_space.StateSpace(apply_fn, vocab_size)
   rng_time, rng_noise = jax.random.split(rng)
+  rng_prompt, rng_self = jax.random.split(jax.random.fold_in(rng, 1))
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
   gamma = schedule.gamma(tau)
   x = space.noisy_state(params, rng_noise, tokens, gamma)
+  conditioning, loss_mask = {}, None
+  if prompt is not None:  # kept rows see their clean prefix and the flag, dropped rows zeros there
+    lengths, dropped = prompting.draw_prompt_lengths(rng_prompt, tokens.shape[0], *prompt)
+    mask = prompting.prefix_mask(lengths, tokens.shape[1])
+    kept = mask & ~dropped[:, None]
+    x = jnp.where(mask[..., None], jnp.zeros_like(x), x)
+    x = jnp.where(kept[..., None], space.clean_state(params, tokens).astype(x.dtype), x)
+    conditioning["prompt_mask"] = kept
+    loss_mask = (~mask).astype(jnp.float32)  # no loss on prompt positions, kept or dropped
+  if self_condition:
+    first = space.self_cond_feed(params, x, tau, tau, **conditioning)
+    use = jax.random.bernoulli(rng_self, 0.5, (tokens.shape[0], 1, 1))
+    conditioning["self_cond"] = jax.lax.stop_gradient(jnp.where(use, first, 0.0))
   # the diagonal s = t of the flow map network
-  stats = space.output_stats(params, x, tau, tau, tokens=tokens)
+  stats = space.output_stats(params, x, tau, tau, tokens=tokens, **conditioning)
   ce = state_space.cross_entropy(stats)
   if adaptive_weighting:  # w = stopgrad((‖μ − x1‖² + c)^(−r))
     weight = jax.lax.stop_gradient((state_space.brier_score(stats) + weight_offset) ** (-weight_power))
   else:
     weight = jnp.ones_like(ce)
-  loss = jnp.mean(weight * ce)
-  accuracy = jnp.mean(stats["argmax"] == tokens)
-  return loss, {"loss": loss, "cross_entropy": jnp.mean(ce), "accuracy": accuracy}
-
-
-def _conditioned_flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
-                                   adaptive_weighting: bool = False, weight_power: float = 0.5,
-                                   weight_offset: float = 0.01, prompt=None, self_condition: bool = False):
-  """`flow_matching_loss` with a prompt and/or self-conditioning, in V-space with full logits."""
-  rng_time, rng_noise = jax.random.split(rng)  # as before conditioning existed: same draws
-  rng_prompt, rng_self = jax.random.split(jax.random.fold_in(rng, 1))
-  tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
-  gamma = schedule.gamma(tau)
-  x = corruption.noisy_state(rng_noise, tokens, gamma, vocab_size)
-  conditioning = {}
-  loss_mask = jnp.ones(tokens.shape, jnp.float32)
-  if prompt is not None:
-    lengths, dropped = prompting.draw_prompt_lengths(rng_prompt, tokens.shape[0], *prompt)
-    x, prompt_mask, loss_mask = prompting.training_input(x, tokens, lengths, dropped, vocab_size)
-    conditioning["prompt_mask"] = prompt_mask
-  if self_condition:
-    first = jax.nn.softmax(apply_fn(params, x, tau, tau, **conditioning).astype(jnp.float32), axis=-1)
-    use = jax.random.bernoulli(rng_self, 0.5, (tokens.shape[0], 1, 1))
-    conditioning["self_cond"] = jax.lax.stop_gradient(jnp.where(use, first, 0.0))
-  logits = apply_fn(params, x, tau, tau, **conditioning)  # the diagonal s = t of the flow map network
-  ce = cross_entropy(logits, tokens)
-  if adaptive_weighting:
-    weight = adaptive_weight(logits, tokens, weight_power, weight_offset)
-  else:
-    weight = jnp.ones_like(ce)
-  if prompt is None:
-    loss = jnp.mean(weight * ce)
-    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == tokens)
-    return loss, {"loss": loss, "cross_entropy": jnp.mean(ce), "accuracy": accuracy}
-  # Mean over generated positions only (rows' prompt lengths differ).
-  loss = prompting.masked_mean(weight * ce, loss_mask)
-  accuracy = prompting.masked_mean(jnp.argmax(logits, axis=-1) == tokens, loss_mask)
-  return loss, {"loss": loss, "cross_entropy": prompting.masked_mean(ce, loss_mask), "accuracy": accuracy}
+  correct = (stats["argmax"] == tokens).astype(jnp.float32)
+  if loss_mask is None:
+    loss, mean_ce, accuracy = jnp.mean(weight * ce), jnp.mean(ce), jnp.mean(correct)
+  else:  # mean over generated positions only (rows' prompt lengths differ)
+    loss, mean_ce, accuracy = (prompting.masked_mean(v, loss_mask) for v in (weight * ce, ce, correct))
+  return loss, {"loss": loss, "cross_entropy": mean_ce, "accuracy": accuracy}

@@ -333,7 +333,10 @@ class FlowTransformer(nn.Module):
     if cfg.self_condition:
       # Applied with μ̂ = 0 when absent on a V-space call, so that init creates the parameters; the
       # projection has no bias, so skipping it for μ̂ = 0 on an embedded call changes nothing.
-      if self_cond is not None or not embedded:
+      # embedded: μ̂ arrives projected too, as μ̂W_sc [B, L, D] (`self_cond_matrix`, SPEC §4).
+      if embedded and self_cond is not None:
+        h = h + self_cond.astype(dtype)
+      elif self_cond is not None or not embedded:
         mu_hat = jnp.zeros_like(x) if self_cond is None else self_cond
         h = h + self.self_cond_embed(mu_hat.astype(dtype))
     elif self_cond is not None:
@@ -375,6 +378,11 @@ def build(config: ModelConfig):
 def embedding_matrix(params):
   """W [V, D]: the first layer's kernel, h = xW (float32, as all parameters)."""
   return params["embed"]["kernel"]
+
+
+def self_cond_matrix(params):
+  """W_sc [V, D]: the self-conditioning projection, μ̂ ↦ μ̂W_sc (model.self_condition)."""
+  return params["self_cond_embed"]["kernel"]
 
 
 def head_params(params):

@@ -12,10 +12,13 @@ unconditional model is the law of the generated positions with the prefix margin
 other choice, treating dropped positions as ordinary noisy generated positions, would need a state
 for them at sampling time that the guided sampler does not have.)
 
-Samplers keep prompt positions fixed by `clamp_logits`: the network's logits there are replaced
-by those of the one-hot, so ψ = μ = e_prompt exactly, and every affine update of the state
-(Euler, flow map, the distillation teachers) maps e_prompt to itself; `clamp_state` re-imposes
-it after each update as well, so rounding cannot move it.
+Samplers keep prompt positions fixed by setting ψ = μ = e_prompt there (its embedding W[x] in
+embedding space), so every affine update of the state maps the prompt to itself; this, the clean
+input, guidance and self-conditioning are data for `state_space.StateSpace.readout`, the same code
+in either space. A model trained without prompts (no flag) is prompted the same way, but its state
+at prompt positions is left to the updates, which move it along x_γ = (1 − γ) ε + γ e_prompt:
+inpainting. The V-space distillation teachers (guided, fixed-point) use `clamp_logits` /
+`clamp_state` below.
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ def validate(config, seq_len: int):
 def validate_state_space(config, vocab_size: int):
   """The SPEC §8 features that exist in V-space only must not meet the embedding-space state.
 
-  The sampler's renoising and the model's prompt flag work in either space; prompts (training,
-  guided and prompted sampling), self-conditioning, guided and fixed-point distillation are
-  written against the V-space state and teachers (state_space.py has no conditioning path yet).
+  Prompts (training, prompted, guided and block sampling) and self-conditioning are data for
+  `state_space.StateSpace` and work in either space; guided and fixed-point distillation are still
+  written against the V-space teachers.
   """
   from cfmjax import state_space  # noqa: PLC0415 (state_space imports model, which is heavier)
 
@@ -59,8 +62,6 @@ def validate_state_space(config, vocab_size: int):
   if state_space.resolve(m.state_space, vocab_size, m.d_model) != "embedding":
     return
   wanted = [name for name, on in (
-      ("flow.prompt.max_len > 0", enabled(config)),
-      ("model.self_condition", m.self_condition),
       ("distill.guidance >= 0", config.stage == "distill" and config.distill.guidance >= 0),
       ("distill.loss='fixed_point'", config.stage == "distill" and config.distill.loss == "fixed_point"),
   ) if on]
@@ -93,18 +94,6 @@ def conditional_input(x, tokens, mask, vocab_size: int):
 def unconditional_input(x, mask):
   """The prompt-dropped state: zeros on prompt positions (read as 'unknown'), x elsewhere."""
   return jnp.where(mask[..., None], jnp.zeros_like(x), x)
-
-
-def training_input(x, tokens, lengths, dropped, vocab_size: int):
-  """(network input, prompt_mask for the network, loss mask [B, L] float) for one training batch.
-
-  Kept rows see their clean prefix and the flag; dropped rows see zeros there and no flag. Neither
-  is trained on its prompt positions.
-  """
-  mask = prefix_mask(lengths, x.shape[1])
-  kept = mask & ~dropped[:, None]
-  net_input = conditional_input(unconditional_input(x, mask), tokens, kept, vocab_size)
-  return net_input, kept, (~mask).astype(jnp.float32)
 
 
 def clamp_logits(logits, tokens, mask):

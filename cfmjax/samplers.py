@@ -18,7 +18,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption, prompting, state_space
+from cfmjax import state_space
 
 
 PRECISIONS = ("float32", "float64")
@@ -60,78 +60,39 @@ def euler_sample(denoise_fn, rng, num_samples: int, length: int, vocab_size: int
   Runs as one `lax.scan` over the grid, so the network is compiled once whatever `steps` is.
   `space` (a `state_space.BoundStateSpace`) replaces `denoise_fn` and the V-space state: the state
   is then whatever it draws (h = xW in embedding space) and the second output is μ in that space (μW).
-  Conditioning (SPEC §8): `prompt` = (tokens [N, L], mask [N, L]) keeps the masked positions fixed
-  at the prompt's one-hot; `guidance` = ω mixes in the unconditional denoiser (needs a prompt);
-  `self_condition` feeds the last estimate μ̂ back (0 at the first step). With any of them on,
-  `denoise_fn(x, tau, **kw)` must accept the model's `prompt_mask=` / `self_cond=` keywords. The
-  conditioned sampler runs in V-space only (`space` must be None then). `precision`: the state's
-  dtype, "float32" or "float64" (see the module docstring).
+  Conditioning (SPEC §8) is data for the state space's readout, the same in either space:
+  `prompt` = (tokens [N, L], mask [N, L]) fixes the masked positions; `guidance` = ω mixes in the
+  unconditional denoiser (needs a prompt); `self_condition` feeds the last estimate μ̂ back (0 at
+  the first step). A plain `denoise_fn(x, tau, **kw)` must then accept the model's `prompt_mask=` /
+  `self_cond=` keywords. `precision`: the state's dtype, "float32" or "float64" (module docstring).
   """
   dtype = state_dtype(precision)
   if steps < 1:
     raise ValueError(f"the Euler sampler needs steps >= 1, got {steps}")
-  if prompt is not None or guidance is not None or self_condition:
-    if space is not None:
-      raise ValueError("prompts, guidance and self-conditioning run in V-space: give denoise_fn, not "
-                       "space= (model.state_space='vocab')")
-    return _conditioned_euler_sample(denoise_fn, rng, num_samples, length, vocab_size, schedule, steps,
-                                     prompt=prompt, guidance=guidance, self_condition=self_condition,
-                                     precision=precision)
-  space = space or state_space.logits_readout(lambda x, tau_s, tau_t: denoise_fn(x, tau_t), vocab_size)
+  space = space or state_space.logits_readout(lambda x, tau_s, tau_t, **kw: denoise_fn(x, tau_t, **kw), vocab_size)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
   gamma_grid = schedule.gamma(tau_grid.astype(dtype))
   with network_scope(precision):
     x0 = space.prior(rng, (num_samples, length))  # the same draw whatever the precision
   net_dtype = x0.dtype
 
-  def readout(x, tau):
+  def readout(x, tau, fed):
     if precision == "float32":
-      return space.readout(x, tau, tau)
+      return space.readout(x, tau, tau, prompt=prompt, guidance=guidance, self_cond=fed)
     with network_scope(precision):
-      return space.readout(x.astype(net_dtype), tau, tau)
+      return space.readout(x.astype(net_dtype), tau, tau, prompt=prompt, guidance=guidance, self_cond=fed)
 
   def step(carry, i):
-    x, _, _ = carry
+    x, _, _, fed = carry
     tau = jnp.full((num_samples,), tau_grid[i])
-    mu, tokens = readout(x, tau)
-    return (euler_step(x, mu.astype(dtype), gamma_grid[i], gamma_grid[i + 1]), mu, tokens), None
+    mu, tokens, fed = readout(x, tau, fed)
+    x_next = space.clamp(euler_step(x, mu.astype(dtype), gamma_grid[i], gamma_grid[i + 1]), prompt)
+    return (x_next, mu, tokens, fed), None
 
+  fed0 = jnp.zeros(x0.shape, net_dtype) if self_condition else None  # μ̂ = 0 (or 0·W_sc) first
   tau_probe = jnp.zeros((num_samples,), jnp.float32)
-  mu0, tokens0 = jax.eval_shape(readout, x0, tau_probe)
+  mu0, tokens0, _ = jax.eval_shape(readout, x0, tau_probe, fed0)
   x0 = x0.astype(dtype) if precision == "float64" else x0
-  init = (x0, jnp.zeros(mu0.shape, jnp.float32), jnp.zeros(tokens0.shape, jnp.int32))
-  (_, mu_last, tokens), _ = jax.lax.scan(step, init, jnp.arange(steps))
+  init = (space.clamp(x0, prompt), jnp.zeros(mu0.shape, mu0.dtype), jnp.zeros(tokens0.shape, jnp.int32), fed0)
+  (_, mu_last, tokens, _), _ = jax.lax.scan(step, init, jnp.arange(steps))
   return tokens, mu_last
-
-
-def _conditioned_euler_sample(denoise_fn, rng, num_samples, length, vocab_size, schedule, steps, *,
-                              prompt, guidance, self_condition, precision="float32"):
-  """The V-space Euler sampler with a prompt, guidance and/or self-conditioning (SPEC §8)."""
-  dtype = state_dtype(precision)
-  tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
-  gamma_grid = schedule.gamma(tau_grid.astype(dtype))
-  with network_scope(precision):
-    x0 = corruption.prior_sample(rng, (num_samples, length), vocab_size)
-  x0 = x0.astype(dtype) if precision == "float64" else x0
-  if prompt is not None:
-    x0 = prompting.clamp_state(x0, *prompt)
-  net = lambda x, tau_s, tau_t, **kw: denoise_fn(x, tau_s, **kw)
-
-  def step(carry, i):
-    x, mu_prev = carry
-    tau = jnp.full((num_samples,), tau_grid[i])
-    if precision == "float32":
-      mu = prompting.network_probs(net, x, tau, tau, prompt=prompt, guidance=guidance,
-                                   self_cond=mu_prev if self_condition else None)
-    else:
-      with network_scope(precision):
-        mu = prompting.network_probs(net, x.astype(jnp.float32), tau, tau, prompt=prompt, guidance=guidance,
-                                     self_cond=mu_prev.astype(jnp.float32) if self_condition else None)
-      mu = mu.astype(dtype)
-    x_next = euler_step(x, mu, gamma_grid[i], gamma_grid[i + 1])
-    if prompt is not None:
-      x_next = prompting.clamp_state(x_next, *prompt)
-    return (x_next, mu), None
-
-  (_, mu_last), _ = jax.lax.scan(step, (x0, jnp.zeros_like(x0)), jnp.arange(steps))
-  return jnp.argmax(mu_last, axis=-1).astype(jnp.int32), mu_last

@@ -335,6 +335,7 @@ class StateSpace:
   vocab_chunk: int = 0
   noise: str = "cholesky"
   dtype: str = "float32"  # the model's activation dtype (the chunked head matmul runs in it)
+  prompt_flag: bool = False  # the model was trained with prompts (model.prompt_flag): see `readout`
 
   def _call(self, params, state, tau_s, tau_t, hidden=False, **conditioning):
     # conditioning: the model's prompt_mask= / self_cond= (prompting.py), passed only when given
@@ -378,9 +379,12 @@ class StateSpace:
     return draw_noise(rng, shape, w, mode=self.noise)[0]
 
   def output_stats(self, params, state, tau_s, tau_t, *, tokens=None, teacher=None, with_embedding=False,
-                   **conditioning):
-    """`stats_from_logits` of the network's output, chunked over V when `vocab_chunk` > 0."""
-    embedding = model_lib.embedding_matrix(params) if with_embedding else None
+                   embedding=None, **conditioning):
+    """`stats_from_logits` of the network's output, chunked over V when `vocab_chunk` > 0.
+
+    mean_embedding = ψE for `embedding` E [V, D'] (with_embedding: E = W, the state's projection)."""
+    if with_embedding:
+      embedding = model_lib.embedding_matrix(params)
     if 0 < self.vocab_chunk < self.vocab_size:
       hidden = self._call(params, state, tau_s, tau_t, hidden=True, **conditioning)
       hidden, skip = hidden if isinstance(hidden, tuple) else (hidden, None)  # model.skip (SPEC §9)
@@ -389,30 +393,110 @@ class StateSpace:
                          tokens=tokens, teacher=teacher, embedding=embedding, skip=skip)
     return stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding)
 
-  def readout(self, params, state, tau_s, tau_t):
-    """(ψ in this state space, argmax tokens): what a sampler step needs from the network."""
+  def clean_state(self, params, tokens):
+    """The state of clean tokens (γ = 1): the one-hot e_x, or its embedding W[x] (float32)."""
     if self.embedded:
-      stats = self.output_stats(params, state, tau_s, tau_t, with_embedding=True)
-      return stats["mean_embedding"], stats["argmax"]
-    z = self.logits(params, state, tau_s, tau_t)
-    psi = jax.nn.softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)), axis=-1)
-    return psi, jnp.argmax(psi, axis=-1).astype(jnp.int32)
+      return jnp.take(model_lib.embedding_matrix(params).astype(jnp.float32), tokens, axis=0)
+    return corruption.one_hot(tokens, self.vocab_size, jnp.float32)
+
+  def self_cond_input(self, params, probs_or_tokens):
+    """The network's self-conditioning input for clean tokens (int) or a distribution [.., V]:
+    μ̂ itself in V-space, μ̂W_sc in embedding space (model.self_cond_matrix)."""
+    mu = probs_or_tokens
+    if jnp.issubdtype(mu.dtype, jnp.integer):
+      mu = corruption.one_hot(mu, self.vocab_size, jnp.float32)
+    return embed_probs(mu, model_lib.self_cond_matrix(params)) if self.embedded else mu
+
+  def _reduce(self, params, state, tau_s, tau_t, feed: bool, **conditioning):
+    """(ψ in this space, argmax tokens, ψ as the next self-conditioning input or None)."""
+    if not self.embedded:
+      z = self.logits(params, state, tau_s, tau_t, **conditioning)
+      psi = jax.nn.softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)), axis=-1)
+      return psi, jnp.argmax(psi, axis=-1).astype(jnp.int32), (psi if feed else None)
+    w = model_lib.embedding_matrix(params)
+    d = w.shape[1]
+    if feed:  # one pass over the vocabulary gives both ψW and ψW_sc
+      w = jnp.concatenate([w, model_lib.self_cond_matrix(params)], axis=1)
+    stats = self.output_stats(params, state, tau_s, tau_t, embedding=w, **conditioning)
+    mean = stats["mean_embedding"]
+    return mean[..., :d], stats["argmax"], (mean[..., d:] if feed else None)
+
+  def self_cond_feed(self, params, state, tau_s, tau_t, **conditioning):
+    """The self-conditioning input made from one pass of the network (μ̂ = 0): ψ, or ψW_sc."""
+    return self._reduce(params, state, tau_s, tau_t, True, **conditioning)[2]
+
+  def readout(self, params, state, tau_s, tau_t, *, prompt=None, guidance=None, self_cond=None):
+    """(ψ in this state space, argmax tokens, self-conditioning feed): what a sampler step needs.
+
+    Conditioning (SPEC §8) is the same in either space, as data:
+      `prompt` = (tokens, mask [B, L]): ψ is clamped to the clean state at the prompt positions,
+        so every affine update keeps them (or, for a model without model.prompt_flag, moves them
+        along x_γ = (1 − γ) ε + γ x1: inpainting). A prompt-trained model also sees the clean
+        prompt and its flag there (`conditional_input`).
+      `guidance` = ω: an unconditional pass (prompt positions zeroed, no flag) is mixed in,
+        ψ_ω = (1 − ω) ψ_u + ω ψ_c; ψ is affine in ψW, so the mix is the same in embedding space.
+        The tokens are the argmax of ψ_ω in V-space, of the conditional pass in embedding space
+        (ψ_ω is never formed in R^V there).
+      `self_cond`: the previous feed (None: not self-conditioned); the third output is then the
+        new one (ψ, or ψW_sc in embedding space), else None.
+    """
+    feed = self_cond is not None
+    kwargs = {} if self_cond is None else {"self_cond": self_cond}
+    if prompt is None:
+      if guidance is not None:
+        raise ValueError("guidance needs a prompt (the condition to guide towards)")
+      return self._reduce(params, state, tau_s, tau_t, feed, **kwargs)
+    tokens, mask = prompt
+    flagged = self.prompt_flag
+    if guidance is not None and not flagged:
+      raise ValueError("guidance needs a model trained with prompts (flow.prompt.max_len > 0): this one "
+                       "has model.prompt_flag=False, so it can be prompted (inpainting) but not guided")
+    keep = mask[..., None]
+    clean = self.clean_state(params, tokens)
+    clean_feed = self.self_cond_input(params, tokens) if feed else None
+
+    def clamped(psi, argmax, fed):
+      fed = None if fed is None else jnp.where(keep, clean_feed, fed)
+      return jnp.where(keep, clean, psi), jnp.where(mask, tokens, argmax), fed
+
+    cond_in = jnp.where(keep, clean, state) if flagged else state
+    cond_kwargs = dict(kwargs, prompt_mask=mask) if flagged else kwargs
+    psi_c, tok_c, fed_c = clamped(*self._reduce(params, cond_in, tau_s, tau_t, feed, **cond_kwargs))
+    if guidance is None:
+      return psi_c, tok_c, fed_c
+    uncond_in = jnp.where(keep, jnp.zeros_like(state), state)
+    psi_u, _, fed_u = clamped(*self._reduce(params, uncond_in, tau_s, tau_t, feed, **kwargs))
+    mix = lambda u, c: (1.0 - guidance) * u + guidance * c  # ω = 0 and ω = 1 exact
+    psi = mix(psi_u, psi_c)
+    tok = tok_c if self.embedded else jnp.argmax(psi, axis=-1).astype(jnp.int32)
+    return psi, tok, (None if fed_c is None else mix(fed_u, fed_c))
+
+  def clamp(self, params, state, prompt):
+    """The state with a prompt-trained model's prompt positions at their clean state (the state
+    itself for inpainting, `readout`): samplers re-impose it after each update against rounding."""
+    if prompt is None or not self.prompt_flag:
+      return state
+    tokens, mask = prompt
+    return jnp.where(mask[..., None], self.clean_state(params, tokens).astype(state.dtype), state)
 
   def bind(self, params) -> "BoundStateSpace":
-    return BoundStateSpace(functools.partial(self.prior, params), functools.partial(self.readout, params))
+    return BoundStateSpace(functools.partial(self.prior, params), functools.partial(self.readout, params),
+                           functools.partial(self.clamp, params))
 
 
 @dataclasses.dataclass(frozen=True)
 class BoundStateSpace:
-  """A state space with the parameters fixed: what the samplers take (`prior`, `readout`)."""
+  """A state space with the parameters fixed: what the samplers take."""
 
   prior: Callable  # (rng, shape) -> state
-  readout: Callable  # (state, τ_s, τ_t) -> (ψ in state space, tokens)
+  readout: Callable  # (state, τ_s, τ_t, *, prompt, guidance, self_cond) -> (ψ, tokens, feed)
+  clamp: Callable  # (state, prompt) -> state
 
 
-def logits_readout(logits_fn, vocab_size: int) -> BoundStateSpace:
-  """The V-space samplers' view of a plain `logits_fn(x, τ_s, τ_t)` (exact oracles included)."""
-  space = StateSpace(lambda _, x, ts, tt: logits_fn(x, ts, tt), vocab_size)
+def logits_readout(logits_fn, vocab_size: int, prompt_flag: bool = True) -> BoundStateSpace:
+  """The V-space samplers' view of a plain `logits_fn(x, τ_s, τ_t, **conditioning)` (exact oracles
+  included; with a prompt it is given prompt_mask= unless prompt_flag is False)."""
+  space = StateSpace(lambda _, x, ts, tt, **kw: logits_fn(x, ts, tt, **kw), vocab_size, prompt_flag=prompt_flag)
   return space.bind(None)
 
 
@@ -425,4 +509,4 @@ def from_config(apply_fn, vocab_size: int, config) -> StateSpace:
   if m.embedded_noise not in NOISE_MODES:
     raise ValueError(f"unknown model.embedded_noise={m.embedded_noise!r}; choose one of {NOISE_MODES}")
   return StateSpace(apply_fn, vocab_size, embedded=kind == "embedding", vocab_chunk=int(m.vocab_chunk),
-                    noise=m.embedded_noise, dtype=m.dtype)
+                    noise=m.embedded_noise, dtype=m.dtype, prompt_flag=bool(m.get("prompt_flag", False)))

@@ -69,3 +69,21 @@ def test_eval_conditions_on_held_out_prefixes_and_judges_the_rest_exactly(prompt
   chain = MarkovSource(config["vocab_size"], config["order"], config["concentration"], config["seed"])
   assert r["data_nll_per_token"] == pytest.approx(chain.entropy_rate(), rel=1e-12)
   assert np.isfinite(r["gen_nll_per_token"]) and r["gen_nll_per_token"] > 0
+
+
+def test_prompts_guidance_and_self_conditioning_in_embedding_space(tmp_path, session_cache):
+  """The prompt-trained, self-conditioned config with its state in embedding space (SPEC §4, §8):
+  trained through `cfmjax train`, then prompted, guided and block-continued through `cfmjax sample`."""
+  workdir, out = tmp_path / "w", tmp_path / "out"
+  with _in_repo():
+    run_cli("train", "--config=experiments/conditional/markov_tiny_prompt.py", f"--workdir={workdir}",
+            *TINY_FLAGS, "--config.data.markov.vocab_size=8", "--config.flow.prompt.max_len=8",
+            "--config.model.state_space=embedding", "--config.model.self_condition=True",
+            "--config.train.num_steps=2", "--config.train.eval_every=0")
+  saved = json.loads((workdir / "config.json").read_text())["model"]
+  assert saved["state_space"] == "embedding" and saved["self_condition"] and saved["prompt_flag"]
+  run_cli("sample", f"--checkpoint={workdir}", f"--workdir={out}", "--prompt=3 1 4", "--block_size=4",
+          "--num_blocks=2", "--guidance=1.5", "--steps=2", "--num_samples=2")
+  name, rows = _samples(out)
+  assert name == "euler_2steps_prompted_cfg1.5_ckpt2.jsonl"
+  assert all(r["tokens"][:3] == [3, 1, 4] and len(r["tokens"]) == 3 + 2 * 4 for r in rows)

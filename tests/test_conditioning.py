@@ -135,39 +135,32 @@ def test_self_conditioned_model_with_zero_estimate_is_the_plain_network():
   # Fed the embedded state h = xW, the network skips its first layer and nothing else changes.
   h = x @ model_lib.embedding_matrix(params)
   np.testing.assert_allclose(apply_sc(params, h, tau, tau, embedded=True), plain, atol=1e-5)
-  np.testing.assert_allclose(apply_sc(params, h, tau, tau, embedded=True, self_cond=mu_hat),
+  # ... and μ̂ arrives projected as well, μ̂W_sc.
+  np.testing.assert_allclose(apply_sc(params, h, tau, tau, embedded=True,
+                                      self_cond=mu_hat @ model_lib.self_cond_matrix(params)),
                              apply_sc(params, x, tau, tau, self_cond=mu_hat), atol=1e-5)
 
 
 def test_v_space_features_refuse_the_embedding_state():
-  """Prompts, self-conditioning, guided and fixed-point distillation need model.state_space='vocab'."""
+  """Guided and fixed-point distillation need model.state_space='vocab'; prompts and
+  self-conditioning work in either space (tests/test_state_space.py checks them there)."""
   def config(**model):
     c = configs.base_config()
     c.model.update(model)
     return c
 
-  prompted = config(state_space="embedding")
-  prompted.flow.prompt.max_len = 4
-  with pytest.raises(ValueError, match="flow.prompt.max_len > 0 need model.state_space='vocab'"):
-    prompting.validate_state_space(prompted, vocab_size=64)
-  auto_large_vocab = config(self_condition=True, d_model=16)  # auto: embedding since V = 64 > 16
-  with pytest.raises(ValueError, match="model.self_condition need model.state_space='vocab'"):
-    prompting.validate_state_space(auto_large_vocab, vocab_size=64)
-  fixed = config(state_space="embedding")
+  guided = config(state_space="embedding")
+  guided.stage, guided.distill.guidance = "distill", 2.0
+  with pytest.raises(ValueError, match="distill.guidance >= 0 need model.state_space='vocab'"):
+    prompting.validate_state_space(guided, vocab_size=64)
+  fixed = config(self_condition=True, d_model=16)  # auto: embedding since V = 64 > 16
   fixed.stage, fixed.distill.loss = "distill", "fixed_point"
-  with pytest.raises(ValueError, match="fixed_point"):
+  with pytest.raises(ValueError, match="fixed_point' need model.state_space='vocab' for now .'auto' picks embedding"):
     prompting.validate_state_space(fixed, vocab_size=64)
-  for ok in (config(state_space="vocab", self_condition=True), config(state_space="embedding")):
-    prompting.validate_state_space(ok, vocab_size=64)  # vocab with features, embedding without: fine
-  # The functions themselves refuse an embedded state space with conditioning, too.
-  space = state_space.StateSpace(lambda p, x, s, t, **kw: toy_net(x, s, t), V, embedded=True)
-  with pytest.raises(ValueError, match="state_space='vocab'"):
-    samplers.euler_sample(None, jax.random.key(0), N, L, V, SCHEDULE, 2, space=space.bind(None), prompt=PROMPT)
-  with pytest.raises(ValueError, match="state_space='vocab'"):
-    flow_map.flowmap_sample(None, jax.random.key(0), N, L, V, SCHEDULE, 2, space=space.bind(None), prompt=PROMPT)
-  with pytest.raises(ValueError, match="state_space='vocab'"):
-    losses.flow_matching_loss(None, PROMPT_TOKENS, jax.random.key(0), apply_fn=None, schedule=SCHEDULE,
-                              vocab_size=V, space=space, self_condition=True)
+  prompted = config(state_space="embedding", self_condition=True)
+  prompted.flow.prompt.max_len = 4
+  for ok in (prompted, config(state_space="vocab", self_condition=True), config(state_space="embedding")):
+    prompting.validate_state_space(ok, vocab_size=64)
 
 
 def test_renoise_zero_is_the_deterministic_sampler_and_positive_renoise_is_not():

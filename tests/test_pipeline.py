@@ -47,6 +47,15 @@ def test_text_tiny_train_distill_sample_eval_in_embedding_space(tmp_path, sessio
   rows = [json.loads(line) for line in path.read_text().splitlines()]
   assert len(rows) == 4 and all(r["renoise"] == 0.5 and isinstance(r["text"], str) for r in rows)
 
+  # A model trained without prompts is prompted by inpainting, in embedding space, with either sampler.
+  for workdir, sampler in ((base, "euler"), (psd, "flowmap")):
+    out = tmp_path / f"prompted_{sampler}"
+    run_cli("sample", f"--checkpoint={workdir}", f"--workdir={out}", f"--sampler={sampler}", "--steps=2",
+            "--prompt=the", "--block_size=4", "--num_samples=2", "--batch_size=8")
+    (path,) = (out / "samples").glob("*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["prompt"] and len(r["tokens"]) > 4 for r in rows)
+
   run_cli("eval", f"--workdir={psd}", "--sampler=flowmap", "--steps=1,2", f"--judge=ar:{ar}",
           "--num_samples=16", "--batch_size=8")
   run_cli("eval", f"--workdir={base}", "--steps=4", f"--judge=ar:{ar}", "--likelihood", "--likelihood_rows=16", "--likelihood_selection_rows=16",

@@ -8,6 +8,7 @@ textbook softmax / cross-entropy / KL), never the embedding path itself:
 - a tiny model trains with the same loss trajectory on both paths.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -45,6 +46,17 @@ def _close(a, b, atol=2e-5, rtol=1e-4):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol)
 
 
+@pytest.fixture(scope="module")
+def conditioned_net():
+  """The same network with the self-conditioning input and the prompt flag (SPEC §8)."""
+  cfg = dataclasses.replace(CFG, self_condition=True, prompt_flag=True)
+  init_fn, apply_fn = model_lib.build(cfg)
+  params = nn.meta.unbox(init_fn(jax.random.key(0), 1, LENGTH))
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(lambda p: p + 0.2 * rng.standard_normal(p.shape).astype(np.float32), params)
+  return apply_fn, params
+
+
 # --- deterministic parts --------------------------------------------------------------------------
 
 def test_noisy_state_is_the_projection_of_the_vocab_state(net):
@@ -60,6 +72,48 @@ def test_noisy_state_is_the_projection_of_the_vocab_state(net):
   np.testing.assert_array_equal(h[-1], np.asarray(jnp.take(w, tokens[-1], axis=0)))
   # The network sees the same input either way.
   _close(apply_fn(params, h, gamma, gamma, embedded=True), apply_fn(params, x, gamma, gamma), atol=1e-4)
+
+
+def test_conditioning_is_the_same_in_either_space(conditioned_net):
+  """Prompts (a prompt-trained model, and inpainting for one without the flag), guidance and
+  self-conditioning are data for StateSpace.readout: the embedding-space samplers (vocab chunks)
+  track xW of the V-space run token for token, prompt positions come out as the prompt, and the
+  prompted, self-conditioned training loss is the V-space one."""
+  apply_fn, params = conditioned_net
+  schedule = schedules.get_schedule("mixed", VOCAB)
+  w = np.asarray(model_lib.embedding_matrix(params))
+  prompt_tokens = jax.random.randint(jax.random.key(7), (BATCH, LENGTH), 0, VOCAB)
+  mask = jnp.arange(LENGTH)[None, :] < jnp.array([2, 0, 3, 5])[:, None]
+  prompt = (prompt_tokens, mask)
+  for flag in (True, False):
+    vocab = state_space.StateSpace(apply_fn, VOCAB, prompt_flag=flag)
+    embedded = state_space.StateSpace(apply_fn, VOCAB, embedded=True, vocab_chunk=16, noise="project",
+                                      prompt_flag=flag)
+    runs = [functools.partial(samplers.euler_sample, self_condition=True),
+            functools.partial(flow_map.flowmap_sample, renoise=0.5)]
+    if flag:  # guidance needs a prompt-trained model
+      runs.append(functools.partial(samplers.euler_sample, guidance=1.5, self_condition=True))
+    for run in runs:
+      ref_tokens, ref_mu = run(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, 5,
+                               space=vocab.bind(params), prompt=prompt)
+      tokens, mu_w = run(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, 5,
+                         space=embedded.bind(params), prompt=prompt)
+      np.testing.assert_array_equal(tokens, ref_tokens)
+      np.testing.assert_array_equal(np.asarray(tokens)[np.asarray(mask)], np.asarray(prompt_tokens)[np.asarray(mask)])
+      _close(mu_w, np.asarray(ref_mu) @ w, atol=1e-5)
+    if not flag:
+      with pytest.raises(ValueError, match="prompt_flag=False"):
+        samplers.euler_sample(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, 2,
+                              space=vocab.bind(params), prompt=prompt, guidance=1.5)
+  tokens = jax.random.randint(jax.random.key(8), (BATCH, LENGTH), 0, VOCAB)
+  vocab = state_space.StateSpace(apply_fn, VOCAB, prompt_flag=True)
+  embedded = state_space.StateSpace(apply_fn, VOCAB, embedded=True, vocab_chunk=16, noise="project", prompt_flag=True)
+  loss = functools.partial(losses.flow_matching_loss, tokens=tokens, rng=jax.random.key(9), apply_fn=apply_fn,
+                           schedule=schedule, vocab_size=VOCAB, prompt=(1, 4, 0.3), self_condition=True)
+  (ref, _), ref_grad = jax.value_and_grad(lambda p: loss(p, space=vocab), has_aux=True)(params)
+  (val, _), grad = jax.value_and_grad(lambda p: loss(p, space=embedded), has_aux=True)(params)
+  _close(val, ref, atol=1e-5)
+  _close(grad["head"]["kernel"], ref_grad["head"]["kernel"], atol=1e-4)
 
 
 def test_samplers_carry_the_projected_state(net):
