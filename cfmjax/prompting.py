@@ -53,17 +53,19 @@ def validate_state_space(config, vocab_size: int):
   """The SPEC §8 features that exist in V-space only must not meet the embedding-space state.
 
   Prompts (training, prompted, guided and block sampling) and self-conditioning are data for
-  `state_space.StateSpace` and work in either space; guided and fixed-point distillation are still
-  written against the V-space teachers.
+  `state_space.StateSpace` and work in either space for training and sampling; conditional, guided
+  and fixed-point distillation are still written against the V-space teachers (distill.py).
   """
   from cfmjax import state_space  # noqa: PLC0415 (state_space imports model, which is heavier)
 
   m = config.model
   if state_space.resolve(m.state_space, vocab_size, m.d_model) != "embedding":
     return
+  distilling = config.stage == "distill"
   wanted = [name for name, on in (
-      ("distill.guidance >= 0", config.stage == "distill" and config.distill.guidance >= 0),
-      ("distill.loss='fixed_point'", config.stage == "distill" and config.distill.loss == "fixed_point"),
+      ("conditional distillation (flow.prompt.max_len > 0)", distilling and enabled(config)),
+      ("distill.guidance >= 0", distilling and config.distill.guidance >= 0),
+      ("distill.loss='fixed_point'", distilling and config.distill.loss == "fixed_point"),
   ) if on]
   if wanted:
     why = (f"'auto' picks embedding since vocab_size={vocab_size} > d_model={m.d_model}"

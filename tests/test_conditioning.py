@@ -159,6 +159,10 @@ def test_v_space_features_refuse_the_embedding_state():
     prompting.validate_state_space(fixed, vocab_size=64)
   prompted = config(state_space="embedding", self_condition=True)
   prompted.flow.prompt.max_len = 4
+  conditional_map = config(state_space="embedding")
+  conditional_map.stage, conditional_map.flow.prompt.max_len = "distill", 4
+  with pytest.raises(ValueError, match=r"conditional distillation \(flow.prompt.max_len > 0\) need"):
+    prompting.validate_state_space(conditional_map, vocab_size=64)
   for ok in (prompted, config(state_space="vocab", self_condition=True), config(state_space="embedding")):
     prompting.validate_state_space(ok, vocab_size=64)
 
