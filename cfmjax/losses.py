@@ -34,12 +34,6 @@ def brier_score(probs, tokens):
   return jnp.square(jnp.sum(p_off, axis=-1)) + jnp.sum(jnp.square(p_off), axis=-1)
 
 
-def adaptive_weight(logits, tokens, power: float = 0.5, offset: float = 0.01):
-  """w = stopgrad((‖μ − x1‖² + c)^(−r)): up-weights positions the model already nearly solves."""
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return jax.lax.stop_gradient((brier_score(probs, tokens) + offset) ** (-power))
-
-
 def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
                        adaptive_weighting: bool = False, weight_power: float = 0.5,
                        weight_offset: float = 0.01, space=None, prompt=None,
@@ -63,7 +57,7 @@ def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: i
     lengths, dropped = prompting.draw_prompt_lengths(rng_prompt, tokens.shape[0], *prompt)
     mask = prompting.prefix_mask(lengths, tokens.shape[1])
     kept = mask & ~dropped[:, None]
-    x = jnp.where(mask[..., None], jnp.zeros_like(x), x)
+    x = prompting.unconditional_input(x, mask)
     x = jnp.where(kept[..., None], space.clean_state(params, tokens).astype(x.dtype), x)
     conditioning["prompt_mask"] = kept
     loss_mask = (~mask).astype(jnp.float32)  # no loss on prompt positions, kept or dropped

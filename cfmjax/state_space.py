@@ -399,13 +399,11 @@ class StateSpace:
       return jnp.take(model_lib.embedding_matrix(params).astype(jnp.float32), tokens, axis=0)
     return corruption.one_hot(tokens, self.vocab_size, jnp.float32)
 
-  def self_cond_input(self, params, probs_or_tokens):
-    """The network's self-conditioning input for clean tokens (int) or a distribution [.., V]:
-    μ̂ itself in V-space, μ̂W_sc in embedding space (model.self_cond_matrix)."""
-    mu = probs_or_tokens
-    if jnp.issubdtype(mu.dtype, jnp.integer):
-      mu = corruption.one_hot(mu, self.vocab_size, jnp.float32)
-    return embed_probs(mu, model_lib.self_cond_matrix(params)) if self.embedded else mu
+  def clean_self_cond(self, params, tokens):
+    """The self-conditioning input of clean tokens: e_x in V-space, W_sc[x] in embedding space."""
+    if self.embedded:
+      return jnp.take(model_lib.self_cond_matrix(params).astype(jnp.float32), tokens, axis=0)
+    return corruption.one_hot(tokens, self.vocab_size, jnp.float32)
 
   def _reduce(self, params, state, tau_s, tau_t, feed: bool, **conditioning):
     """(ψ in this space, argmax tokens, ψ as the next self-conditioning input or None)."""
@@ -453,7 +451,7 @@ class StateSpace:
                        "has model.prompt_flag=False, so it can be prompted (inpainting) but not guided")
     keep = mask[..., None]
     clean = self.clean_state(params, tokens)
-    clean_feed = self.self_cond_input(params, tokens) if feed else None
+    clean_feed = self.clean_self_cond(params, tokens) if feed else None
 
     def clamped(psi, argmax, fed):
       fed = None if fed is None else jnp.where(keep, clean_feed, fed)
@@ -464,7 +462,7 @@ class StateSpace:
     psi_c, tok_c, fed_c = clamped(*self._reduce(params, cond_in, tau_s, tau_t, feed, **cond_kwargs))
     if guidance is None:
       return psi_c, tok_c, fed_c
-    uncond_in = jnp.where(keep, jnp.zeros_like(state), state)
+    uncond_in = jnp.where(keep, jnp.zeros_like(state), state)  # prompting.unconditional_input's state
     psi_u, _, fed_u = clamped(*self._reduce(params, uncond_in, tau_s, tau_t, feed, **kwargs))
     mix = lambda u, c: (1.0 - guidance) * u + guidance * c  # ω = 0 and ω = 1 exact
     psi = mix(psi_u, psi_c)
