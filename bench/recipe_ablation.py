@@ -35,15 +35,19 @@ SOURCES = {
     "o2_v48_c01": dict(vocab_size=48, order=2, concentration=0.1, seed=14),  # nearly pairwise-silent
 }
 
-# name -> config overrides; "baseline" is the recipe before issue 12 (every new switch off).
-OFF = {"model.skip": False, "model.gate_init": 0.0}
+# name -> config overrides; "baseline" is the recipe before issue 12 (every new switch off). Rows
+# labelled "recipe" before 2026-12-03 measured today's "skip" (the defaults then).
+OFF = {"model.skip": False, "model.gate_init": 0.0, "model.posterior_input": False}
 VARIANTS = {
     "baseline": OFF,
     "skip": dict(OFF, **{"model.skip": True}),
     "skip_gates": dict(OFF, **{"model.skip": True, "model.gate_init": 1.0}),
     "recipe": {},  # today's defaults in cfmjax/configs.py and the config file
-    # + self-conditioning (SPEC §8; V-space only until issue 13) with the residual gates started on
+    # + self-conditioning (SPEC §8) with the residual gates started on
     "recipe_sc": {"model.self_condition": True, "model.gate_init": 1.0},
+    # + a depthwise convolution over positions ±2 at the start of every block (model.local_mix)
+    "recipe_mix": {"model.local_mix": 2},
+    "skip_mix": dict(OFF, **{"model.skip": True, "model.local_mix": 2}),
 }
 
 

@@ -75,6 +75,9 @@ class ARTransformer(nn.Module):
 
 def build(config: model_lib.ModelConfig):
   """Returns (init_fn, apply_fn) with apply_fn(params, tokens int [B, L]) -> logits [B, L, V]."""
+  if config.local_mix:
+    raise ValueError("model.local_mix is not supported by the AR baseline (its KV-cached decoder "
+                     "reads one position at a time); set --config.model.local_mix=0")
   module = ARTransformer(config)
 
   def init_fn(rng, batch_size: int, length: int):

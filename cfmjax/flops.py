@@ -48,13 +48,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 
 STAGES = ("base", "distill", "ar")
 
 # Terms of one network forward, keyed by name; each is MACs for `rows` examples of `seq_len` positions.
-PER_POSITION_TERMS = ("input", "qkv", "attn_scores", "attn_values", "attn_out", "mlp", "head", "skip")
+PER_POSITION_TERMS = ("input", "posterior_input", "posterior_evidence", "local_mix", "qkv", "attn_scores", "attn_values", "attn_out",
+                      "mlp", "head", "skip")
 PER_EXAMPLE_TERMS = ("time_in", "time_out", "adaln", "final_adaln")
 
 
@@ -73,6 +75,8 @@ class Dims:
   fused_attention: bool  # cuDNN: a causal mask skips the masked blocks
   remat: str
   skip: bool = False  # model.skip: in embedding space a second head-sized product (SPEC §9)
+  posterior_input: bool = False  # model.posterior_input: up to two more head-sized products
+  local_mix: int = 0  # model.local_mix: a depthwise convolution of 2r + 1 taps per block
 
 
 def _get(node, key, default):
@@ -103,7 +107,9 @@ def dims_from_config(config, *, seq_len: int | None = None, vocab: int | None = 
               time_features=int(m.time_features), seq_len=seq_len,
               embedding_state=state_space == "embedding", causal=bool(_get(m, "causal", False)),
               fused_attention=_get(m, "attention", "xla") == "cudnn", remat=_get(m, "remat", "none"),
-              skip=bool(_get(m, "skip", False)) and not bool(_get(m, "causal", False)))
+              skip=bool(_get(m, "skip", False)) and not bool(_get(m, "causal", False)),
+              posterior_input=bool(_get(m, "posterior_input", False)) and not bool(_get(m, "causal", False)),
+              local_mix=int(_get(m, "local_mix", 0)))
 
 
 def forward_macs(d: Dims, rows: int) -> dict[str, float]:
@@ -115,6 +121,12 @@ def forward_macs(d: Dims, rows: int) -> dict[str, float]:
   return {
       # The embedding path's network input is h itself: no matmul (the noise draw is counted apart).
       "input": 0.0 if d.embedding_state else positions * V * D,
+      # model.posterior_input: softmax(evidence) · E (V × D), and the evidence's own [D + 1] × V
+      # product in the skip term's embedding form (the V-space form is elementwise).
+      "posterior_input": positions * V * D if d.posterior_input else 0.0,
+      "posterior_evidence": (positions * (D + 1) * V
+                             if d.posterior_input and vocab_form_is_embedding(d) else 0.0),
+      "local_mix": N * positions * (2 * d.local_mix + 1) * D if d.local_mix else 0.0,
       "time_in": float(n) * 2 * d.time_features * D,
       "time_out": float(n) * D * D,
       "adaln": float(N) * n * D * 6 * D,
@@ -138,11 +150,15 @@ def vocab_form_is_embedding(d: Dims) -> bool:
 
 # How many times each term runs in forward + backward (see the module docstring).
 _TRAIN_MULTIPLIER = {k: 3.0 for k in PER_POSITION_TERMS + PER_EXAMPLE_TERMS}
-_TRAIN_MULTIPLIER.update(input=2.0, time_in=2.0)
+# No gradient into what only the state and time feed: the input projection and time features take
+# forward + weight gradient, the posterior table too (its softmax reads the state alone), and the
+# evidence product (state features against the stop-gradient embedding) runs once.
+_TRAIN_MULTIPLIER.update(input=2.0, time_in=2.0, posterior_input=2.0, posterior_evidence=1.0)
 # Extra runs of each term in a JVP's tangent pass, by which input carries the tangent.
 _ALL_ONE = {k: 1.0 for k in PER_POSITION_TERMS + PER_EXAMPLE_TERMS}
 _JVP_TANGENT = {
-    "t": dict(_ALL_ONE, input=0.0, attn_scores=2.0, attn_values=2.0),
+    "t": dict(_ALL_ONE, input=0.0, posterior_input=0.0, posterior_evidence=0.0, attn_scores=2.0,
+              attn_values=2.0),
     "xs": dict(_ALL_ONE, attn_scores=2.0, attn_values=2.0),
 }
 _BLOCK_TERMS = ("adaln", "qkv", "attn_scores", "attn_values", "attn_out", "mlp")
@@ -354,7 +370,14 @@ def device_peak_flops(device, dtype: str = "bfloat16", cpu_peak_path: str | None
 
 
 def throughput(flops_per_step: float, steps_per_sec: float, num_devices: int, peak_per_device) -> dict:
-  """Model TFLOP/s per device and MFU (None when the device's peak is unknown)."""
+  """Model TFLOP/s per device and MFU (None when the device's peak is unknown, or when the achieved
+  rate exceeds it: that says the peak is wrong, e.g. a CPU peak measured while the cores were busy,
+  and no MFU is better than one above 1)."""
   per_device = flops_per_step * steps_per_sec / num_devices
-  return {"model_tflops_per_sec_per_device": per_device / 1e12,
-          "mfu": per_device / peak_per_device if peak_per_device else None}
+  mfu = per_device / peak_per_device if peak_per_device else None
+  if mfu is not None and mfu > 1.0:
+    logging.getLogger(__name__).warning(
+        "achieved %.3g FLOP/s per device exceeds the peak %.3g: MFU not reported; on CPU re-measure the "
+        "peak on an idle machine with bench/cpu_matmul_peak.py", per_device, peak_per_device)
+    mfu = None
+  return {"model_tflops_per_sec_per_device": per_device / 1e12, "mfu": mfu}

@@ -6,7 +6,8 @@ The flow map ψ(x, s, t) = softmax(f_θ(x, τ_s, τ_t)) and the denoiser μ(x, t
 this one network (SPEC §3): the base flow is trained with s = t from day one.
 
 Architecture: linear input projection of the state (no bias, so that it commutes with the affine
-updates of the samplers, SPEC §4), rotary positions, adaLN-zero conditioning on sinusoidal features
+updates of the samplers, SPEC §4), plus (model.posterior_input) each position's context-free
+posterior read through an embedding table, computed from h = xW so that it commutes too; rotary positions, adaLN-zero conditioning on sinusoidal features
 of both times, pre-LN blocks (optionally under `nn.scan`, one compiled layer for any depth), and an
 untied output head. Parameters and activations carry logical axis names; `sharding.py` maps them to
 mesh axes with the rules in the config.
@@ -79,6 +80,20 @@ class ModelConfig:
   # from the head, so whatever needs the blocks' nonlinear features (a source whose single
   # neighbours say nothing) is never learned. gate_init > 0 starts the blocks on.
   gate_init: float = 0.0
+  # Local mixing: each block first adds a depthwise convolution over positions l−r..l+r (l−r..l when
+  # causal) to its residual stream, randomly initialised so that it is on from step 0. Attention
+  # starts uniform over all L positions, so a neighbour's features arrive diluted by 1/L and a
+  # dependency that only shows jointly in two neighbours (no pairwise signal) gives the attention no
+  # gradient to focus with; the convolution hands the MLP its neighbours at full weight. 0: off.
+  local_mix: int = 0
+  # Posterior input: each position also reads its own context-free posterior (flat prior, SPEC §9)
+  # through an embedding table E (rows of norm ~√D), as softmax(evidence) · E. The raw state's noise
+  # has norm ~√V(1 − γ) against a signal of γ, so a neighbour seen through xW is mostly noise long
+  # after it is identifiable on its own; its posterior says the same without the noise. Measured in
+  # results/recipe_ablation.md (it helps where context is learned at all; it cannot teach what the
+  # loss gives no gradient for).
+  posterior_input: bool = False
+  vocab_chunk: int = 0  # > 0: the posterior input is reduced per chunk of this many tokens
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -171,6 +186,39 @@ def add_skip(logits, skip):
   return logits + jnp.matmul(features, kernel, precision=jax.lax.Precision.HIGHEST)
 
 
+def posterior_embedding(skip, table, chunk: int):
+  """softmax(e) · table [B, L, D] for the evidence logits e = `add_skip(0, skip)` (the context-free
+  posterior under a flat prior, SPEC §9), in float32. In the embedding form with 0 < chunk < V it
+  runs over vocabulary chunks with an online softmax (as `state_space.vocab_stats` does), never
+  holding the [B, L, V] evidence; the V-space form holds it anyway (V ≤ D there)."""
+  features, kernel = skip
+  vocab = table.shape[0]
+  table = table.astype(jnp.float32)
+  if kernel is None or chunk <= 0 or chunk >= vocab:
+    return jnp.matmul(jax.nn.softmax(add_skip(0.0, skip), axis=-1), table)
+  num_chunks = -(-vocab // chunk)
+  pad = num_chunks * chunk - vocab
+  kernel, table = jnp.pad(kernel, ((0, 0), (0, pad))), jnp.pad(table, ((0, pad), (0, 0)))
+
+  @jax.checkpoint
+  def step(carry, index):
+    m, s, acc = carry
+    offset = index * chunk
+    z = jnp.matmul(features, jax.lax.dynamic_slice_in_dim(kernel, offset, chunk, axis=1),
+                   precision=jax.lax.Precision.HIGHEST)
+    z = jnp.where(offset + jnp.arange(chunk) < vocab, z, -jnp.inf)
+    m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(z, axis=-1)))
+    rescale, e = jnp.exp(m - m_new), jnp.exp(z - m_new[..., None])
+    acc = acc * rescale[..., None] + jnp.matmul(e, jax.lax.dynamic_slice_in_dim(table, offset, chunk, axis=0))
+    return (m_new, s * rescale + jnp.sum(e, axis=-1), acc), None
+
+  batch_shape = features.shape[:-1]
+  init = (jnp.full(batch_shape, -jnp.inf, jnp.float32), jnp.zeros(batch_shape, jnp.float32),
+          jnp.zeros(batch_shape + (table.shape[1],), jnp.float32))
+  (_, s, acc), _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
+  return acc / s[..., None]
+
+
 def _dense(features, names, name, zero=False, use_bias=True, dtype=jnp.float32):
   init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
   return nn.Dense(features, name=name, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
@@ -210,6 +258,21 @@ def _layer_norm(x, eps: float = 1e-6):
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def local_mix(module: nn.Module, x, radius: int, causal: bool):
+  """Σ_o w_o ⊙ x_{l+o} over offsets o ∈ [−radius, radius] ([−radius, 0] when causal), zero past the
+  ends: a depthwise convolution, written as shifts so that the length axis keeps its sharding."""
+  offsets = range(-radius, 1 if causal else radius + 1)
+  kernel = module.param("local_mix", nn.with_logical_partitioning(
+      nn.initializers.normal(1.0 / len(offsets) ** 0.5), (None, "embed")),
+      (len(offsets), x.shape[-1]), jnp.float32).astype(x.dtype)
+  length = x.shape[1]
+  out = jnp.zeros_like(x)
+  for i, o in enumerate(offsets):  # out_l += w_o x_{l+o}
+    shifted = jnp.pad(x, ((0, 0), (max(-o, 0), max(o, 0)), (0, 0)))[:, max(o, 0):max(o, 0) + length]
+    out = out + kernel[i] * shifted
+  return out
+
+
 class Block(nn.Module):
   """Pre-LN transformer block with adaLN-zero: every residual branch starts switched off."""
 
@@ -225,6 +288,8 @@ class Block(nn.Module):
     mod = nn.with_logical_constraint(mod, ("batch", None))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
     gate1, gate2 = gate1 + cfg.gate_init, gate2 + cfg.gate_init
+    if cfg.local_mix:
+      x = x + local_mix(self, x, cfg.local_mix, cfg.causal)
 
     h = _layer_norm(x) * (1.0 + scale1) + shift1
     qkv = nn.DenseGeneral(
@@ -295,6 +360,9 @@ class FlowTransformer(nn.Module):
     if cfg.prompt_flag:
       self.prompt_embed = self.param("prompt_embed", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("embed",)), (cfg.d_model,), jnp.float32)
+    if cfg.posterior_input:  # rows of norm ~√D, like a token embedding table (ar.py)
+      self.posterior_table = self.param("posterior_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(1.0), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.float32)
     self.time_in = _dense(cfg.d_model, ("mlp", "embed"), "time_in", dtype=jnp.float32)
     self.time_out = _dense(cfg.d_model, ("embed", "mlp"), "time_out", dtype=jnp.float32)
     if cfg.scan_layers:
@@ -327,9 +395,12 @@ class FlowTransformer(nn.Module):
     # embedded: x is already the projected state h = xW (SPEC §4), so the first layer is skipped.
     h = x.astype(dtype) if embedded else self.embed(x.astype(dtype))
     skip = None
-    if cfg.skip:  # from the state as it came in, before any flags or self-conditioning are added
+    if cfg.skip or cfg.posterior_input:  # from the state as it came in, before flags or self-conditioning
       w = nn.meta.unbox(self.embed.variables["params"]["kernel"])
-      skip = skip_terms(cfg, w, None if embedded else x, h, tau_s)
+      evidence = skip_terms(cfg, w, None if embedded else x, h, tau_s)
+      if cfg.posterior_input:
+        h = h + posterior_embedding(evidence, self.posterior_table, cfg.vocab_chunk).astype(dtype)
+      skip = evidence if cfg.skip else None
     if cfg.self_condition:
       # Applied with μ̂ = 0 when absent on a V-space call, so that init creates the parameters; the
       # projection has no bias, so skipping it for μ̂ = 0 on an embedded call changes nothing.

@@ -57,3 +57,20 @@ def _flatten(d, prefix=""):
     else:
       out.append(prefix + k)
   return out
+
+
+def test_workdirs_older_than_a_changed_default_load_as_they_trained():
+  saved = configs.base_config().to_dict()
+  for section, key in configs.BEFORE_KEY_EXISTED:
+    del saved[section][key]
+  old = configs.from_saved(saved)
+  for (section, key), value in configs.BEFORE_KEY_EXISTED.items():
+    assert old[section][key] == value
+  assert configs.from_saved(configs.base_config().to_dict()).model.skip  # a recorded key wins
+
+
+def test_override_refuses_a_key_that_does_not_exist():
+  c = configs.base_config()
+  with pytest.raises(KeyError, match="model.posterior_inptu"):
+    configs.override(c, {"model.posterior_inptu": True})
+  assert configs.override(c, {"model.local_mix": 2}).model.local_mix == 2

@@ -16,9 +16,10 @@ from cfmjax import oracles, schedules, state_space
 from cfmjax.data.markov import MarkovSource
 
 
-def _untrained(vocab, d_model, log_prior):
+def _untrained(vocab, d_model, log_prior, posterior_input=False):
   cfg = model_lib.ModelConfig(vocab_size=vocab, d_model=d_model, num_layers=1, num_heads=2, mlp_dim=32,
-                              time_features=8, skip=True, schedule="mixed", gate_init=0.5)
+                              time_features=8, skip=True, schedule="mixed", gate_init=0.5,
+                              posterior_input=posterior_input)
   init_fn, apply_fn = model_lib.build(cfg)
   params = nn.meta.unbox(init_fn(jax.random.key(0), 1, 6))
   # Zero network output: the head kernel starts at zero under model.skip; the bias is the prior.
@@ -32,10 +33,11 @@ def _noisy(rng, tokens, gamma, vocab):
   return ((1 - g) * rng.normal(size=tokens.shape + (vocab,)) + g * np.eye(vocab)[tokens]).astype(np.float32)
 
 
-def test_vocab_form_equals_the_context_free_posterior_of_the_markov_oracle():
+@pytest.mark.parametrize("posterior_input", [False, True])
+def test_vocab_form_equals_the_context_free_posterior_of_the_markov_oracle(posterior_input):
   markov = MarkovSource(12, 2, 0.3, seed=4)
   post = oracles.MarkovPosterior.from_source(markov)
-  cfg, apply_fn, params = _untrained(12, 16, np.log(post.unigram()))
+  cfg, apply_fn, params = _untrained(12, 16, np.log(post.unigram()), posterior_input)
   rng = np.random.default_rng(0)
   tokens = markov.sample(rng, 4, 6)
   tau = jnp.asarray([0.05, 0.3, 0.6, 0.9], jnp.float32)
@@ -46,11 +48,11 @@ def test_vocab_form_equals_the_context_free_posterior_of_the_markov_oracle():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
 
 
-@pytest.mark.parametrize("vocab,d_model", [(40, 16), (24, 8)])
-def test_embedding_form_equals_the_gaussian_posterior_given_h(vocab, d_model):
+@pytest.mark.parametrize("vocab,d_model,posterior_input", [(40, 16, False), (24, 8, False), (40, 16, True)])
+def test_embedding_form_equals_the_gaussian_posterior_given_h(vocab, d_model, posterior_input):
   rng = np.random.default_rng(1)
   log_prior = np.log(rng.dirichlet(np.ones(vocab)))
-  cfg, apply_fn, params = _untrained(vocab, d_model, log_prior)
+  cfg, apply_fn, params = _untrained(vocab, d_model, log_prior, posterior_input)
   w = np.asarray(model_lib.embedding_matrix(params), np.float64)
   tokens = rng.integers(0, vocab, (3, 6))
   tau = jnp.asarray([0.2, 0.5, 0.8], jnp.float32)
@@ -90,3 +92,29 @@ def test_chunked_statistics_carry_the_skip_term(vocab, d_model):
   for key in ("lse", "target", "sum_sq"):
     np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=1e-4, atol=1e-3)
   np.testing.assert_array_equal(np.asarray(a["argmax"]), np.asarray(b["argmax"]))
+
+
+@pytest.mark.parametrize("vocab,d_model", [(40, 16), (12, 16)])
+def test_posterior_input_reads_the_context_free_posterior_in_either_entry_point(vocab, d_model):
+  """model.posterior_input feeds softmax(evidence) · E (E: the `posterior_embed` table), computed
+  from h = xW, so the V-space and embedded calls agree with a trained (nonzero) head and the
+  samplers' affine updates still commute with the first layer (SPEC §4)."""
+  rng = np.random.default_rng(3)
+  cfg, apply_fn, params = _untrained(vocab, d_model, np.log(rng.dirichlet(np.ones(vocab))), True)
+  params = dict(params, head=dict(params["head"], kernel=jnp.asarray(rng.normal(size=(d_model, vocab)), jnp.float32)))
+  tokens = rng.integers(0, vocab, (2, 6))
+  tau = jnp.asarray([0.4, 0.9], jnp.float32)
+  gamma = np.asarray(schedules.get_schedule("mixed", vocab).gamma(tau))
+  x = jnp.asarray(_noisy(rng, tokens, gamma, vocab))
+  via_x = apply_fn(params, x, tau, tau)
+  via_h = apply_fn(params, x @ model_lib.embedding_matrix(params), tau, tau, embedded=True)
+  np.testing.assert_allclose(np.asarray(via_x), np.asarray(via_h), rtol=1e-3, atol=1e-3)
+  # Removing the posterior table changes the output: the input is really read.
+  zeroed = dict(params, posterior_embed=jnp.zeros_like(params["posterior_embed"]))
+  assert np.max(np.abs(np.asarray(apply_fn(zeroed, x, tau, tau) - via_x))) > 1e-2
+  # Vocabulary chunks (a padded last one included) give the same input as the full softmax.
+  skip = model_lib.skip_terms(cfg, model_lib.embedding_matrix(params), x, x @ model_lib.embedding_matrix(params), tau)
+  table = params["posterior_embed"]
+  full = model_lib.posterior_embedding(skip, table, 0)
+  np.testing.assert_allclose(np.asarray(model_lib.posterior_embedding(skip, table, 7)), np.asarray(full),
+                             rtol=1e-4, atol=1e-4)

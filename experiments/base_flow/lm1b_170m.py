@@ -31,6 +31,10 @@ def get_config():
   c.model.mlp_dim = 3072
   c.model.time_features = 256
   c.model.dtype = "bfloat16"
+  # Off at paper scale (owt_170m and owt_1p7b inherit this): the posterior-input table would add
+  # V x D parameters (25M here, 39M / 103M for owt_170m / owt_1p7b), taking the models off the
+  # papers' sizes, and it is measured only on Markov sources so far (results/recipe_ablation.md).
+  c.model.posterior_input = False
 
   c.flow.schedule = "mixed"
 
