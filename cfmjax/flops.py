@@ -369,6 +369,9 @@ def device_peak_flops(device, dtype: str = "bfloat16", cpu_peak_path: str | None
   return table_peak_flops(device.device_kind)
 
 
+_PEAKS_WARNED_ABOUT: set = set()
+
+
 def throughput(flops_per_step: float, steps_per_sec: float, num_devices: int, peak_per_device) -> dict:
   """Model TFLOP/s per device and MFU (None when the device's peak is unknown, or when the achieved
   rate exceeds it: that says the peak is wrong, e.g. a CPU peak measured while the cores were busy,
@@ -376,8 +379,10 @@ def throughput(flops_per_step: float, steps_per_sec: float, num_devices: int, pe
   per_device = flops_per_step * steps_per_sec / num_devices
   mfu = per_device / peak_per_device if peak_per_device else None
   if mfu is not None and mfu > 1.0:
-    logging.getLogger(__name__).warning(
-        "achieved %.3g FLOP/s per device exceeds the peak %.3g: MFU not reported; on CPU re-measure the "
-        "peak on an idle machine with bench/cpu_matmul_peak.py", per_device, peak_per_device)
+    if peak_per_device not in _PEAKS_WARNED_ABOUT:  # once per peak, not at every logged step
+      _PEAKS_WARNED_ABOUT.add(peak_per_device)
+      logging.getLogger(__name__).warning(
+          "achieved %.3g FLOP/s per device exceeds the peak %.3g: MFU not reported; on CPU re-measure "
+          "the peak on an idle machine with bench/cpu_matmul_peak.py", per_device, peak_per_device)
     mfu = None
   return {"model_tflops_per_sec_per_device": per_device / 1e12, "mfu": mfu}
