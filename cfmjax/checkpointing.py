@@ -13,6 +13,9 @@ leaves a checkpoint that looks valid.
 Damage that happens after that (a truncated or deleted array file, lost metadata, a save
 interrupted before its rename) is caught by `restore_latest`: it warns, moves the bad directory
 aside (to `damaged_<name>_<time>`, kept for inspection) and falls back to the previous good step.
+
+With train.best_metric, `BestCheckpoint` also keeps, in `<workdir>/best/`, the one state whose
+in-training diagnostic (lower is better) was the lowest so far; `--checkpoint_step=best` loads it.
 """
 
 from __future__ import annotations
@@ -176,3 +179,61 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The best checkpoint by a diagnostics metric (train.best_metric).
+
+BEST_DIR = "best"
+# Diagnostics (diagnostics.training_diagnostics) that can choose a checkpoint; all lower-is-better.
+BEST_METRICS = ("denoiser_ce", "denoiser_gap", "gen_nll_per_token")
+
+
+def read_best(workdir: str) -> dict | None:
+  """{"metric", "value", "step"} of the kept best checkpoint, or None when there is none."""
+  path = os.path.join(workdir, BEST_DIR, "best.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  ckpt = Checkpointer(os.path.join(workdir, BEST_DIR))
+  on_disk = ckpt.latest_step()
+  ckpt.close()
+  # A crash between Orbax's save and this file's rewrite leaves the file naming a deleted step:
+  # the directory is the truth, and the file's value no longer belongs to it.
+  return record if on_disk == record["step"] else None
+
+
+class BestCheckpoint:
+  """Keeps the single state whose `metric` was lowest, in <workdir>/best/ next to best.json.
+
+  A resumed run continues from the recorded best value, so "best" means best over the whole run.
+  """
+
+  def __init__(self, workdir: str, metric: str):
+    self.workdir, self.metric = workdir, metric
+    self.ckpt = Checkpointer(os.path.join(workdir, BEST_DIR), max_to_keep=1)
+    record = read_best(workdir)
+    self.best = record["value"] if record and record["metric"] == metric else None
+
+  def offer(self, step: int, metrics: dict, state, data_state: dict | None, global_batch: int) -> bool:
+    """Saves `state` when metrics[metric] beats the best so far; returns whether it did."""
+    if self.metric not in metrics:
+      raise KeyError(f"train.best_metric={self.metric!r} is not among this run's diagnostics "
+                     f"{sorted(metrics)}; choose one of those")
+    value = float(metrics[self.metric])
+    if not np.isfinite(value) or (self.best is not None and value >= self.best):
+      return False
+    self.ckpt.save(step, state, data_state, force=True, global_batch=global_batch)
+    self.ckpt.wait()  # best.json must never name a step that is not on disk yet
+    self.best = value
+    if jax.process_index() == 0:
+      path = os.path.join(self.ckpt.directory, "best.json")
+      with open(path + ".tmp", "w") as f:
+        json.dump({"metric": self.metric, "value": value, "step": int(step)}, f)
+      os.replace(path + ".tmp", path)
+    log.info("step %d: best %s so far (%.4f), kept in %s", step, self.metric, value, self.ckpt.directory)
+    return True
+
+  def close(self):
+    self.ckpt.close()

@@ -37,7 +37,8 @@ _STEPS = flags.DEFINE_string("steps", None, "Network evaluations: one number, or
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Number of sequences to generate.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences generated per compiled call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (default: latest).")
+_STEP = flags.DEFINE_string("checkpoint_step", None, "Checkpoint step to load: a step number, or 'best' for the "
+                            "state kept by train.best_metric (default: latest).")
 _PROMPT = flags.DEFINE_string("prompt", None, "sample: text to continue (tokenised with the run's tokenizer).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "sample: a file with one prompt per line.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", None, "sample: tokens per generated block (default: "
@@ -108,6 +109,16 @@ def _steps_list(default, allow_none: bool = False) -> list[int]:
   return steps
 
 
+def _checkpoint_step() -> int | str | None:
+  raw = _STEP.value
+  if raw is None or raw == "best":
+    return raw
+  try:
+    return int(raw)
+  except ValueError:
+    raise app.UsageError(f"--checkpoint_step={raw!r}: give a step number or 'best'") from None
+
+
 def _require_workdir() -> str:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
@@ -161,7 +172,7 @@ def _load_for_inference():
     export.checkpoint_kind(source)
   except FileNotFoundError as e:
     raise app.UsageError(str(e)) from None
-  exp, params, step = export.load_any(source, _STEP.value)
+  exp, params, step = export.load_any(source, _checkpoint_step())
   return _WORKDIR.value or source, exp, params, step
 
 
@@ -352,7 +363,7 @@ def cmd_export():
 
   if not _OUT.value:
     raise app.UsageError("export needs --out=DIR (the directory to write)")
-  info = export.export(_require_workdir(), _OUT.value, _DTYPE.value, _STEP.value)
+  info = export.export(_require_workdir(), _OUT.value, _DTYPE.value, _checkpoint_step())
   print(f"exported: {json.dumps(info)}\nto: {os.path.abspath(_OUT.value)} (params.safetensors, config.json, "
         f"export_info.json{', tokenizer.model' if os.path.exists(os.path.join(_OUT.value, 'tokenizer.model')) else ''})")
 

@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.diagnostics_bins = 12  # λ bins of the denoiser gap
   c.train.diagnostics_samples = 256  # Markov: samples judged exactly; 0 = no sampling
   c.train.diagnostics_steps = 32  # their sampler's steps (Euler; flow map when distilling; AR: one per token)
+  # Keep the state with the lowest value of this diagnostic in <workdir>/best/ (load it with
+  # --checkpoint_step=best): denoiser_ce | denoiser_gap (Markov) | gen_nll_per_token (Markov); "" = off.
+  c.train.best_metric = ""
 
   # Mesh sizes for (data, fsdp, tensor); one may be -1 (the rest of the devices).
   c.mesh = ml_collections.ConfigDict()

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from cfmjax import model as model_lib
-from cfmjax import ar, frozen_teacher, loss_weights, prompting, schedules, sharding
+from cfmjax import ar, checkpointing, frozen_teacher, loss_weights, prompting, schedules, sharding
 from cfmjax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,29 @@ def validate(config, mesh, rules):
   if config.model.get("causal", False) and config.stage != "base":
     raise ValueError(f"model.causal=True (the autoregressive baseline) trains only with `cfmjax train` "
                      f"(stage 'base'), not stage {config.stage!r}: distil a flow, not the AR model")
+  best_metric = config.train.get("best_metric", "")
+  if best_metric:
+    _validate_best_metric(config, best_metric)
   if config.optim.decay not in ("constant", "cosine"):
     raise ValueError(f"unknown optim.decay={config.optim.decay!r}; choose 'constant' or 'cosine'")
+
+
+def _validate_best_metric(config, metric: str):
+  if metric not in checkpointing.BEST_METRICS:
+    raise ValueError(f"unknown train.best_metric={metric!r}; choose one of {checkpointing.BEST_METRICS} or ''")
+  if not config.train.get("diagnostics_every", 0):
+    raise ValueError(f"train.best_metric={metric!r} is chosen by the in-training diagnostics: set "
+                     f"--config.train.diagnostics_every=N (> 0)")
+  markov = config.data.source == "markov"
+  if metric != "denoiser_ce" and not markov:
+    raise ValueError(f"train.best_metric={metric!r} needs the exact judge of a Markov source; on "
+                     f"{config.data.source!r} use 'denoiser_ce'")
+  if metric == "gen_nll_per_token" and not (config.train.diagnostics_samples and config.train.diagnostics_steps):
+    raise ValueError("train.best_metric='gen_nll_per_token' needs samples: set train.diagnostics_samples "
+                     "and train.diagnostics_steps above 0")
+  if metric != "gen_nll_per_token" and config.model.get("causal", False):
+    raise ValueError(f"the autoregressive baseline has no denoiser: train.best_metric={metric!r} cannot be "
+                     f"measured; use 'gen_nll_per_token'")
 
 
 # ----------------------------------------------------------------------------------------------

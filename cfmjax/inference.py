@@ -34,16 +34,25 @@ def fit_mesh_to_devices(config):
   return config
 
 
-def load(workdir: str, step: int | None = None):
+def load(workdir: str, step: int | str | None = None):
   """Returns (experiment, EMA params, step) for the latest (or given) checkpoint in `workdir`.
 
+  `step="best"` loads the state kept by train.best_metric (<workdir>/best/, checkpointing.py).
   The mesh is rebuilt from the saved config; when this machine has a different number of devices,
   the data axis absorbs the difference, since inference needs no particular layout.
   """
   config = fit_mesh_to_devices(load_config(workdir))
   exp = experiment.build(config, workdir)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ckpt.latest_step() if step is None else step
+  if step == "best":
+    record = checkpointing.read_best(workdir)
+    if record is None:
+      raise FileNotFoundError(f"no best checkpoint in {workdir}: train with --config.train.best_metric=... "
+                              f"(and train.diagnostics_every > 0), or drop --checkpoint_step=best")
+    directory, step = os.path.join(workdir, checkpointing.BEST_DIR), record["step"]
+  else:
+    directory = os.path.join(workdir, "checkpoints")
+  ckpt = checkpointing.Checkpointer(directory)
+  step = ckpt.latest_step() if step is None else int(step)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (`cfmjax train`)")
   params = ckpt.restore_params(step, exp.abstract_state)

@@ -277,6 +277,8 @@ def train(config, workdir: str, devices=None) -> dict:
   eval_rows = exp.data.eval_rows(cfg.eval_batch_size) if cfg.eval_every else None
   diagnostics_every = cfg.get("diagnostics_every", 0)
   diagnose = diagnostics.training_diagnostics(exp) if diagnostics_every else None
+  best_metric = cfg.get("best_metric", "")
+  best = checkpointing.BestCheckpoint(workdir, best_metric) if best_metric else None
 
   # --- Loop ---------------------------------------------------------------------------------
   tokens_per_step = cfg.batch_size * exp.config.data.seq_len
@@ -321,7 +323,10 @@ def train(config, workdir: str, devices=None) -> dict:
         writer.write(step, {f"eval_{k}": v for k, v in m.items()})
 
       if diagnose is not None and (step % diagnostics_every == 0 or is_last):
-        writer.write(step, diagnose(state["ema_params"]))
+        diagnosed = diagnose(state["ema_params"])
+        writer.write(step, diagnosed)
+        if best is not None:
+          best.offer(step, diagnosed, state, data_iter.get_state(), cfg.batch_size)
 
       if step % cfg.checkpoint_every == 0 or is_last or stop.signal_name:
         if stop_on_nonfinite:  # never save a state that a non-finite step has already spoiled
@@ -334,5 +339,7 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # --- Shutdown: make sure the last checkpoint is on disk -----------------------------------
   ckpt.close()
+  if best is not None:
+    best.close()
   writer.close()
   return last_logged
