@@ -47,6 +47,7 @@ Every function returns FLOPs as Python floats (model sizes overflow int32 and ne
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -326,23 +327,38 @@ def table_peak_flops(device_kind: str) -> float | None:
   return None
 
 
-# Where bench/cpu_matmul_peak.py writes this machine's measured peak (the repository's bench/results).
-DEFAULT_CPU_PEAK_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                     "bench", "results", "cpu_matmul_peak.json")
+# On CPU, MFU is measured against a peak that bench/cpu_matmul_peak.py measured on THIS machine (best
+# of several runs, with the load average at the time), cached per machine and never committed: a
+# peak from another box of the same CPU model, or from a busy one, gave MFUs above 1.
 
 
-def measured_cpu_peak(path: str) -> dict | None:
-  """The CPU matmul peak written by bench/cpu_matmul_peak.py, if it was measured on this CPU model.
+def machine_id() -> str:
+  """A short id of this machine: /etc/machine-id (or the host name), the CPU model and core count."""
+  try:
+    with open("/etc/machine-id") as f:
+      host = f.read().strip()
+  except OSError:
+    host = platform.node()
+  return hashlib.sha256(f"{host}|{cpu_model()}|{os.cpu_count()}".encode()).hexdigest()[:16]
 
-  Returns {dtype: FLOP/s for the whole process} or None (no file, or another machine's file).
-  """
+
+def cpu_peak_path() -> str:
+  """Where this machine's measured CPU peak is cached: $CFMJAX_CACHE (or ~/.cache/cfmjax)/cpu_peak/<id>.json."""
+  cache = os.path.expanduser(os.environ.get("CFMJAX_CACHE", "~/.cache/cfmjax"))
+  return os.path.join(cache, "cpu_peak", f"{machine_id()}.json")
+
+
+def measured_cpu_peak(path: str | None = None) -> dict | None:
+  """This machine's record from bench/cpu_matmul_peak.py: {"peak_flops": {dtype: FLOP/s for the whole
+  process}, "measured_at", ...}, or None (never measured here, or the file is another machine's)."""
+  path = path or cpu_peak_path()
   if not os.path.exists(path):
     return None
   with open(path) as f:
     saved = json.load(f)
-  if saved.get("cpu_model") != cpu_model() or saved.get("cpu_count") != os.cpu_count():
+  if saved.get("machine_id") != machine_id():
     return None
-  return {k: float(v) for k, v in saved["peak_flops"].items()}
+  return saved
 
 
 def cpu_model() -> str:
@@ -357,16 +373,24 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def device_peak_flops(device, dtype: str = "bfloat16", cpu_peak_path: str | None = DEFAULT_CPU_PEAK_PATH,
-                      num_devices: int = 1) -> float | None:
-  """Peak FLOP/s of ONE device: the table for TPUs/GPUs; on CPU the measured matmul peak of the
-  process divided among the `num_devices` (fake) CPU devices that share its cores. None if unknown."""
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """Peak FLOP/s of ONE device (None: unknown, so MFU is null) and where the number comes from."""
+  flops: float | None
+  source: str
+
+
+def device_peak(device, dtype: str = "bfloat16", num_devices: int = 1, cpu_peak_file: str | None = None) -> Peak:
+  """The table for TPUs/GPUs; on CPU this machine's measured matmul peak, divided among the
+  `num_devices` (fake) CPU devices that share its cores."""
   if device.platform == "cpu":
-    peaks = measured_cpu_peak(cpu_peak_path) if cpu_peak_path else None
-    if not peaks or dtype not in peaks:
-      return None
-    return peaks[dtype] / num_devices
-  return table_peak_flops(device.device_kind)
+    saved = measured_cpu_peak(cpu_peak_file)
+    if saved is None or dtype not in saved["peak_flops"]:
+      return Peak(None, "none: no CPU peak measured on this machine (python bench/cpu_matmul_peak.py)")
+    return Peak(float(saved["peak_flops"][dtype]) / num_devices,
+                f"cpu {dtype} measured here {saved.get('measured_at', '?')}")
+  peak = table_peak_flops(device.device_kind)
+  return Peak(peak, f"table {device.device_kind} bf16" if peak else f"none: {device.device_kind} not in flops.py's table")
 
 
 _PEAKS_WARNED_ABOUT: set = set()

@@ -62,7 +62,7 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """A one-line progress report: step, loss, steps/s, tokens/s and ETA.
+  """A one-line progress report: step, loss, steps/s, tokens/s, an optional note (MFU and its peak) and ETA.
 
   On a terminal it redraws one line; in a log file it prints a fresh line each time.
   """
@@ -76,7 +76,7 @@ class Progress:
     self._last_step = start_step
     self.steps_per_sec = float("nan")
 
-  def update(self, step: int, **values):
+  def update(self, step: int, note: str | None = None, **values):
     now = time.time()
     if step > self._last_step:
       self.steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
@@ -87,8 +87,9 @@ class Progress:
     parts = [f"step {step}/{self.total}"]
     parts += [f"{k} {v:.4f}" for k, v in values.items()]
     parts += [f"{self.steps_per_sec:.2f} steps/s",
-              f"{self.steps_per_sec * self.tokens_per_step:,.0f} tok/s",
-              f"ETA {format_duration(eta)}"]
+              f"{self.steps_per_sec * self.tokens_per_step:,.0f} tok/s"]
+    parts += [note] if note else []
+    parts += [f"ETA {format_duration(eta)}"]
     line = " | ".join(parts)
     if self.stream.isatty():
       self.stream.write("\r" + line.ljust(100))

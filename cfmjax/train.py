@@ -284,8 +284,8 @@ def train(config, workdir: str, devices=None) -> dict:
   tokens_per_step = cfg.batch_size * exp.config.data.seq_len
   # Model FLOPs per step (MFU convention, cfmjax/flops.py) and the device's peak (None: MFU is null).
   flops_per_step = flops_lib.step_flops(exp.config)["total"]
-  peak_flops = flops_lib.device_peak_flops(exp.mesh.devices.flat[0], exp.config.model.dtype,
-                                           num_devices=exp.mesh.size)
+  peak = flops_lib.device_peak(exp.mesh.devices.flat[0], exp.config.model.dtype, num_devices=exp.mesh.size)
+  log.info("MFU peak per device: %s (%s)", f"{peak.flops:.3g} FLOP/s" if peak.flops else "unknown", peak.source)
   progress = metrics_lib.Progress(cfg.num_steps, tokens_per_step, start_step=start)
   pending = []  # per-step metrics still on device; fetched at log time so dispatch stays async
   last_logged = {}
@@ -313,10 +313,12 @@ def train(config, workdir: str, devices=None) -> dict:
         record["skipped_steps"] = int(fetched[-1][1]["skipped_steps"])  # a running count, not a mean
         record["steps_per_sec"] = len(fetched) / max(elapsed, 1e-9)
         record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
-        record.update(flops_lib.throughput(flops_per_step, record["steps_per_sec"], exp.mesh.size, peak_flops))
+        record.update(flops_lib.throughput(flops_per_step, record["steps_per_sec"], exp.mesh.size, peak.flops))
+        record["mfu_peak"] = peak.source
         writer.write(step, record)
         last_logged = dict(record, step=step)
-        progress.update(step, loss=record["loss"])
+        progress.update(step, loss=record["loss"],
+                        note=None if record["mfu"] is None else f"mfu {record['mfu']:.3f} of {peak.source}")
 
       if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
         m = jax.device_get(eval_step(state["ema_params"], global_batch(exp, eval_rows), jax.random.key(0)))

@@ -1,6 +1,9 @@
 """FLOP accounting (cfmjax/flops.py) against a hand count and against XLA's own count; MFU logging."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -137,28 +140,58 @@ def test_peak_table_and_throughput():
   assert flops.throughput(4e12, 2.0, 8, 0.5e12)["mfu"] is None
 
 
-def test_cpu_peak_file_is_used_only_on_the_same_cpu(tmp_path):
-  path = tmp_path / "peak.json"
-  path.write_text(json.dumps({"peak_flops": {"float32": 8e10}, "cpu_model": flops.cpu_model(),
-                              "cpu_count": __import__("os").cpu_count()}))
+def test_cpu_peak_is_used_only_on_the_machine_that_measured_it(tmp_path, cache_dir):
   cpu = jax.devices()[0]
-  assert flops.device_peak_flops(cpu, "float32", str(path), num_devices=8) == 1e10
-  assert flops.device_peak_flops(cpu, "bfloat16", str(path), num_devices=8) is None
-  path.write_text(json.dumps({"peak_flops": {"float32": 8e10}, "cpu_model": "another CPU", "cpu_count": 1}))
-  assert flops.device_peak_flops(cpu, "float32", str(path)) is None
-  assert flops.device_peak_flops(cpu, "float32", str(tmp_path / "missing.json")) is None
+  assert flops.device_peak(cpu, "float32").flops is None  # nothing measured here: MFU is null
+  assert "bench/cpu_matmul_peak.py" in flops.device_peak(cpu, "float32").source
+  path = flops.cpu_peak_path()
+  assert path.startswith(str(cache_dir))
+  os.makedirs(os.path.dirname(path))
+  with open(path, "w") as f:
+    json.dump({"peak_flops": {"float32": 8e10}, "machine_id": flops.machine_id(), "measured_at": "T"}, f)
+  peak = flops.device_peak(cpu, "float32", num_devices=8)
+  assert peak.flops == 1e10 and peak.source == "cpu float32 measured here T"
+  assert flops.device_peak(cpu, "bfloat16", num_devices=8).flops is None
+  # Another machine's file (same CPU model, or the old committed one without an id) is not used.
+  for other in ({"peak_flops": {"float32": 8e10}, "machine_id": "another"},
+                {"peak_flops": {"float32": 8e10}, "cpu_model": flops.cpu_model(), "cpu_count": os.cpu_count()}):
+    with open(path, "w") as f:
+      json.dump(other, f)
+    assert flops.device_peak(cpu, "float32").flops is None
 
 
-def test_trainer_logs_model_flops_per_device_and_mfu(tmp_path, cache_dir):
+def test_cpu_peak_script_refuses_a_busy_machine_and_writes_this_machines_cache(tmp_path):
+  env = dict(os.environ, CFMJAX_CACHE=str(tmp_path))
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "cpu_matmul_peak.py")
+  busy = subprocess.run([sys.executable, script, "--max_load=-1", "--size=64", "--repeats=1"], env=env,
+                        capture_output=True, text=True)
+  assert busy.returncode != 0 and "load average" in busy.stderr and not (tmp_path / "cpu_peak").exists()
+  ok = subprocess.run([sys.executable, script, "--max_load=inf", "--size=64", "--repeats=2"], env=env,
+                      capture_output=True, text=True)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  (written,) = (tmp_path / "cpu_peak").glob("*.json")
+  saved = json.loads(written.read_text())
+  assert saved["peak_flops"]["float32"] > 0 and len(saved["load_average"]) == 2
+
+
+def test_trainer_logs_model_flops_per_device_and_mfu(tmp_path, cache_dir, capsys):
+  """MFU against this machine's measured peak (here a planted one, far above anything reachable), and
+  the peak's source in metrics.jsonl and on the progress line; null without a peak."""
+  os.makedirs(os.path.dirname(flops.cpu_peak_path()))
+  with open(flops.cpu_peak_path(), "w") as f:
+    json.dump({"peak_flops": {"float32": 8e15}, "machine_id": flops.machine_id(), "measured_at": "T"}, f)
   config = tiny_config(**{"train.num_steps": 2, "train.checkpoint_every": 100})
-  train.train(config, str(tmp_path))
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train.train(config, str(tmp_path / "a"))
+  records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
   per_step = flops.step_flops(tiny_config(), vocab=8)["total"]
-  peak = flops.device_peak_flops(jax.devices()[0], "float32", num_devices=8)
   for r in records:
     expected = per_step * r["steps_per_sec"] / 8 / 1e12
     assert r["model_tflops_per_sec_per_device"] == pytest.approx(expected, rel=1e-9)
-    if peak is None or expected * 1e12 > peak:  # unknown, or a peak the run beat: no MFU
-      assert r["mfu"] is None
-    else:
-      assert r["mfu"] == pytest.approx(expected * 1e12 / peak, rel=1e-9)
+    assert r["mfu"] == pytest.approx(expected * 1e12 / 1e15, rel=1e-9) and r["mfu"] < 1
+    assert r["mfu_peak"] == "cpu float32 measured here T"
+  assert "of cpu float32 measured here T" in capsys.readouterr().out
+
+  os.remove(flops.cpu_peak_path())
+  train.train(tiny_config(**{"train.num_steps": 1, "train.checkpoint_every": 100}), str(tmp_path / "b"))
+  (r,) = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert r["mfu"] is None and r["mfu_peak"].startswith("none:") and " mfu " not in capsys.readouterr().out
