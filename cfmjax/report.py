@@ -1,7 +1,8 @@
 """Evaluation reports: Markdown tables and PNG plots from `eval/results.json` records.
 
 Pure functions of records (see `evaluate.py` for their keys). A record is
-  a generation record when it has gen_ppl and no `metric` (sampler, steps, judge, entropy, ...),
+  a generation record when it has sampler and steps and no `metric` (judge, gen_ppl, entropy, ...; gen_ppl
+    is None when no judge scored it),
   a held-out record when metric = "nll_per_token" (exact NLL of an autoregressive model: value, ppl),
   a bound record when metric = "nll_bound_per_token" (SPEC §5: value, stderr, ppl_bound, num_tokens).
 
@@ -89,7 +90,8 @@ def eval_table(records: list[dict]) -> str:
   gen = paired_with_exact(generation_records(records))
   cols = ["sampler", "steps", "prompt_len", "guidance", "renoise", "judge", "num_samples", "gen_nll_per_token", "gen_ppl", "entropy",
           "data_entropy", "entropy_rate", "data_nll_per_token"]
-  cols = [c for c in cols if any(c in r for r in gen)]
+  # A column nobody filled is left out (no judge: no gen NLL / PPL), and a line below says how to fill it.
+  cols = [c for c in cols if any(r.get(c) is not None for r in gen)]
   # gen NLL as a multiple of the floor data_nll_per_token (Markov: the targets of issue 12 are stated so)
   ratio = lambda r: (r["gen_nll_per_token"] / r["data_nll_per_token"]
                      if r.get("gen_nll_per_token") is not None and r.get("data_nll_per_token") else None)
@@ -99,6 +101,8 @@ def eval_table(records: list[dict]) -> str:
     header = cols + (["gen_nll / floor"] if with_ratio else [])
     parts.append(_markdown(header, [[_fmt(r.get(c)) for c in cols] + ([_fmt(ratio(r), 3)] if with_ratio else [])
                                     for r in gen]))
+    if "gen_ppl" not in cols:
+      parts.append(NO_JUDGE_LINE.replace("\n", " ") + ".")
   held_out = metric_record(records, "nll_per_token")
   bound = metric_record(records, "nll_bound_per_token")
   rows = []
@@ -175,6 +179,10 @@ def comparison_table(runs: list[tuple[str, list[dict]]], steps=REPORT_STEPS) -> 
 # Plots.
 
 
+NO_JUDGE_LINE = ("no gen perplexity: no judge scored these samples; to get one pass\n--judge=ar:<AR workdir>, "
+                 "--judge=gpt2:<HF directory>, or --judge=exact on a Markov source")
+
+
 def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None = None) -> str:
   """Gen PPL and unigram entropy against network evaluations, one line per (run, sampler, judge).
 
@@ -186,7 +194,14 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
   import matplotlib.pyplot as plt  # noqa: PLC0415
   import matplotlib.ticker  # noqa: PLC0415
 
-  fig, (ax_ppl, ax_ent) = plt.subplots(1, 2, figsize=(11, 4.2))
+  # A panel with no data is not drawn: without a judge there is no gen PPL, and a line says how to get one.
+  has_ppl = any(r.get("gen_ppl") for _, records in runs for r in generation_records(records))
+  if has_ppl:
+    fig, (ax_ppl, ax_ent) = plt.subplots(1, 2, figsize=(11, 4.2))
+  else:
+    fig, ax_ent = plt.subplots(1, 1, figsize=(6.5, 4.6))
+    ax_ppl = None
+    fig.text(0.5, 0.01, NO_JUDGE_LINE, ha="center", va="bottom", fontsize=8)
   data_entropies = set()
   colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
   judges = {r.get("judge") for _, records in runs for r in generation_records(records)}
@@ -199,6 +214,8 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
       label = f"{name} ({kind}" + (f", {judge})" if len(judges) > 1 else ")")
       color = next(colors)
       for ax, key in ((ax_ppl, "gen_ppl"), (ax_ent, "entropy")):
+        if ax is None:
+          continue
         points = [(r["steps"], r[key]) for r in rows if r.get(key) is not None]
         if not points:
           continue
@@ -210,20 +227,22 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
           ax.plot(*zip(*points), marker="o", color=color, label=label)
   for value in sorted(data_entropies):
     ax_ent.axhline(value, color="grey", linestyle=":", label=f"data entropy {value:.3f}")
-  ax_ppl.set_ylabel("gen perplexity (judge)")
   ax_ent.set_ylabel("unigram entropy (nats)")
-  for ax in (ax_ppl, ax_ent):
+  axes = [ax_ent]
+  if has_ppl:
+    ax_ppl.set_ylabel("gen perplexity (judge)")
+    ax_ppl.set_yscale("log")
+    axes.insert(0, ax_ppl)
+  for ax in axes:
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("network evaluations")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
-  if any(r.get("gen_ppl") for _, records in runs for r in generation_records(records)):
-    ax_ppl.set_yscale("log")
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=None if has_ppl else (0, 0.07, 1, 1))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -62,6 +62,20 @@ def test_plots_are_written_as_png(tmp_path):
   assert "| euler | 128 |" in (tmp_path / "eval" / "results.md").read_text()
 
 
+def test_without_a_judge_the_plot_has_no_empty_perplexity_panel(tmp_path):
+  """Two panels with a judge; without one, only the entropy panel (half as wide) and a line naming
+  the --judge values that would fill the other."""
+  unjudged = [dict(gen("euler", k, 1.0, h, judge="none"), gen_ppl=None, gen_nll_per_token=None)
+              for k, h in [(4, 3.6), (128, 4.2)]]
+  report.plot_runs([("base", unjudged)], str(tmp_path / "none.png"))
+  report.plot_runs([("base", BASE)], str(tmp_path / "judged.png"))
+  (w_none, _), (w_judged, _) = _png_size(tmp_path / "none.png"), _png_size(tmp_path / "judged.png")
+  assert w_none < 0.7 * w_judged
+  table = report.eval_table(unjudged)
+  assert table.splitlines()[0] == "| sampler | steps | judge | num_samples | entropy | data_entropy |"
+  assert "no judge scored these samples" in table
+
+
 def test_report_command_merges_workdirs(tmp_path):
   for name, records in (("w_base", BASE), ("w_psd", PSD)):
     (tmp_path / name / "eval").mkdir(parents=True)
