@@ -1,5 +1,6 @@
 """The `cfmjax` command line.
 
+  cfmjax prepare --config=experiments/base_flow/text_tiny.py --out=DIR [--workers=2]   (a token store)
   cfmjax train  --config=experiments/base_flow/markov_tiny.py --workdir=W [--config.train.num_steps=...]
   cfmjax distill --config=experiments/flow_map/markov_tiny_psd.py --workdir=W2 --config.init_from=W
   cfmjax sample --workdir=W --sampler=euler --steps=128 --num_samples=16
@@ -25,7 +26,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "distill", "sample", "eval", "export", "report", "compile")
+COMMANDS = ("prepare", "train", "distill", "sample", "eval", "export", "report", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
                                           lock_config=True)
@@ -72,7 +73,8 @@ _SAMPLE_PRECISION = flags.DEFINE_enum("sample_precision", None, ["float32", "flo
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "sample/eval: an exported directory (`cfmjax export`) or a workdir to load instead of "
     "--workdir; outputs go under --workdir when given, else under this directory.")
-_OUT = flags.DEFINE_string("out", None, "export: the directory to write; report: output directory (default report).")
+_OUT = flags.DEFINE_string("out", None, "export / prepare: the directory to write; report: output directory "
+                           "(default report).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: dtype of the saved weights.")
 _NAMES = flags.DEFINE_string("names", None, "report: comma-separated model names (default: directory names).")
 _MESH = flags.DEFINE_string("mesh", None, "compile: mesh sizes data,fsdp,tensor, e.g. 4,8,2.")
@@ -92,6 +94,11 @@ _DENOISER_GAP_ROWS = flags.DEFINE_integer("denoiser_gap_rows", 256, "eval --deno
                                           "(each used in every bin).")
 _DENOISER_GAP_RANGE = flags.DEFINE_string("denoiser_gap_range", "-9,9", "eval --denoiser_gap: the λ range "
                                            "lo,hi split into the bins (keep it fixed to compare runs).")
+_WORKERS = flags.DEFINE_integer("workers", 1, "prepare: tokenizing worker processes.")
+_HOST_INDEX = flags.DEFINE_integer("host_index", 0, "prepare: this host's index when several hosts share the work.")
+_HOST_COUNT = flags.DEFINE_integer("host_count", 1, "prepare: how many hosts share the work (each takes every "
+                                   "host_count-th shard; the last to finish writes the manifest).")
+_DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 4096, "prepare: documents per shard (one unit of work).")
 _JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "
                              "(default: exact for the Markov source, none for text).")
 
@@ -153,6 +160,21 @@ def _run_stage(stage: str):
   last = train.train(_CONFIG.value, workdir)
   print(f"{command} done: {json.dumps(last)}\nworkdir: {os.path.abspath(workdir)} "
         f"(metrics.jsonl, checkpoints/, tensorboard/)")
+
+
+def cmd_prepare():
+  from cfmjax.data import pipeline  # noqa: PLC0415
+
+  out = _OUT.value or (_CONFIG.value.data.prepared.path if _CONFIG.value is not None else "")
+  if _CONFIG.value is None or not out:
+    raise app.UsageError("prepare needs --config=experiments/....py (its data section) and --out=DIR "
+                         "(or data.prepared.path)")
+  manifest = pipeline.prepare_store(_CONFIG.value.data, out, num_workers=_WORKERS.value,
+                                    host_index=_HOST_INDEX.value, host_count=_HOST_COUNT.value,
+                                    docs_per_shard=_DOCS_PER_SHARD.value)
+  if manifest is not None:
+    print(f"train on it with: --config.data.source=prepared --config.data.prepared.path={os.path.abspath(out)}"
+          f" --config.data.seq_len={manifest['seq_len']}")
 
 
 def cmd_train():
@@ -415,6 +437,9 @@ def main(argv):
     log.propagate = False
   if argv[1] == "compile":  # one process on fake CPU devices: no cluster to join
     cmd_compile()
+    return
+  if argv[1] == "prepare":  # no devices and no cluster: tokenizing is CPU work (hosts split it by flags)
+    cmd_prepare()
     return
   from cfmjax import distributed  # noqa: PLC0415
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from cfmjax import configs, flops
+from cfmjax.data import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, "experiments")
@@ -64,6 +65,11 @@ def shrink(c, corpus_dir):
     if c.data.source in ("tfds",):
       c.data.source = "markov"
       c.data.markov.vocab_size, c.data.markov.order = 8, 1
+    elif c.data.source == "prepared":  # a synthetic token store stands in for the prepared corpus
+      path = os.path.join(corpus_dir, "synthetic_store")
+      if not os.path.exists(os.path.join(path, "manifest.json")):
+        store.write_synthetic(path, 256, 16, vocab_size=64, heldout_rows=16)
+      c.data.prepared.path = path
     elif c.data.source in ("bible", "text"):
       c.data.source = "text"
       c.data.text.paths = os.path.join(corpus_dir, "*.txt")

@@ -23,14 +23,17 @@ global batch at step k is the same set of rows, in the same order, whatever
 the number of processes, and the iterator state (how many global batches were
 drawn) is identical on every process: a checkpoint written by 2 processes
 resumes in 1 (or 4) with the data continuing exactly where it stopped. The
-price, for text, is that every process tokenizes the whole stream and drops
-the rows of the others (tokenizing is cheap next to a train step; Markov rows
-are generated only for the slice).
+price, for text read directly, is that every process tokenizes the whole stream
+and drops the rows of the others. A token store (`cfmjax prepare`, store.py;
+data.source="prepared") removes it: global batch k is a keyed permutation of
+row indices (permutation.py), and each process reads only its rows, by index,
+as Markov rows are generated only for the slice.
 """
 
 from collections.abc import Sequence
 import dataclasses
 import os
+import shutil
 import sys
 
 from absl import logging
@@ -38,13 +41,15 @@ import grain
 import ml_collections
 import numpy as np
 
+from cfmjax.data import permutation
 from cfmjax.data import sources
+from cfmjax.data import store as store_lib
 from cfmjax.data.markov import MarkovSource
 from cfmjax.data.tokenizer import IdentityTokenizer
 from cfmjax.data.tokenizer import SentencePieceTokenizer
 from cfmjax.data.tokenizer import train_sentencepiece
 
-SOURCES = ("markov", "text", "tfds", "bible")
+SOURCES = ("markov", "text", "tfds", "bible", "prepared")
 _TOKENS = "tokens"
 _SPLIT_SEED = 0
 
@@ -67,6 +72,12 @@ def default_data_config() -> ml_collections.ConfigDict:
 
   config.text = ml_collections.ConfigDict()
   config.text.paths = ""  # A path, a glob, or a comma-separated list.
+
+  config.prepared = ml_collections.ConfigDict()
+  config.prepared.path = ""  # A token store written by `cfmjax prepare` (data/store.py).
+  # What `cfmjax prepare` tokenizes when data.source is "prepared": text | bible | tfds (with the
+  # sections below), so one config both prepares its store and trains on it.
+  config.prepared.from_source = ""
 
   config.tfds = ml_collections.ConfigDict()
   config.tfds.name = ""
@@ -127,6 +138,33 @@ class _MarkovRows:
                              "train", stream=self._stream)
 
 
+class _StoreRows:
+  """Global batch index k -> this process's slice of it, read from a token store.
+
+  Global batch k is stream positions [k*G, (k+1)*G); position p is row perm_e(p mod N) of epoch
+  e = p // N, for a keyed permutation of the N training rows that is never materialised
+  (data/permutation.py). So a batch is a pure function of (seed, k) and the iterator state is k alone.
+  """
+
+  def __init__(self, token_store, seed: int, global_batch: int, first: int, count: int):
+    self._store = token_store
+    self._num_rows = token_store.num_rows("train")
+    self._seed = seed
+    self._global_batch = global_batch
+    self._first = first
+    self._count = count
+
+  def __call__(self, batch_index: int) -> np.ndarray:
+    start = int(batch_index) * self._global_batch + self._first
+    positions = np.arange(start, start + self._count, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, self._num_rows)
+    rows = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      rows[sel] = permutation.permute(offsets[sel], self._num_rows, permutation.epoch_key(self._seed, int(epoch)))
+    return self._store.read("train", rows)
+
+
 class _ProcessSlice:
   """A global batch -> this process's contiguous rows of it."""
 
@@ -151,6 +189,7 @@ class Data:
     markov: the chain, for exact likelihoods; None for text.
     stats: counts from preparation, for logging (documents, bad bytes, ...).
     train_records / eval_records: random-access document texts (text sources).
+    store: the token store (source "prepared").
   """
   source_name: str
   seq_len: int
@@ -162,6 +201,7 @@ class Data:
       default=None, repr=False)
   eval_records: Sequence[str] | None = dataclasses.field(
       default=None, repr=False)
+  store: store_lib.TokenStore | None = dataclasses.field(default=None, repr=False)
 
   def train_iterator(self, per_host_batch: int, process_index: int = 0,
                      process_count: int = 1, seed: int = 0,
@@ -191,6 +231,8 @@ class Data:
     if self.markov is not None:
       return self._markov_iterator(per_host_batch, process_index,
                                    process_count, seed)
+    if self.store is not None:
+      return self._store_iterator(per_host_batch, process_index, process_count, seed)
     return self._text_iterator(per_host_batch, process_index, process_count,
                                seed, num_epochs)
 
@@ -204,6 +246,16 @@ class Data:
     batches = batches.map(_MarkovRows(
         self.markov, self.seq_len, seed, global_batch,
         first=process_index * per_host_batch, count=per_host_batch))
+    return iter(batches.to_iter_dataset())
+
+  def _store_iterator(self, per_host_batch, process_index, process_count, seed):
+    # Like the Markov stream: each process reads only its rows of global batch k, by index.
+    if not self.store.num_rows("train"):
+      raise ValueError(f"the token store {self.store.path} has no training rows")
+    global_batch = per_host_batch * process_count
+    batches = grain.MapDataset.range(0, sys.maxsize // global_batch)
+    batches = batches.map(_StoreRows(self.store, seed, global_batch,
+                                     first=process_index * per_host_batch, count=per_host_batch))
     return iter(batches.to_iter_dataset())
 
   def _text_iterator(self, per_host_batch, process_index, process_count, seed,
@@ -229,6 +281,12 @@ class Data:
     """
     if self.markov is not None:
       return self.markov.rows(range(num_rows), self.seq_len, "validation")
+    if self.store is not None:
+      available = self.store.num_rows("validation")
+      if num_rows > available:
+        raise ValueError(f"the token store {self.store.path} has {available} validation rows; {num_rows} were "
+                         f"asked for. Ask for fewer eval rows, or prepare with a larger data.heldout_fraction.")
+      return self.store.read("validation", np.arange(num_rows))
     needed = num_rows * self.seq_len
     stream, num_tokens = [], 0
     for index in range(len(self.eval_records)):
@@ -271,6 +329,117 @@ def _tokenizer_for(config: ml_collections.ConfigDict,
       vocab_size=tok_config.vocab_size, model_type=tok_config.model_type)
 
 
+def _text_corpus(config: ml_collections.ConfigDict):
+  """(train records, held-out records, stats, directory for a cached tokenizer) of a text source."""
+  cache_dir = _cache_dir(config)
+  if config.source == "tfds":
+    if not config.tfds.name:
+      raise ValueError("data.source='tfds' needs data.tfds.name.")
+    args = (config.tfds.data_dir, config.tfds.text_key)
+    train = sources.tfds_source(config.tfds.name, config.tfds.train_split,
+                                *args)
+    evals = sources.tfds_source(config.tfds.name, config.tfds.eval_split,
+                                *args)
+    stats = {"train_documents": len(train), "validation_documents": len(evals)}
+    return train, evals, stats, os.path.join(
+        cache_dir, "tfds-" + config.tfds.name.replace("/", "_"))
+  if config.source == "bible":
+    name = sources.BIBLE_CORPUS_NAME
+    source_stats = {}
+
+    def documents():
+      yield from sources.bible_documents()
+  else:
+    name = sources.text_corpus_name(config.text.paths, config.max_doc_chars)
+    source_stats = {}
+
+    def documents():
+      yield from sources.text_documents(
+          config.text.paths, source_stats, config.max_doc_chars)
+
+  # The held-out split has a fixed seed: it must not move when a run changes
+  # its shuffle seed, or eval numbers would stop being comparable.
+  stats = sources.prepare_corpus(name, documents(), cache_dir,
+                                 config.heldout_fraction, _SPLIT_SEED,
+                                 source_stats)
+  train = sources.corpus_split(stats["corpus_dir"], "train")
+  evals = sources.corpus_split(stats["corpus_dir"], "validation")
+  return train, evals, stats, stats["corpus_dir"]
+
+
+def _cached_tokenizer_path(config: ml_collections.ConfigDict, tokenizer_dir: str) -> str:
+  tok = config.tokenizer
+  return os.path.join(tokenizer_dir, f"tokenizer-{tok.model_type}-{tok.vocab_size}-{tok.max_train_docs}.model")
+
+
+def _describe_source(config: ml_collections.ConfigDict) -> str:
+  if config.source == "tfds":
+    return f"tfds:{config.tfds.name} ({config.tfds.train_split} / {config.tfds.eval_split})"
+  if config.source == "text":
+    return f"text:{config.text.paths}"
+  return config.source
+
+
+def prepare_store(data_config: ml_collections.ConfigDict, out_dir: str, **kwargs) -> dict | None:
+  """`cfmjax prepare`: tokenizes the configured text source once into a token store (data/store.py).
+
+  The tokenizer is data.tokenizer.model_path when given, else one trained on the training split (and
+  cached, as `train` would). kwargs go to `store.prepare` (workers, hosts, docs_per_shard, progress).
+  """
+  config = data_config
+  if config.source == "prepared":
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.source = config.prepared.from_source
+  if config.source not in ("text", "bible", "tfds"):
+    raise ValueError(f"`cfmjax prepare` tokenizes a text source (text, bible, tfds); data.source="
+                     f"{data_config.source!r} (data.prepared.from_source={data_config.prepared.from_source!r}) "
+                     f"is not one: set --config.data.source or --config.data.prepared.from_source")
+  train, evals, stats, tokenizer_dir = _text_corpus(config)
+  tokenizer = _tokenizer_for(config, train, _cached_tokenizer_path(config, tokenizer_dir))
+  source_stats = {k: v for k, v in stats.items() if k != "corpus_dir"}
+  return store_lib.prepare(train, evals, tokenizer.path, out_dir, config.seq_len, source=_describe_source(config),
+                           source_stats=source_stats, **kwargs)
+
+
+def _prepared_data(config: ml_collections.ConfigDict, workdir: str | None) -> Data:
+  if not config.prepared.path:
+    raise ValueError("data.source='prepared' needs --config.data.prepared.path=<a directory written by "
+                     "`cfmjax prepare`>")
+  token_store = store_lib.TokenStore(os.path.expanduser(config.prepared.path))
+  if token_store.seq_len != config.seq_len:
+    raise ValueError(f"the token store {token_store.path} holds rows of {token_store.seq_len} tokens and this run "
+                     f"has data.seq_len={config.seq_len}: set --config.data.seq_len={token_store.seq_len}, or "
+                     f"prepare a store with that length")
+  if token_store.tokenizer_path is None:  # a synthetic store (benchmarks, tests): ids without words
+    vocab = int(token_store.manifest["tokenizer"]["vocab_size"])
+    return Data("prepared", config.seq_len, vocab, IdentityTokenizer(vocab), None,
+                {"train_rows": token_store.num_rows("train"), "store": token_store.path}, store=token_store)
+  expected = token_store.manifest["tokenizer"]["fingerprint"]
+  # A run whose tokenizer differs from the one the rows were made with would read other words.
+  for label, path in (("data.tokenizer.model_path", os.path.expanduser(config.tokenizer.model_path)),
+                      ("this workdir's tokenizer", os.path.join(workdir or "", "tokenizer.model"))):
+    if path and os.path.isfile(path) and store_lib.fingerprint(path) != expected:
+      raise store_lib.StoreError(
+          f"{label} ({path}) is not the tokenizer the store {token_store.path} was prepared with; use the "
+          f"store's own (drop data.tokenizer.model_path), a new workdir, or a store prepared with that tokenizer")
+  if workdir is not None and not os.path.exists(os.path.join(workdir, "tokenizer.model")):
+    os.makedirs(workdir, exist_ok=True)  # exports and samples decode with the workdir's tokenizer
+    tmp = os.path.join(workdir, f"tokenizer.model.tmp{os.getpid()}")
+    shutil.copyfile(token_store.tokenizer_path, tmp)
+    os.replace(tmp, os.path.join(workdir, "tokenizer.model"))
+  tokenizer = SentencePieceTokenizer(token_store.tokenizer_path)
+  splits = token_store.manifest["splits"]
+  stats = {f"{split}_rows": splits[split]["rows"] for split in splits}
+  stats.update(train_tokens=splits["train"]["tokens"], store=token_store.path, source=token_store.manifest["source"])
+  logging.info("Token store %s: %s rows of %d tokens, vocab %d.", token_store.path,
+               ", ".join(f"{k} {v:,}" for k, v in stats.items() if k.endswith("_rows")), config.seq_len,
+               tokenizer.vocab_size)
+  return Data("prepared", config.seq_len, tokenizer.vocab_size, tokenizer, None, stats, store=token_store)
+
+
+_SAID_PREPARE = False
+
+
 def build_data(data_config: ml_collections.ConfigDict,
                workdir: str | None) -> Data:
   """Prepares the configured source (once; later calls reuse the cache).
@@ -280,6 +449,7 @@ def build_data(data_config: ml_collections.ConfigDict,
     workdir: the run's directory; a trained tokenizer is kept there as
       tokenizer.model (in the cache directory when None).
   """
+  global _SAID_PREPARE  # noqa: PLW0603 (said once per process)
   config = data_config
   if config.source not in SOURCES:
     raise ValueError(
@@ -300,52 +470,21 @@ def build_data(data_config: ml_collections.ConfigDict,
                  stats["expected_nll_per_token"])
     return Data("markov", config.seq_len, markov.vocab_size,
                 IdentityTokenizer(markov.vocab_size), markov, stats)
+  if config.source == "prepared":
+    return _prepared_data(config, workdir)
 
-  cache_dir = _cache_dir(config)
-  if config.source == "tfds":
-    if not config.tfds.name:
-      raise ValueError("data.source='tfds' needs data.tfds.name.")
-    args = (config.tfds.data_dir, config.tfds.text_key)
-    train = sources.tfds_source(config.tfds.name, config.tfds.train_split,
-                                *args)
-    evals = sources.tfds_source(config.tfds.name, config.tfds.eval_split,
-                                *args)
-    stats = {"train_documents": len(train), "validation_documents": len(evals)}
-    tokenizer_dir = os.path.join(
-        cache_dir, "tfds-" + config.tfds.name.replace("/", "_"))
-  else:
-    if config.source == "bible":
-      name = sources.BIBLE_CORPUS_NAME
-      source_stats = {}
-
-      def documents():
-        yield from sources.bible_documents()
-    else:
-      name = sources.text_corpus_name(config.text.paths, config.max_doc_chars)
-      source_stats = {}
-
-      def documents():
-        yield from sources.text_documents(
-            config.text.paths, source_stats, config.max_doc_chars)
-
-    # The held-out split has a fixed seed: it must not move when a run changes
-    # its shuffle seed, or eval numbers would stop being comparable.
-    stats = sources.prepare_corpus(name, documents(), cache_dir,
-                                   config.heldout_fraction, _SPLIT_SEED,
-                                   source_stats)
-    train = sources.corpus_split(stats["corpus_dir"], "train")
-    evals = sources.corpus_split(stats["corpus_dir"], "validation")
-    tokenizer_dir = stats["corpus_dir"]
-
+  train, evals, stats, tokenizer_dir = _text_corpus(config)
   if workdir is not None:
     tokenizer_path = os.path.join(workdir, "tokenizer.model")
   else:
-    tok = config.tokenizer
-    tokenizer_path = os.path.join(
-        tokenizer_dir, f"tokenizer-{tok.model_type}-{tok.vocab_size}-"
-        f"{tok.max_train_docs}.model")
+    tokenizer_path = _cached_tokenizer_path(config, tokenizer_dir)
   tokenizer = _tokenizer_for(config, train, tokenizer_path)
   logging.info("Data %s: %d train / %d held-out documents, vocab %d.",
                config.source, len(train), len(evals), tokenizer.vocab_size)
+  if not _SAID_PREPARE:
+    _SAID_PREPARE = True
+    logging.info("Every process tokenizes this whole stream and keeps its share. For a large corpus or "
+                 "many processes, tokenize once with `cfmjax prepare --config=... --out=DIR` and train with "
+                 "--config.data.source=prepared --config.data.prepared.path=DIR.")
   return Data(config.source, config.seq_len, tokenizer.vocab_size, tokenizer,
               None, stats, train_records=train, eval_records=evals)

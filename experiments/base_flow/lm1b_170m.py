@@ -1,9 +1,13 @@
 """Base flow at the papers' LM1B scale: DiT 12 x 768 (~170M parameters), L = 128 (SPEC §2).
 
+  cfmjax prepare --config=experiments/base_flow/lm1b_170m.py --out=/data/lm1b_128 --workers=16 \
+      --config.data.tfds.data_dir=/path/to/tensorflow_datasets     (once; split over hosts with
+                                                                   --host_index=i --host_count=n)
   cfmjax train --config=experiments/base_flow/lm1b_170m.py --workdir=gs://BUCKET/runs/lm1b_170m \
-      --config.data.tfds.data_dir=/path/to/tensorflow_datasets
+      --config.data.prepared.path=/data/lm1b_128
 
-Needs `lm1b` prepared in array_record format in the TFDS data dir (no network at run time). Known-good
+Reads a token store (data/store.py): `prepare` tokenizes `lm1b` (in array_record format in the TFDS
+data dir; no network at run time) once, and each process then reads only its rows. Known-good
 settings from the papers: AdamW 3e-4, betas (0.9, 0.999), no weight decay, 2500 warmup steps then
 constant, clip 1.0, EMA 0.9999, global batch 512. The papers tokenise LM1B with bert-base-uncased;
 here a 32k SentencePiece BPE is trained on the train split (or pass --config.data.tokenizer.model_path).
@@ -17,7 +21,8 @@ from cfmjax.configs import base_config
 
 def get_config():
   c = base_config()
-  c.data.source = "tfds"
+  c.data.source = "prepared"
+  c.data.prepared.from_source = "tfds"  # what `cfmjax prepare` tokenizes into the store
   c.data.tfds.name = "lm1b"
   c.data.tfds.train_split = "train"
   c.data.tfds.eval_split = "test"

@@ -1,9 +1,12 @@
 """Base flow at the papers' OpenWebText scale: DiT 12 x 768 (~170M), L = 1024 (SPEC §2).
 
+  cfmjax prepare --config=experiments/base_flow/owt_170m.py --out=/data/owt_1024 --workers=16 \
+      --config.data.tfds.data_dir=/path/to/tensorflow_datasets     (once)
   cfmjax train --config=experiments/base_flow/owt_170m.py --workdir=gs://BUCKET/runs/owt_170m \
-      --config.data.tfds.data_dir=/path/to/tensorflow_datasets
+      --config.data.prepared.path=/data/owt_1024
 
-Needs `openwebtext` prepared in array_record format in the TFDS data dir. Same known-good
+Reads a token store (as lm1b_170m) prepared from `openwebtext` in array_record format in the TFDS
+data dir. Same known-good
 optimisation as lm1b_170m (AdamW 3e-4, 2500 warmup, constant, clip 1.0, EMA 0.9999, batch 512).
 The papers use the GPT-2 tokenizer (V = 50257); here a SentencePiece BPE of the same size is trained
 on the train split, or pass --config.data.tokenizer.model_path. OWT has only a train split, so this

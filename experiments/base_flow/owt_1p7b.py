@@ -2,7 +2,8 @@
 
   cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2      # check it fits (no data needed)
   cfmjax train   --config=experiments/base_flow/owt_1p7b.py --workdir=gs://BUCKET/runs/owt_1p7b \
-      --config.data.tfds.data_dir=/path/to/tensorflow_datasets --config.mesh.fsdp=8 --config.mesh.tensor=2
+      --config.data.prepared.path=/data/owt_1024 --config.mesh.fsdp=8 --config.mesh.tensor=2
+      (the store from owt_170m's `cfmjax prepare`: the same data and tokenizer)
 
 Data, tokenizer (V = 50257) and optimisation as owt_170m; width 2048 (16 heads of 128), MLP 8192,
 20 layers: 1,729,942,609 parameters by `model.count_params` at V = 50257 (each block holds
