@@ -28,6 +28,7 @@ from cfmjax import ar, checkpointing, diagnostics, distill, experiment, handoff,
 from cfmjax import preflight
 from cfmjax import flops as flops_lib, state_space
 from cfmjax import model as model_lib
+from cfmjax.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ def train(config, workdir: str, devices=None) -> dict:
         record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
         record.update(flops_lib.throughput(flops_per_step, record["steps_per_sec"], exp.mesh.size, peak.flops))
         record["mfu_peak"] = peak.source
+        record.update(pipeline.mixture_token_counts(data_iter.get_state(), exp.config.data.seq_len))
         writer.write(step, record)
         last_logged = dict(record, step=step)
         progress.update(step, loss=record["loss"],

@@ -207,3 +207,62 @@ def test_prepare_then_train_through_the_cli_and_mismatches_are_refused(corpus, t
   base.data.seq_len = 32
   with pytest.raises(ValueError, match="set --config.data.seq_len=16"):
     pipeline.build_data(base.data, None)
+
+
+# --- Mixtures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (0.5, 0.3, 0.2), (0.9, 0.05, 0.05)])
+def test_mixture_batches_are_within_one_row_of_the_weights_and_resume_under_another_process_count(
+    tmp_path, weights):
+  paths = []
+  for s, _ in enumerate(weights):  # store s holds ids s*1000 + row: a row says where it came from
+    paths.append(str(tmp_path / f"s{s}"))
+    store.write_synthetic(paths[-1], 17 + 5 * s, 2, vocab_size=4000, rows_per_shard=7,
+                          row_fn=lambda idx, s=s: (s * 1000 + idx)[:, None] + np.zeros(2, np.int64))
+  stores = [store.TokenStore(p) for p in paths]
+  mix = lambda per_host, p, procs: pipeline.MixtureIterator(stores, weights, 3, per_host, p, procs)  # noqa: E731
+  whole, parts = mix(10, 0, 1), [mix(5, p, 2) for p in range(2)]
+  taken = np.zeros(len(weights))
+  for k in range(30):
+    batch = next(whole)[:, 0]
+    assert np.concatenate([next(it)[:, 0] for it in parts]).tolist() == batch.tolist()
+    counts = np.bincount(batch // 1000, minlength=len(weights))
+    assert np.all(np.abs(counts - 10 * np.asarray(weights)) <= 1), counts
+    taken += counts
+    assert np.all(np.abs(taken - 10 * (k + 1) * np.asarray(weights)) < 1 + 1e-9)
+    drawn0 = (drawn0 if k else []) + [int(v) for v in batch if v < 1000]
+  # Store 0 is read through its own permutation: its first epoch covers its 17 rows once.
+  assert sorted(drawn0[:17]) == list(range(17)) and drawn0[:17] != list(range(17))
+  state = parts[0].get_state()
+  assert state == parts[1].get_state() == whole.get_state()
+  resumed = mix(10, 0, 1)
+  resumed.set_state(json.loads(json.dumps(state)))
+  for _ in range(5):
+    np.testing.assert_array_equal(next(resumed), next(whole))
+  tokens = pipeline.mixture_token_counts(state, 2)
+  assert sum(tokens.values()) == 30 * 10 * 2 and tokens["data_tokens/s0"] == state["taken"][0] * 2
+
+
+def test_mixture_config_is_parsed_and_checked(tmp_path):
+  assert pipeline.parse_mixture("gs://b/web:0.7, /data/books:0.3") == [("gs://b/web", 0.7), ("/data/books", 0.3)]
+  with pytest.raises(ValueError, match="PATH:WEIGHT"):
+    pipeline.parse_mixture("/data/web")
+  store.write_synthetic(str(tmp_path / "a"), 10, 16, vocab_size=64, heldout_rows=4)
+  store.write_synthetic(str(tmp_path / "b"), 10, 8, vocab_size=64, heldout_rows=4)
+  config = tiny_config(**{"data.source": "prepared", "data.seq_len": 16,
+                          "data.prepared.mixture": f"{tmp_path / 'a'}:2,{tmp_path / 'b'}:1"})
+  with pytest.raises(store.StoreError, match="must share seq_len and tokenizer"):
+    pipeline.build_data(config.data, None)
+
+
+def test_training_on_a_mixture_logs_tokens_per_store(tmp_path):
+  from cfmjax import train  # noqa: PLC0415
+
+  for name in ("web", "books"):
+    store.write_synthetic(str(tmp_path / name), 50, 16, vocab_size=64, heldout_rows=16, seed=len(name))
+  config = tiny_config(**{"data.source": "prepared", "data.seq_len": 16, "train.num_steps": 2,
+                          "data.prepared.mixture": f"{tmp_path / 'web'}:3,{tmp_path / 'books'}:1"})
+  train.train(config, str(tmp_path / "w"))
+  last = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()][-1]
+  assert last["data_tokens/web"] == 2 * 12 * 16 and last["data_tokens/books"] == 2 * 4 * 16

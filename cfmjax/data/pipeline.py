@@ -78,6 +78,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # What `cfmjax prepare` tokenizes when data.source is "prepared": text | bible | tfds (with the
   # sections below), so one config both prepares its store and trains on it.
   config.prepared.from_source = ""
+  # Several stores mixed by weight, "PATH:WEIGHT,PATH:WEIGHT" (instead of prepared.path): each global
+  # batch is within ±1 row of the weights (MixtureIterator). Same tokenizer and seq_len throughout.
+  config.prepared.mixture = ""
 
   config.tfds = ml_collections.ConfigDict()
   config.tfds.name = ""
@@ -138,17 +141,27 @@ class _MarkovRows:
                              "train", stream=self._stream)
 
 
+def _store_rows(token_store, seed: int, positions: np.ndarray) -> np.ndarray:
+  """The training rows at stream `positions` of a store: position p is row perm_e(p mod N) of epoch
+  e = p // N, for a keyed permutation of the N rows that is never materialised (permutation.py)."""
+  num_rows = token_store.num_rows("train")
+  epochs, offsets = np.divmod(np.asarray(positions, np.int64), num_rows)
+  rows = np.empty_like(offsets)
+  for epoch in np.unique(epochs):
+    sel = epochs == epoch
+    rows[sel] = permutation.permute(offsets[sel], num_rows, permutation.epoch_key(seed, int(epoch)))
+  return token_store.read("train", rows)
+
+
 class _StoreRows:
   """Global batch index k -> this process's slice of it, read from a token store.
 
-  Global batch k is stream positions [k*G, (k+1)*G); position p is row perm_e(p mod N) of epoch
-  e = p // N, for a keyed permutation of the N training rows that is never materialised
-  (data/permutation.py). So a batch is a pure function of (seed, k) and the iterator state is k alone.
+  Global batch k is stream positions [k*G, (k+1)*G) (`_store_rows`), so a batch is a pure function
+  of (seed, k) and the iterator state is k alone.
   """
 
   def __init__(self, token_store, seed: int, global_batch: int, first: int, count: int):
     self._store = token_store
-    self._num_rows = token_store.num_rows("train")
     self._seed = seed
     self._global_batch = global_batch
     self._first = first
@@ -156,13 +169,70 @@ class _StoreRows:
 
   def __call__(self, batch_index: int) -> np.ndarray:
     start = int(batch_index) * self._global_batch + self._first
-    positions = np.arange(start, start + self._count, dtype=np.int64)
-    epochs, offsets = np.divmod(positions, self._num_rows)
-    rows = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      rows[sel] = permutation.permute(offsets[sel], self._num_rows, permutation.epoch_key(self._seed, int(epoch)))
-    return self._store.read("train", rows)
+    return _store_rows(self._store, self._seed, np.arange(start, start + self._count, dtype=np.int64))
+
+
+class MixtureIterator:
+  """Global batches drawn from several token stores by weight (data.prepared.mixture).
+
+  Each global batch of G rows takes floor(G·w_s) rows from store s, and the remaining rows go to the
+  stores furthest behind their share so far: every batch is within ±1 row of the weights, and the
+  totals stay within a row of them. The batch lists the stores' rows in order; this process reads
+  only its slots [p·G/P, (p+1)·G/P). The state is the batch count and each store's position
+  (rows taken), all global, so it resumes in O(1) under any process count with the same G.
+  """
+
+  def __init__(self, stores, weights, seed: int, per_host_batch: int, process_index: int, process_count: int):
+    self._stores = stores
+    self._weights = np.asarray(weights, np.float64) / np.sum(weights)
+    self._seed = seed
+    self._global_batch = per_host_batch * process_count
+    self._first, self._count = process_index * per_host_batch, per_host_batch
+    self._batch, self._taken = 0, np.zeros(len(stores), np.int64)
+
+  def allocation(self) -> np.ndarray:
+    """Rows of each store in the next global batch."""
+    g, w = self._global_batch, self._weights
+    counts = np.floor(g * w).astype(np.int64)
+    behind = (self._batch + 1) * g * w - (self._taken + counts)
+    order = np.lexsort((np.arange(len(w)), -behind))  # most behind first; ties by store order
+    counts[order[:g - counts.sum()]] += 1
+    return counts
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    counts = self.allocation()
+    ends = np.cumsum(counts)
+    slots = np.arange(self._first, self._first + self._count)
+    source = np.searchsorted(ends, slots, side="right")
+    positions = self._taken[source] + slots - (ends - counts)[source]
+    out = np.empty((self._count, self._stores[0].seq_len), np.int32)
+    for s in np.unique(source):
+      sel = source == s
+      out[sel] = _store_rows(self._stores[s], self._seed * 65537 + int(s), positions[sel])
+    self._taken += counts
+    self._batch += 1
+    return out
+
+  def get_state(self) -> dict:
+    return {"batch": self._batch, "taken": self._taken.tolist(), "stores": [s.path for s in self._stores]}
+
+  def set_state(self, state: dict):
+    if len(state["taken"]) != len(self._stores):
+      raise ValueError(f"this data state is for a mixture of {len(state['taken'])} stores; this run mixes "
+                       f"{len(self._stores)}: resume with the same data.prepared.mixture")
+    self._batch, self._taken = int(state["batch"]), np.asarray(state["taken"], np.int64)
+
+
+def mixture_token_counts(iterator_state, seq_len: int) -> dict:
+  """{"data_tokens/<store name>": tokens drawn so far} of a mixture's iterator state ({} otherwise),
+  for metrics.jsonl."""
+  if not isinstance(iterator_state, dict) or "taken" not in iterator_state:
+    return {}
+  return {f"data_tokens/{os.path.basename(os.path.normpath(path))}": int(rows) * seq_len
+          for path, rows in zip(iterator_state["stores"], iterator_state["taken"])}
 
 
 class _ProcessSlice:
@@ -189,7 +259,9 @@ class Data:
     markov: the chain, for exact likelihoods; None for text.
     stats: counts from preparation, for logging (documents, bad bytes, ...).
     train_records / eval_records: random-access document texts (text sources).
-    store: the token store (source "prepared").
+    store: the token store (source "prepared"; with a mixture, the first one, whose held-out rows
+      are the eval rows).
+    mixture: [(store, weight)] when data.prepared.mixture names several stores.
   """
   source_name: str
   seq_len: int
@@ -202,6 +274,7 @@ class Data:
   eval_records: Sequence[str] | None = dataclasses.field(
       default=None, repr=False)
   store: store_lib.TokenStore | None = dataclasses.field(default=None, repr=False)
+  mixture: list | None = dataclasses.field(default=None, repr=False)  # [(TokenStore, weight)]
 
   def train_iterator(self, per_host_batch: int, process_index: int = 0,
                      process_count: int = 1, seed: int = 0,
@@ -231,6 +304,9 @@ class Data:
     if self.markov is not None:
       return self._markov_iterator(per_host_batch, process_index,
                                    process_count, seed)
+    if self.mixture is not None:
+      stores, weights = zip(*self.mixture)
+      return MixtureIterator(list(stores), weights, seed, per_host_batch, process_index, process_count)
     if self.store is not None:
       return self._store_iterator(per_host_batch, process_index, process_count, seed)
     return self._text_iterator(per_host_batch, process_index, process_count,
@@ -401,11 +477,45 @@ def prepare_store(data_config: ml_collections.ConfigDict, out_dir: str, **kwargs
                            source_stats=source_stats, **kwargs)
 
 
+def parse_mixture(text: str) -> list[tuple[str, float]]:
+  """"PATH:WEIGHT,PATH:WEIGHT" -> [(path, weight)] (a path may itself hold ':', as gs://...)."""
+  out = []
+  for item in (i.strip() for i in text.split(",") if i.strip()):
+    path, sep, weight = item.rpartition(":")
+    try:
+      value = float(weight) if sep else -1.0
+    except ValueError:
+      value = -1.0
+    if not path or not value > 0:
+      raise ValueError(f"data.prepared.mixture item {item!r} is not PATH:WEIGHT with a weight > 0 "
+                       f"(e.g. --config.data.prepared.mixture=/data/web:0.7,/data/books:0.3)")
+    out.append((os.path.expanduser(path), value))
+  return out
+
+
 def _prepared_data(config: ml_collections.ConfigDict, workdir: str | None) -> Data:
-  if not config.prepared.path:
+  mixture = parse_mixture(config.prepared.get("mixture", ""))
+  if mixture and config.prepared.path:
+    raise ValueError("set data.prepared.path (one store) or data.prepared.mixture (several), not both")
+  if not (mixture or config.prepared.path):
     raise ValueError("data.source='prepared' needs --config.data.prepared.path=<a directory written by "
-                     "`cfmjax prepare`>")
-  token_store = store_lib.TokenStore(os.path.expanduser(config.prepared.path))
+                     "`cfmjax prepare`> (or data.prepared.mixture=PATH:WEIGHT,...)")
+  paths = [p for p, _ in mixture] or [os.path.expanduser(config.prepared.path)]
+  data = _one_store(config, workdir, paths[0])
+  if mixture:
+    stores = [data.store] + [store_lib.TokenStore(p) for p in paths[1:]]
+    for other in stores[1:]:
+      if (other.seq_len, other.manifest["tokenizer"]["fingerprint"]) != (
+          data.store.seq_len, data.store.manifest["tokenizer"]["fingerprint"]):
+        raise store_lib.StoreError(f"the mixture's stores must share seq_len and tokenizer: {other.path} differs "
+                                   f"from {data.store.path}")
+    data.mixture = list(zip(stores, [w for _, w in mixture]))
+    data.stats["mixture"] = {s.path: w for s, w in data.mixture}
+  return data
+
+
+def _one_store(config: ml_collections.ConfigDict, workdir: str | None, path: str) -> Data:
+  token_store = store_lib.TokenStore(path)
   if token_store.seq_len != config.seq_len:
     raise ValueError(f"the token store {token_store.path} holds rows of {token_store.seq_len} tokens and this run "
                      f"has data.seq_len={config.seq_len}: set --config.data.seq_len={token_store.seq_len}, or "
