@@ -45,5 +45,11 @@ def maybe_initialize():
   if kwargs is None:
     return
   jax.distributed.initialize(**kwargs)
+  # Orbax's barriers through the coordination service (with timeouts) rather than device
+  # collectives, which on CPU (gloo) fail after 30 s when one process is still busy (compiling).
+  from absl import flags  # noqa: PLC0415
+  import orbax.checkpoint  # noqa: F401, PLC0415 (defines the flag)
+
+  flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())

@@ -225,6 +225,27 @@ class StopRequest:
       signal.signal(sig, handler)
 
 
+def compiled_in_step(step_fn):
+  """In a multi-process job, the first call compiles `step_fn` ahead of time and then waits at a
+  coordination-service barrier, so that no process enters the step's first collective while another
+  is still compiling. CPU collectives (gloo) time out after a fixed 30 s, and on a loaded host one
+  process can finish compiling minutes before its peer; accelerators lose nothing by it either.
+  A single process gets `step_fn` back unchanged."""
+  if jax.process_count() == 1:
+    return step_fn
+  from jax._src import distributed as jax_distributed  # noqa: PLC0415 (the coordination-service client)
+
+  compiled = []
+
+  def step(state, batch):
+    if not compiled:
+      compiled.append(step_fn.lower(state, batch).compile())
+      jax_distributed.global_state.client.wait_at_barrier("cfmjax_train_step_compiled", 30 * 60 * 1000)
+    return compiled[0](state, batch)
+
+  return step
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -273,7 +294,7 @@ def train(config, workdir: str, devices=None) -> dict:
              start, cfg.num_steps)
 
   # --- Step functions -----------------------------------------------------------------------
-  train_step = make_train_step(exp)
+  train_step = compiled_in_step(make_train_step(exp))
   eval_step = make_eval_step(exp)
   eval_rows = exp.data.eval_rows(cfg.eval_batch_size) if cfg.eval_every else None
   diagnostics_every = cfg.get("diagnostics_every", 0)

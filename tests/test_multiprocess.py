@@ -134,3 +134,28 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, cache_dir):
   ckpt.close()
   assert step == 4 and data_state == {"next_index": 4}
   assert all(len(x.sharding.device_set) == 4 for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+@pytest.mark.slow
+def test_launch_local_two_processes_run_the_real_cfmjax_train_on_a_token_store(tmp_path):
+  """`NUM_PROCESSES=2 launch/local.sh` runs `cfmjax train` itself (no test driver): 2 processes x 2 CPU
+  devices, each reading only its rows of a token store, match 1 process x 4 devices step by step."""
+  from cfmjax.data import store  # noqa: PLC0415
+  from tests.conftest import TINY_FLAGS  # noqa: PLC0415
+
+  store.write_synthetic(str(tmp_path / "store"), 200, 16, vocab_size=64, heldout_rows=16)
+  env = dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count")))
+  args = ["--config.data.source=prepared", f"--config.data.prepared.path={tmp_path / 'store'}", *TINY_FLAGS,
+          "--config.train.num_steps=3", "--config.train.eval_every=0"]
+  for name, processes, devices in (("two", "2", "2"), ("one", "1", "4")):
+    proc = subprocess.run(["bash", "launch/local.sh", "experiments/base_flow/markov_tiny.py", str(tmp_path / name),
+                           *args], cwd=REPO, env=dict(env, NUM_PROCESSES=processes, FAKE_DEVICES=devices),
+                          capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in (tmp_path / name).glob("process_*.log"))
+    assert proc.returncode == 0, (proc.stderr + logs)[-4000:]
+  assert "process 1 of 2, 2 local / 4 global devices" in (tmp_path / "two" / "process_1.log").read_text()
+  two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+  assert sorted(two) == [1, 2, 3]
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
