@@ -20,6 +20,7 @@ in-training diagnostic (lower is better) was the lowest so far; `--checkpoint_st
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -57,6 +58,31 @@ def _keys_added_since(step_dir: str, abstract_state) -> list[str]:
   return [k for k in _ADDED_STATE_KEYS if k in abstract_state and repr((k,)) not in saved]
 
 
+class TreeMismatchError(ValueError):
+  """The checkpoint's parameters are not this model's: a config difference, not damage."""
+
+
+def _param_paths_mismatch(step_dir: str, abstract_state) -> str | None:
+  """None when the checkpoint holds exactly this model's parameter names, else a description."""
+  try:
+    with open(os.path.join(step_dir, "state", "_METADATA")) as f:
+      saved = json.load(f)["tree_metadata"]
+  except (OSError, ValueError, KeyError):
+    return None  # unreadable metadata: let the restore itself report it
+  saved_paths = {key for key in (ast.literal_eval(k) for k in saved) if key[:1] == ("params",)}
+  model_paths = {("params", *(getattr(p, "key", str(p)) for p in path))
+                 for path, _ in jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]}
+  if not saved_paths or saved_paths == model_paths:
+    return None
+  fmt = lambda paths: ", ".join("/".join(p[1:]) for p in sorted(paths)[:4]) + (" ..." if len(paths) > 4 else "")  # noqa: E731
+  parts = []
+  if saved_paths - model_paths:
+    parts.append(f"it has parameters this model lacks ({fmt(saved_paths - model_paths)})")
+  if model_paths - saved_paths:
+    parts.append(f"this model has parameters it lacks ({fmt(model_paths - saved_paths)})")
+  return "; ".join(parts)
+
+
 def _zeros_like(abstract):
   return jax.device_put(np.zeros(abstract.shape, abstract.dtype), abstract.sharding)
 
@@ -92,6 +118,13 @@ class Checkpointer:
     Returns (state, data_state or None). With `global_batch`, refuses a data state written for
     another global batch size (its position would mean different rows).
     """
+    mismatch = _param_paths_mismatch(self.step_dir(step), abstract_state)
+    if mismatch:
+      raise TreeMismatchError(
+          f"checkpoint step {step} in {self.directory} was written by another model layout: {mismatch}. The "
+          f"model config differs from the one that trained it (a model.* key such as posterior_input, skip, "
+          f"self_condition or local_mix); load it with that config (its workdir's config.json), or train in a new "
+          f"--workdir.")
     added = _keys_added_since(self.step_dir(step), abstract_state)
     target = {k: v for k, v in abstract_state.items() if k not in added}
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
@@ -125,7 +158,7 @@ class Checkpointer:
     for step in steps:
       try:
         state, data = self.restore(step, abstract_state, global_batch)
-      except BatchSizeMismatchError:
+      except (BatchSizeMismatchError, TreeMismatchError):
         raise  # a config mismatch, not damage
       except Exception as e:  # noqa: BLE001 (tensorstore, JSON and file errors all mean "damaged")
         failed.append((step, e))

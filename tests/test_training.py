@@ -1,6 +1,7 @@
 """Training: sharding invariance, exact resume, NaN stop, config errors."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -67,3 +68,14 @@ def test_mesh_larger_than_devices_is_refused(cache_dir):
   config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 4})
   with pytest.raises(ValueError, match="needs 16 devices but 8 are available"):
     experiment.build(config, None)
+
+
+def test_a_checkpoint_of_another_model_layout_is_refused_naming_the_parameters(tmp_path):
+  """Resuming with a model switch that adds parameters fails at once with the differing names and the
+  fix, and the checkpoint is not set aside as damaged."""
+  from cfmjax import checkpointing  # noqa: PLC0415
+
+  train.train(tiny_config(**{"train.num_steps": 2}), str(tmp_path))
+  with pytest.raises(checkpointing.TreeMismatchError, match=r"this model has parameters it lacks \(.*mix"):
+    train.train(tiny_config(**{"train.num_steps": 4, "model.local_mix": 1}), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
