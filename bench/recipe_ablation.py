@@ -48,6 +48,8 @@ VARIANTS = {
     # + a depthwise convolution over positions ±2 at the start of every block (model.local_mix)
     "recipe_mix": {"model.local_mix": 2},
     "skip_mix": dict(OFF, **{"model.skip": True, "model.local_mix": 2}),
+    # today's defaults at 3x the learning rate (markov_tiny's 1e-3 -> 3e-3)
+    "recipe_lr3e-3": {"optim.lr": 3e-3},
 }
 
 
