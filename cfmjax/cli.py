@@ -8,6 +8,8 @@
   cfmjax eval   --workdir=W2 --sampler=flowmap --steps=1,2,4
   cfmjax export --workdir=W --out=D [--dtype=bfloat16]     (then: cfmjax eval --checkpoint=D ...)
   cfmjax report W1 W2 ... [--out=report] [--names=ar,base,psd]
+  cfmjax sweep --config=... --workdir=ROOT --sweep="flow.schedule=linear,argmax;optim.lr=1e-3,3e-3"
+               [--sweep_launch=local|slurm|tpu]          (then: cfmjax report ROOT)
   cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2 [--stage=distill]
   cfmjax eval   --workdir=W --judge=ar:W_AR   (W_AR: `cfmjax train --config=experiments/ar/...`)
   cfmjax sample --workdir=W --prompt="..." [--block_size=8 --num_blocks=4] [--guidance=1.5]
@@ -26,7 +28,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("prepare", "train", "distill", "sample", "eval", "export", "report", "compile")
+COMMANDS = ("prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
                                           lock_config=True)
@@ -99,6 +101,10 @@ _HOST_INDEX = flags.DEFINE_integer("host_index", 0, "prepare: this host's index 
 _HOST_COUNT = flags.DEFINE_integer("host_count", 1, "prepare: how many hosts share the work (each takes every "
                                    "host_count-th shard; the last to finish writes the manifest).")
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 4096, "prepare: documents per shard (one unit of work).")
+_SWEEP = flags.DEFINE_string("sweep", None, "sweep: the grid, key=v1,v2,... items joined by ';'.")
+_SWEEP_LAUNCH = flags.DEFINE_enum("sweep_launch", "local", ["local", "slurm", "tpu"],
+                                  "sweep: run the points here in sequence, or write a SLURM job array / a "
+                                  "TPU job list under the sweep's root.")
 _JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "
                              "(default: exact for the Markov source, none for text).")
 
@@ -395,13 +401,44 @@ def cmd_report(paths):
 
   if not paths:
     raise app.UsageError("usage: cfmjax report W1 [W2 ...] [--out=DIR] [--names=a,b,...]")
-  names = _NAMES.value.split(",") if _NAMES.value else [os.path.basename(os.path.abspath(p)) for p in paths]
+  from cfmjax import sweep  # noqa: PLC0415
+
+  planned = sweep.read_plan(paths[0]) if len(paths) == 1 else None
+  if planned is not None:  # a sweep's root: its points, named as the sweep named them
+    paths = [e["workdir"] for e in planned]
+    if not _NAMES.value:
+      names = [e["name"] for e in planned]
+  names = _NAMES.value.split(",") if _NAMES.value else (
+      names if planned is not None else [os.path.basename(os.path.abspath(p)) for p in paths])
   if len(names) != len(paths):
     raise app.UsageError(f"--names has {len(names)} names for {len(paths)} directories")
   runs = [(name, report.load_records(p)) for name, p in zip(names, paths)]
   table_path, plot_path = report.write_comparison(runs, _OUT.value or "report")
   print(report.comparison_table(runs))
   print(f"report: {table_path}, {plot_path}")
+
+
+def cmd_sweep():
+  from cfmjax import sweep  # noqa: PLC0415
+
+  if _CONFIG.value is None or not _SWEEP.value:
+    raise app.UsageError("sweep needs --config=FILE --workdir=ROOT --sweep='key=v1,v2;key2=...'")
+  root = _require_workdir()
+  extra = [a for a in sys.argv[2:] if a.startswith("--config.")]  # the run's own overrides, kept per point
+  try:
+    entries = sweep.plan(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]), root,
+                         _SWEEP.value, extra)
+  except (KeyError, ValueError) as e:
+    raise app.UsageError(str(e).strip("'\"")) from None
+  print(f"sweep: {len(entries)} points under {os.path.abspath(root)} (sweep.json): "
+        + ", ".join(e["name"] for e in entries))
+  if _SWEEP_LAUNCH.value == "slurm":
+    print(f"submit with: sbatch {sweep.write_slurm(root, entries)}")
+  elif _SWEEP_LAUNCH.value == "tpu":
+    print(f"run the lines of {sweep.write_tpu(root, entries, entries[0]['train'][2].split('=', 1)[1])}")
+  else:
+    sweep.run_local(entries)
+    print(f"compare them with: cfmjax report {root}")
 
 
 def cmd_compile():
@@ -447,7 +484,7 @@ def main(argv):
   if argv[1] == "report":  # the only command with positional arguments (the workdirs)
     return cmd_report(argv[2:])
   {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
-   "export": cmd_export}[argv[1]]()
+   "export": cmd_export, "sweep": cmd_sweep}[argv[1]]()
 
 
 def run():
