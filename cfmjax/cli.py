@@ -105,6 +105,8 @@ _SWEEP = flags.DEFINE_string("sweep", None, "sweep: the grid, key=v1,v2,... item
 _SWEEP_LAUNCH = flags.DEFINE_enum("sweep_launch", "local", ["local", "slurm", "tpu"],
                                   "sweep: run the points here in sequence, or write a SLURM job array / a "
                                   "TPU job list under the sweep's root.")
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "jsonl"], "sample: print every sample as readable text "
+                            "(a prompt highlighted) or as the JSON lines written to samples/.")
 _JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "
                              "(default: exact for the Markov source, none for text).")
 
@@ -279,19 +281,33 @@ def cmd_sample():
       f"_renoise{renoise:g}" if renoise else "")
   path = os.path.join(out_dir, f"{sampler}_{steps}steps{tag}_ckpt{step}.jsonl")
   decode = exp.data.tokenizer.decode
-  with open(path, "w") as f:
-    for i, row in enumerate(rows):
-      record = {"index": i, "sampler": sampler, "steps": steps, "checkpoint_step": step,
-                "guidance": guidance, "renoise": renoise, "text": decode(row["tokens"]), "tokens": row["tokens"]}
-      if "prompt" in row:
-        record.update(prompt=decode(row["prompt"]), continuation=decode(row["continuation"]))
-      f.write(json.dumps(record) + "\n")
-  for row in rows[:3]:
+  records = []
+  for i, row in enumerate(rows):
+    record = {"index": i, "sampler": sampler, "steps": steps, "checkpoint_step": step,
+              "guidance": guidance, "renoise": renoise, "text": decode(row["tokens"]), "tokens": row["tokens"]}
     if "prompt" in row:
-      print(f"--- [{decode(row['prompt'])}] {decode(row['continuation'])}")
-    else:
-      print("---\n" + decode(row["tokens"]))
-  print(f"wrote {len(rows)} samples to {path}")
+      record.update(prompt=decode(row["prompt"]), continuation=decode(row["continuation"]))
+    records.append(record)
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  _point_latest_at(path)
+  if _FORMAT.value == "jsonl":
+    sys.stdout.writelines(json.dumps(r) + "\n" for r in records)
+  else:
+    # The prompt in bold on a terminal, in [brackets] in a file, so it never passes for generated text.
+    mark = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
+    for r in records:
+      body = f"{mark[0]}{r['prompt']}{mark[1]} {r['continuation']}" if "prompt" in r else r["text"]
+      print(f"--- sample {r['index']} ({sampler}, {steps} steps, checkpoint {step})\n{body}")
+  print(f"wrote {len(rows)} samples to {path} (samples/latest points at it)", file=sys.stderr)
+
+
+def _point_latest_at(path: str):
+  """samples/latest -> the file just written (a relative symlink, replaced atomically)."""
+  link = os.path.join(os.path.dirname(path), "latest")
+  tmp = f"{link}.tmp{os.getpid()}"
+  os.symlink(os.path.basename(path), tmp)
+  os.replace(tmp, link)
 
 
 def cmd_eval():

@@ -8,6 +8,7 @@ tier: test_distill's handoff, test_pipeline). Here: prompts, blocks, guidance, -
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -35,10 +36,14 @@ def _samples(directory):
 
 def test_prompt_blocks_guidance_and_checkpoint_step(prompt_base, tmp_path):
   out = tmp_path / "one"
-  run_cli("sample", f"--checkpoint={prompt_base}", f"--workdir={out}", "--prompt=3 1 4", "--block_size=4",
-          "--num_blocks=2", "--guidance=1.5", "--steps=2", "--num_samples=2", "--checkpoint_step=2")
+  printed, _ = run_cli("sample", f"--checkpoint={prompt_base}", f"--workdir={out}", "--prompt=3 1 4",
+                       "--block_size=4", "--num_blocks=2", "--guidance=1.5", "--steps=2", "--num_samples=2",
+                       "--checkpoint_step=2")
   name, rows = _samples(out)
   assert name == "euler_2steps_prompted_cfg1.5_ckpt2.jsonl"
+  assert os.readlink(out / "samples" / "latest") == name
+  # --format=text (default): every sample, its prompt marked off from what was generated.
+  assert printed.count("--- sample ") == 2 and f"[3 1 4] {rows[1]['continuation']}" in printed
   assert len(rows) == 2
   for r in rows:
     assert r["checkpoint_step"] == 2 and r["guidance"] == 1.5 and r["prompt"] == "3 1 4"
@@ -48,8 +53,10 @@ def test_prompt_blocks_guidance_and_checkpoint_step(prompt_base, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("1 2\n\n5 6 7 0\n")  # blank lines are skipped
   out = tmp_path / "file"
-  run_cli("sample", f"--checkpoint={prompt_base}", f"--workdir={out}", f"--prompts_file={prompts}", "--steps=2")
+  printed, _ = run_cli("sample", f"--checkpoint={prompt_base}", f"--workdir={out}", f"--prompts_file={prompts}",
+                       "--steps=2", "--format=jsonl")
   name, rows = _samples(out)
+  assert [json.loads(line) for line in printed.splitlines()] == rows  # --format=jsonl: the file's records
   assert name == "euler_2steps_prompted_ckpt4.jsonl"  # the latest checkpoint by default
   assert [r["tokens"][:len(p)] for r, p in zip(rows, ([1, 2], [5, 6, 7, 0]))] == [[1, 2], [5, 6, 7, 0]]
   # Default block: what the window leaves after the longest prompt (16 - 4), for every prompt.
