@@ -1,5 +1,5 @@
-"""The measurement scripts whose tables and plots are committed under results/ still run (slow tier):
-a merge that breaks one is caught here, not when somebody next needs the figure."""
+"""The measurement scripts whose tables and plots are committed under results/ (or that wait for an
+accelerator) still run: a merge that breaks one is caught here, not when somebody next needs the figure."""
 
 import json
 import os
@@ -8,11 +8,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_learning_curves_script_writes_both_curves_and_the_table(tmp_path):
   out = tmp_path / "lc"
   proc = subprocess.run(
@@ -27,3 +26,32 @@ def test_learning_curves_script_writes_both_curves_and_the_table(tmp_path):
   assert (out / "o1_v16-s0.png").stat().st_size > 0
   table = (tmp_path / "lc.md").read_text().splitlines()
   assert len(table) == 3 and table[2].startswith("| o1_v16 | 0 | 4 | 2 | 8 |")
+
+
+def test_accelerator_benchmark_refuses_a_cpu():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "bench/accelerator.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0 and "measures a GPU or TPU" in proc.stderr
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_runs_every_path_at_a_toy_size():
+  proc = subprocess.run([sys.executable, "bench/accelerator.py", "--smoke", "--batch=2", "--length=16",
+                         "--gen_batches=2", "--euler_steps=2", "--steps=1"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+  assert len(table) == 1 + 2 + 5  # header, two train steps, five samplers
+  assert "train step: PSD distillation" in proc.stdout and "ar 16 steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_data_benchmark_runs_at_a_toy_size(tmp_path):
+  proc = subprocess.run([sys.executable, "bench/data.py", "--small=1000", "--large=10000", "--read_rows=2000",
+                         "--corpus_mb=1", f"--workdir={tmp_path}", f"--out={tmp_path / 'data.json'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "data.json").read_text())
+  assert [r["workers"] for r in results["prepare"]] == [1, 2] and results["prepare"][0]["tokens"] > 0
+  assert [r["rows"] for r in results["startup"]] == [1000, 10000]
