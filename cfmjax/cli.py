@@ -1,5 +1,6 @@
 """The `cfmjax` command line.
 
+  cfmjax pipeline --workdir=runs/main   (the README's main job: base flow, AR judge, flow map, eval, report)
   cfmjax prepare --config=experiments/base_flow/text_tiny.py --out=DIR [--workers=2]   (a token store)
   cfmjax train  --config=experiments/base_flow/markov_tiny.py --workdir=W [--config.train.num_steps=...]
   cfmjax distill --config=experiments/flow_map/markov_tiny_psd.py --workdir=W2 --config.init_from=W
@@ -22,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
+COMMANDS = ("pipeline", "prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
                                           lock_config=True)
@@ -107,6 +109,11 @@ _SWEEP_LAUNCH = flags.DEFINE_enum("sweep_launch", "local", ["local", "slurm", "t
                                   "TPU job list under the sweep's root.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "jsonl"], "sample: print every sample as readable text "
                             "(a prompt highlighted) or as the JSON lines written to samples/.")
+_BASE_STEPS = flags.DEFINE_integer("base_steps", 400, "pipeline: base-flow training steps.")
+_JUDGE_STEPS = flags.DEFINE_integer("judge_steps", 400, "pipeline: AR judge training steps.")
+_DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 150, "pipeline: flow-map distillation steps.")
+_STAGE_ARGS = flags.DEFINE_string("stage_args", "", "pipeline: extra flags for both trainings (e.g. a smaller "
+                                  "model: '--config.model.d_model=64').")
 _JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "
                              "(default: exact for the Markov source, none for text).")
 
@@ -329,10 +336,13 @@ def cmd_eval():
   exact_reference = (_EXACT_REFERENCE.value and sampler == "euler" and exp.data.markov is not None
                      and not prompt_len and guidance is None)
   for steps in _steps_for(exp, sampler, cfg.steps, allow_none=True):
+    started = time.perf_counter()
     tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
                                 _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"),
                                 prompts=prompts, guidance=guidance, renoise=renoise, precision=precision)
-    record = {"sampler": sampler, "steps": steps, "checkpoint_step": step}
+    # Wall time of the whole generate call over the samples, its compilation included.
+    record = {"sampler": sampler, "steps": steps, "checkpoint_step": step,
+              "seconds_per_sample": (time.perf_counter() - started) / num}
     if prompt_len or guidance is not None or renoise:
       record.update(prompt_len=prompt_len, guidance=guidance, renoise=renoise)
     if precision != "float32" and sampler != "ar":
@@ -434,6 +444,13 @@ def cmd_report(paths):
   print(f"report: {table_path}, {plot_path}")
 
 
+def cmd_pipeline():
+  from cfmjax import main_job  # noqa: PLC0415
+
+  main_job.run(_WORKDIR.value or "runs/main", _BASE_STEPS.value, _JUDGE_STEPS.value, _DISTILL_STEPS.value,
+               _NUM_SAMPLES.value or 64, shlex.split(_STAGE_ARGS.value))
+
+
 def cmd_sweep():
   from cfmjax import sweep  # noqa: PLC0415
 
@@ -493,6 +510,9 @@ def main(argv):
     return
   if argv[1] == "prepare":  # no devices and no cluster: tokenizing is CPU work (hosts split it by flags)
     cmd_prepare()
+    return
+  if argv[1] == "pipeline":  # a driver of other cfmjax processes: it touches no device itself
+    cmd_pipeline()
     return
   from cfmjax import distributed  # noqa: PLC0415
 

@@ -183,3 +183,23 @@ def test_usage_errors_are_reported():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "usage: cfmjax" in proc.stderr
 
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_every_stage_and_ends_with_its_summary(tmp_path):
+  """README command 1 (`cfmjax pipeline`) at toy budgets: every stage's command runs, the report has no
+  empty panel, and the summary names the judge and holds both samplers' rows, the bound and samples."""
+  workdir = tmp_path / "main"
+  proc = subprocess.run([sys.executable, "-m", "cfmjax", "pipeline", f"--workdir={workdir}", "--base_steps=2",
+                         "--judge_steps=2", "--distill_steps=2", "--num_samples=8",
+                         "--stage_args=--config.model.d_model=32 --config.model.num_layers=1 "
+                         "--config.model.num_heads=2 --config.model.mlp_dim=64 --config.train.batch_size=8"],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  assert proc.stdout.count("=== stage ") == 9 and "$ cfmjax distill --config=" in proc.stdout
+  text = (workdir / "summary.md").read_text()
+  assert "held-out perplexity" in text and "Likelihood bound of the base flow" in text
+  rows = [line for line in text.splitlines() if line.startswith("| flow map |") or line.startswith("| Euler")]
+  assert [r.split("|")[2].strip() for r in rows] == ["1", "2", "4", "4", "128"]
+  assert text.count("\n  - ") == 4  # two samples from each sampler
+  assert (workdir / "report" / "report.png").exists()

@@ -4,7 +4,7 @@
   cfmjax sample --workdir=runs/text_tiny --steps=128 --num_samples=8
   cfmjax eval   --workdir=runs/text_tiny --steps=128,16,4
 
-This is the README's main job. The first run converts the corpus to ArrayRecord (cached under
+The README's main job (`cfmjax pipeline`) runs this config for 400 steps as its first stage. The first run converts the corpus to ArrayRecord (cached under
 ~/.cache/cfmjax) and trains a 1024-piece SentencePiece BPE tokenizer into the workdir (seconds).
 Expect a few minutes of training on 2 CPU cores: the held-out cross-entropy falls steadily, and
 samples show Bible-like words and phrases but little grammar; a model this small, trained this
