@@ -227,6 +227,11 @@ def plot_runs(runs: list[tuple[str, list[dict]]], path: str, title: str | None =
           ax.plot(*zip(*points), marker="o", color=color, label=label)
   for value in sorted(data_entropies):
     ax_ent.axhline(value, color="grey", linestyle=":", label=f"data entropy {value:.3f}")
+  if has_ppl:  # an AR run's exact held-out perplexity: the reference a judged gen PPL is read against
+    for name, records in runs:
+      held_out = metric_record(records, "nll_per_token")
+      if held_out is not None and held_out.get("ppl"):
+        ax_ppl.axhline(held_out["ppl"], color="grey", linestyle=":", label=f"{name} held-out perplexity {held_out['ppl']:.1f}")
   ax_ent.set_ylabel("unigram entropy (nats)")
   axes = [ax_ent]
   if has_ppl:

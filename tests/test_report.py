@@ -88,6 +88,17 @@ def test_report_command_merges_workdirs(tmp_path):
   _png_size(out / "report.png")
 
 
+def test_an_ar_runs_held_out_perplexity_is_drawn_as_the_reference_line(monkeypatch, tmp_path):
+  import matplotlib.axes  # noqa: PLC0415
+
+  lines = []
+  real = matplotlib.axes.Axes.axhline
+  monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                      lambda self, y=0, *a, **k: lines.append((y, k.get("label"))) or real(self, y, *a, **k))
+  report.plot_runs([("AR", AR), ("base", BASE)], str(tmp_path / "p.png"))
+  assert (25.79, "AR held-out perplexity 25.8") in lines
+
+
 def test_exact_reference_rows_sit_next_to_the_models():
   def markov(sampler, steps, nll):
     return dict(gen(sampler, steps, math.exp(nll), 2.0, judge="exact"), data_nll_per_token=1.43, entropy_rate=1.40)
