@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Flow language models in JAX: base flows, categorical flow maps, sampling and evaluation.",
     packages=find_packages(include=["cfmjax", "cfmjax.*"]),
+    package_data={"cfmjax": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.json"]},
     python_requires=">=3.10",
     # Pinned to the versions this code is tested with (see README, "Versions").
     install_requires=[
@@ -28,6 +29,8 @@ setup(
         "tokenizers==0.23.3",  # the GPT-2 judge's byte-level BPE
         "matplotlib==3.11.2",  # eval / report plots
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    # eval: the lm-eval-harness adapter (cfmjax/lm_eval_adapter.py); 0.4.13 needs no torch. The test
+    # extra includes it so that the adapter's test runs wherever the tests do.
+    extras_require={"eval": ["lm-eval==0.4.13"], "test": ["pytest>=8", "pytest-timeout", "lm-eval==0.4.13"]},
     entry_points={"console_scripts": ["cfmjax=cfmjax.cli:run"]},
 )

@@ -103,17 +103,19 @@ def next_token_loss(params, tokens, rng, *, apply_fn):
   return loss, {"loss": loss, "cross_entropy": loss, "accuracy": accuracy}
 
 
-def row_nll(apply_fn, params, tokens, mask):
-  """Σ over positions with mask = 1 of −log p(x_i | x_<i), per row: float32 [B].
+def row_nll_and_greedy(apply_fn, params, tokens, mask):
+  """Per row: Σ over positions with mask = 1 of −log p(x_i | x_<i) (float32 [B]), and 1.0 where every
+  masked token is the model's argmax (lm-eval's is_greedy). Causal attention means padding after a
+  row's last real token changes none of its scores."""
+  logits = apply_fn(params, tokens)
+  ce = losses.cross_entropy(logits, tokens)
+  missed = jnp.sum((jnp.argmax(logits, axis=-1) != tokens) * mask, axis=-1)
+  return jnp.sum(ce * mask, axis=-1), (missed == 0).astype(jnp.float32)
 
-  Causal attention means padding after a row's last real token changes none of its scores.
-  """
-  ce = losses.cross_entropy(apply_fn(params, tokens), tokens)
-  return jnp.sum(ce * mask, axis=-1)
 
-
-def score_rows(exp, params, rows: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
-  """Per-row NLL sums (nats, float64 [N]) of int rows [N, L] under `exp`'s AR model, masked.
+def score_rows(exp, params, rows: np.ndarray, mask: np.ndarray, batch_size: int, with_greedy: bool = False):
+  """Per-row NLL sums (nats, float64 [N]) of int rows [N, L] under `exp`'s AR model, masked; with
+  `with_greedy`, also whether each row's masked tokens are all the model's argmax (bool [N]).
 
   Rows are padded to a multiple of the batch (itself a multiple of the data-parallel size), so one
   program serves every call of this shape.
@@ -124,17 +126,20 @@ def score_rows(exp, params, rows: np.ndarray, mask: np.ndarray, batch_size: int)
   pad = -len(rows) % batch_size
   rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
   mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.float32)])
-  fn = jax.jit(functools.partial(row_nll, exp.apply_fn),
+  fn = jax.jit(functools.partial(row_nll_and_greedy, exp.apply_fn),
                in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, exp.batch_sharding))
-  out = []
+  nll, greedy = [], []
   with jax.set_mesh(exp.mesh):
     for i in range(0, len(rows), batch_size):
       chunk, chunk_mask = rows[i:i + batch_size], mask[i:i + batch_size]
       # Every process holds the same rows; each device takes its slice of them.
       tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
       weights = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk_mask[idx])
-      out.append(np.asarray(jax.device_get(fn(params, tokens, weights)), np.float64))
-  return np.concatenate(out)[:len(rows) - pad]
+      n, g = jax.device_get(fn(params, tokens, weights))
+      nll.append(np.asarray(n, np.float64))
+      greedy.append(np.asarray(g) > 0.5)
+  nll = np.concatenate(nll)[:len(rows) - pad]
+  return (nll, np.concatenate(greedy)[:len(rows) - pad]) if with_greedy else nll
 
 
 def heldout_nll(exp, params, rows: np.ndarray, batch_size: int) -> dict:
@@ -189,11 +194,13 @@ def _decode_block(p, x, cond, cache_k, cache_v, position, rope, config):
 
 
 def decode(params, config: model_lib.ModelConfig, rng, batch_size: int, length: int,
-           tokens=None, temperature: float = 1.0):
+           tokens=None, temperature: float = 1.0, prompt=None):
   """Decodes `length` positions one at a time with a KV cache.
 
   With `tokens` (int [B, L], teacher forcing) position i reads the given x_{i-1}; without, it reads
   the token it sampled at i − 1 (ancestral sampling at `temperature`, noise from fold_in(rng, i)).
+  `prompt` = (tokens, mask) [B, L]: where mask is set, the prompt's token is kept instead of a sample,
+  so generation continues a prefix (the flow samplers take prompts the same way).
   Returns (tokens int32 [B, L], logits float32 [B, L, V] when teacher-forced, else None).
   """
   dtype = jnp.dtype(config.dtype)
@@ -225,6 +232,8 @@ def decode(params, config: model_lib.ModelConfig, rng, batch_size: int, length: 
       token = tokens[:, position]
     else:
       token = jax.random.categorical(jax.random.fold_in(rng, position), logits / temperature, axis=-1)
+      if prompt is not None:
+        token = jnp.where(prompt[1][:, position], prompt[0][:, position], token)
     token = token.astype(jnp.int32)
     return (token, (cache_k, cache_v)), (token, logits if teacher_forced else None)
 
@@ -235,6 +244,6 @@ def decode(params, config: model_lib.ModelConfig, rng, batch_size: int, length: 
 
 
 def sample(params, config: model_lib.ModelConfig, rng, batch_size: int, length: int,
-           temperature: float = 1.0):
-  """Ancestral samples int32 [batch_size, length] (KV-cached; jit the caller)."""
-  return decode(params, config, rng, batch_size, length, temperature=temperature)[0]
+           temperature: float = 1.0, prompt=None):
+  """Ancestral samples int32 [batch_size, length] (KV-cached; jit the caller), continuing `prompt`."""
+  return decode(params, config, rng, batch_size, length, temperature=temperature, prompt=prompt)[0]

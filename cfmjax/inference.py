@@ -86,17 +86,17 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
                      "be prompted (by inpainting) but not guided")
   if renoise and sampler != "flowmap":
     raise ValueError("--renoise applies to the flow-map sampler")
-  if sampler == "ar" and (conditional or guidance is not None or renoise):
-    raise ValueError("prompts, --guidance and --renoise apply to the flow samplers (euler / flowmap), not ar")
+  if sampler == "ar" and (guidance is not None or renoise):
+    raise ValueError("--guidance and --renoise apply to the flow samplers (euler / flowmap), not ar")
   length, vocab = exp.config.data.seq_len, exp.vocab_size
   self_condition = bool(exp.config.model.get("self_condition", False)) and exp.config.sample.self_condition
 
   space = None if sampler == "ar" else state_space.from_config(exp.apply_fn, vocab, exp.config)
 
   def generate(params, rng, *prompt):
-    if sampler == "ar":  # one network evaluation per position; `steps` does not apply (ar.py)
-      return ar.sample(params, exp.model_config, rng, batch_size, length)
     prompt = tuple(prompt) if conditional else None
+    if sampler == "ar":  # one network evaluation per position; `steps` does not apply (ar.py)
+      return ar.sample(params, exp.model_config, rng, batch_size, length, prompt=prompt)
     # The state lives where configured (SPEC §4); prompts, guidance and self-conditioning are data
     # for its readout (StateSpace.readout), in either space.
     bound = space.bind(params)
