@@ -122,8 +122,7 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
   if report_rows < 2 or selection_rows < 2:
     raise ValueError(f"the likelihood bound needs at least 2 report and 2 selection rows, got "
                      f"{report_rows} and {selection_rows}")
-  rows = exp.data.eval_rows(report_rows + selection_rows)
-  report, selection = rows[:report_rows], rows[report_rows:]
+  report, selection, split = exp.data.bound_rows(report_rows, selection_rows)
 
   def terms(params, tokens, gamma, rng):
     tau = exp.schedule.tau(gamma)
@@ -162,10 +161,7 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
                                            lambda_min=lambda_min, candidates=tuple(candidates),
                                            points_per_call=points_per_call, batch_size=batch_size, seed=seed,
                                            progress=progress, prior_fn=embedding_prior if embedded_bound else None)
-  record.update(report_rows=[0, int(report_rows)],
-                selection_rows=[int(report_rows), int(report_rows + selection_rows)],
-                rows_split="half-open index ranges into exp.data.eval_rows(report + selection rows)",
-                state_space="embedding" if space.embedded else "vocab", bound_space=bound_space)
+  record.update(split, state_space="embedding" if space.embedded else "vocab", bound_space=bound_space)
   return record
 
 

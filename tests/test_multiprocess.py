@@ -138,19 +138,24 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_launch_local_two_processes_run_the_real_cfmjax_train_on_a_token_store(tmp_path):
-  """`NUM_PROCESSES=2 launch/local.sh` runs `cfmjax train` itself (no test driver): 2 processes x 2 CPU
-  devices, each reading only its rows of a token store, match 1 process x 4 devices step by step."""
-  from cfmjax.data import store  # noqa: PLC0415
-  from tests.conftest import TINY_FLAGS  # noqa: PLC0415
+  """`cfmjax prepare` on a folder of text files, then `NUM_PROCESSES=2 launch/local.sh` runs `cfmjax train`
+  itself (no test driver): 2 processes x 2 CPU devices, each reading only its rows of the store, match
+  1 process x 4 devices step by step."""
+  from tests.conftest import TINY_FLAGS, run_cli  # noqa: PLC0415
+  from tests.test_experiments import write_corpus  # noqa: PLC0415
 
-  store.write_synthetic(str(tmp_path / "store"), 200, 16, vocab_size=64, heldout_rows=16)
+  write_corpus(str(tmp_path / "corpus"), num_docs=200)
+  run_cli("prepare", "--config=experiments/base_flow/text_tiny.py", f"--out={tmp_path / 'store'}",
+          "--config.data.source=text", f"--config.data.text.paths={tmp_path / 'corpus' / '*.txt'}",
+          "--config.data.seq_len=16", "--config.data.tokenizer.vocab_size=64", "--config.data.heldout_fraction=0.2",
+          f"--config.data.cache_dir={tmp_path / 'cache'}")
   env = dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), JAX_PLATFORMS="cpu",
              XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                                 if not f.startswith("--xla_force_host_platform_device_count")))
   args = ["--config.data.source=prepared", f"--config.data.prepared.path={tmp_path / 'store'}", *TINY_FLAGS,
           "--config.train.num_steps=3", "--config.train.eval_every=0"]
   for name, processes, devices in (("two", "2", "2"), ("one", "1", "4")):
-    proc = subprocess.run(["bash", "launch/local.sh", "experiments/base_flow/markov_tiny.py", str(tmp_path / name),
+    proc = subprocess.run(["bash", "launch/local.sh", "experiments/base_flow/text_tiny.py", str(tmp_path / name),
                            *args], cwd=REPO, env=dict(env, NUM_PROCESSES=processes, FAKE_DEVICES=devices),
                           capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in (tmp_path / name).glob("process_*.log"))

@@ -46,9 +46,9 @@ def _final_state(workdir, config):
 RUN = {"train.num_steps": 10, "train.checkpoint_every": 100, "train.keep_checkpoints": 10}
 
 
-def _start(workdir, delay):
+def _start(workdir, delay, run=RUN):
   env = dict(os.environ, JAX_PLATFORMS="cpu", CFMJAX_TEST_STEP_DELAY=str(delay))
-  return subprocess.Popen([sys.executable, DRIVER, str(workdir), json.dumps(RUN)], cwd=REPO, env=env,
+  return subprocess.Popen([sys.executable, DRIVER, str(workdir), json.dumps(run)], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -66,19 +66,26 @@ def _signal_after_step(proc, workdir, min_step, sig):
 
 
 @pytest.mark.slow
-def test_sigterm_and_sigint_then_resume_equal_an_uninterrupted_run_bit_for_bit(tmp_path, cache_dir):
+@pytest.mark.parametrize("source", ["markov", "token_store"])
+def test_sigterm_and_sigint_then_resume_equal_an_uninterrupted_run_bit_for_bit(tmp_path, cache_dir, source):
+  run = dict(RUN)
+  if source == "token_store":  # data/store.py: rows read by index through the keyed permutation
+    from cfmjax.data import store  # noqa: PLC0415
+
+    store.write_synthetic(str(tmp_path / "store"), 100, 16, vocab_size=64, heldout_rows=16)
+    run.update({"data.source": "prepared", "data.prepared.path": str(tmp_path / "store")})
   straight = tmp_path / "straight"
-  train.train(tiny_config(**RUN), str(straight))
+  train.train(tiny_config(**run), str(straight))
 
   split = tmp_path / "split"
-  out, stopped = _signal_after_step(_start(split, delay=0.4), split, 2, signal.SIGTERM)
+  out, stopped = _signal_after_step(_start(split, delay=0.4, run=run), split, 2, signal.SIGTERM)
   assert "received SIGTERM: wrote checkpoint at step" in out and stopped < 10, out[-2000:]
   assert checkpointing.Checkpointer(str(split / "checkpoints")).all_steps() == [stopped]
 
-  out, stopped2 = _signal_after_step(_start(split, delay=0.4), split, stopped + 2, signal.SIGINT)
+  out, stopped2 = _signal_after_step(_start(split, delay=0.4, run=run), split, stopped + 2, signal.SIGINT)
   assert f"resumed from step {stopped}" in out and "received SIGINT" in out, out[-2000:]
   assert stopped < stopped2 < 10
-  train.train(tiny_config(**RUN), str(split))  # and on to the end
+  train.train(tiny_config(**run), str(split))  # and on to the end
 
   # Metrics: every step logged once, and each value bit for bit the uninterrupted one.
   a, b = _records(straight), _records(split)
@@ -87,8 +94,8 @@ def test_sigterm_and_sigint_then_resume_equal_an_uninterrupted_run_bit_for_bit(t
   for ra, rb in zip(a, b):
     assert {k: v for k, v in ra.items() if k not in timing} == {k: v for k, v in rb.items() if k not in timing}
   # Final state: parameters, EMA, optimizer moments, step, and the data position, bit for bit.
-  step_a, state_a, data_a = _final_state(straight, tiny_config(**RUN))
-  step_b, state_b, data_b = _final_state(split, tiny_config(**RUN))
+  step_a, state_a, data_a = _final_state(straight, tiny_config(**run))
+  step_b, state_b, data_b = _final_state(split, tiny_config(**run))
   assert step_a == step_b == 10 and data_a == data_b == {"next_index": 10}
   for x, y in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b)):
     np.testing.assert_array_equal(x, y)

@@ -266,3 +266,12 @@ def test_training_on_a_mixture_logs_tokens_per_store(tmp_path):
   train.train(config, str(tmp_path / "w"))
   last = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()][-1]
   assert last["data_tokens/web"] == 2 * 12 * 16 and last["data_tokens/books"] == 2 * 4 * 16
+
+
+def test_the_bound_reports_on_the_test_split_and_selects_on_validation(tmp_path):
+  store.write_synthetic(str(tmp_path / "s"), 10, 4, vocab_size=64, rows_per_shard=5, heldout_rows=6,
+                        row_fn=lambda idx: idx[:, None] + np.arange(4)[None, :])
+  data = pipeline.Data("prepared", 4, 64, IdentityTokenizer(64), None, {}, store=store.TokenStore(str(tmp_path / "s")))
+  report, selection, fields = data.bound_rows(4, 3)
+  assert report[:, 0].tolist() == [16, 17, 18, 19] and selection[:, 0].tolist() == [10, 11, 12]  # test, validation
+  assert fields["report_rows"] == ["test", 0, 4] and fields["selection_rows"] == ["validation", 0, 3]

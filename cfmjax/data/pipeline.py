@@ -348,6 +348,19 @@ class Data:
     return iter(batches.map(_ProcessSlice(process_index * per_host_batch,
                                           per_host_batch)))
 
+  def bound_rows(self, report_rows: int, selection_rows: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(report, selection, record fields): the rows a likelihood bound is reported on and the disjoint
+    rows its endpoint is selected with. A token store reports on its `test` split and selects on
+    `validation`; other sources split eval_rows(report + selection) into two index ranges."""
+    if self.store is not None and self.store.num_rows("test") >= report_rows:
+      return (self.store.read("test", np.arange(report_rows)), self.eval_rows(selection_rows),
+              {"report_rows": ["test", 0, report_rows], "selection_rows": ["validation", 0, selection_rows],
+               "rows_split": "token store: report on test rows, select on validation rows"})
+    rows = self.eval_rows(report_rows + selection_rows)
+    return (rows[:report_rows], rows[report_rows:],
+            {"report_rows": [0, report_rows], "selection_rows": [report_rows, report_rows + selection_rows],
+             "rows_split": "half-open index ranges into exp.data.eval_rows(report + selection rows)"})
+
   def eval_rows(self, num_rows: int) -> np.ndarray:
     """The first `num_rows` held-out rows, int32 [num_rows, seq_len].
 

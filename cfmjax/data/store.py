@@ -312,15 +312,20 @@ def write_synthetic(out_dir: str, num_rows: int, seq_len: int, vocab_size: int, 
   rng = np.random.default_rng(seed)
   row_fn = row_fn or (lambda idx: rng.integers(0, vocab_size, (len(idx), seq_len)))
   splits = {}
+  # Row ids run on across the splits (train 0..N-1, then validation, then test), so a row_fn that
+  # encodes its id tells every row of the store apart.
+  offset = 0
   for split, n in (("train", num_rows), ("validation", heldout_rows), ("test", heldout_rows)):
     shards = []
     for k, start in enumerate(range(0, n, rows_per_shard)):
       file = _shard_name(split, k) + ".rows"
       with open(os.path.join(out_dir, file), "wb") as f:
         for chunk in range(start, min(start + rows_per_shard, n), 1 << 16):
-          f.write(encode_rows(row_fn(np.arange(chunk, min(chunk + (1 << 16), start + rows_per_shard, n))), dtype))
+          ids = np.arange(chunk, min(chunk + (1 << 16), start + rows_per_shard, n)) + offset
+          f.write(encode_rows(row_fn(ids), dtype))
       shards.append({"file": file, "rows": min(rows_per_shard, n - start)})
     splits[split] = {"rows": n, "tokens": n * seq_len, "documents": 0, "dropped_tokens": 0, "shards": shards}
+    offset += n
   manifest = {"format": FORMAT, "version": VERSION, "seq_len": seq_len, "token_dtype": dtype.str,
               "tokenizer": {"file": None, "fingerprint": None, "vocab_size": vocab_size},
               "source": "synthetic", "source_stats": {}, "docs_per_shard": None, "splits": splits}
