@@ -19,38 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from cfmjax import configs, train  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from recipe_ablation import CONFIG, SOURCES  # noqa: E402
+from recipe_ablation import SOURCES, train_with  # noqa: E402
 
 TARGET = 1.10  # issue 12: steps to reach 1.10x the floor, flow against AR
 
 
 def curve(model: str, source: str, seed: int, steps: int, every: int, samples: int, sampler_steps: int,
           workroot: str) -> dict:
-  config = configs.from_file(CONFIG)
   overrides = {f"data.markov.{k}": v for k, v in SOURCES[source].items()}
   overrides.update({"model.causal": model == "ar", "seed": seed, "data.shuffle_seed": seed,
                     "train.num_steps": steps, "optim.decay": "constant", "train.diagnostics_every": every,
                     "train.diagnostics_samples": samples, "train.diagnostics_steps": sampler_steps,
                     "train.eval_every": 0, "train.checkpoint_every": steps, "train.log_every": every})
-  configs.override(config, overrides)
-  workdir = os.path.join(workroot, f"{model}-{source}-s{seed}")
-  shutil.rmtree(workdir, ignore_errors=True)
-  start = time.time()
-  train.train(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if "gen_nll_per_token" in line]
-  command = (f"cfmjax train --config=experiments/base_flow/markov_tiny.py --workdir=W "
-             + " ".join(f"--config.{k}={v}" for k, v in overrides.items()))
-  return dict(model=model, command=command, minutes=(time.time() - start) / 60,
+  rows, minutes, command = train_with(overrides, os.path.join(workroot, f"{model}-{source}-s{seed}"))
+  return dict(model=model, command=command, minutes=minutes,
               step=[r["step"] for r in rows], gen_nll_per_token=[r["gen_nll_per_token"] for r in rows],
               gen_entropy=[r["gen_entropy"] for r in rows], floor=rows[-1]["data_nll_per_token"])
 

@@ -53,25 +53,30 @@ VARIANTS = {
 }
 
 
+def train_with(overrides: dict, workdir: str) -> tuple[list[dict], float, str]:
+  """Trains CONFIG with `overrides` into a fresh `workdir` with the real trainer. Returns its metrics
+  rows that carry an exact gen NLL (the in-training diagnostics), the minutes it took, and the command."""
+  config = configs.override(configs.from_file(CONFIG), overrides)
+  shutil.rmtree(workdir, ignore_errors=True)
+  start = time.time()
+  train.train(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [r for r in map(json.loads, f) if "gen_nll_per_token" in r]
+  command = (f"cfmjax train --config=experiments/base_flow/markov_tiny.py --workdir=W "
+             + " ".join(f"--config.{k}={v}" for k, v in overrides.items()))
+  return rows, (time.time() - start) / 60, command
+
+
 def run_one(variant: str, source: str, seed: int, steps: int, workroot: str) -> dict:
-  config = configs.from_file(CONFIG)
   overrides = dict(VARIANTS[variant])
   overrides.update({f"data.markov.{k}": v for k, v in SOURCES[source].items()})
   overrides.update({"seed": seed, "data.shuffle_seed": seed, "train.num_steps": steps,
                     "train.diagnostics_every": steps, "train.diagnostics_samples": 512,
                     "train.diagnostics_steps": 128, "train.diagnostics_rows": 256,
                     "train.eval_every": 0, "train.checkpoint_every": steps, "train.log_every": 100})
-  configs.override(config, overrides)
-  workdir = os.path.join(workroot, f"{variant}-{source}-s{seed}")
-  shutil.rmtree(workdir, ignore_errors=True)
-  start = time.time()
-  train.train(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  last = [r for r in rows if "gen_nll_per_token" in r][-1]
-  command = (f"cfmjax train --config=experiments/base_flow/markov_tiny.py --workdir=W "
-             + " ".join(f"--config.{k}={v}" for k, v in overrides.items()))
-  return dict(variant=variant, source=source, seed=seed, steps=steps, minutes=(time.time() - start) / 60,
+  rows, minutes, command = train_with(overrides, os.path.join(workroot, f"{variant}-{source}-s{seed}"))
+  last = rows[-1]
+  return dict(variant=variant, source=source, seed=seed, steps=steps, minutes=minutes,
               command=command, **{k: last[k] for k in ("denoiser_ce", "exact_ce", "context_free_ce",
                                                         "gen_nll_per_token", "gen_entropy", "data_nll_per_token")})
 

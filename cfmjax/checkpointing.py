@@ -49,12 +49,19 @@ def _first_line(error: Exception) -> str:
 _ADDED_STATE_KEYS = ("skipped_steps",)
 
 
-def _keys_added_since(step_dir: str, abstract_state) -> list[str]:
+def _saved_tree_keys(step_dir: str) -> dict | None:
+  """The state item's tree metadata (keys are reprs of path tuples), or None when unreadable (the
+  restore itself then reports the damage)."""
   try:
     with open(os.path.join(step_dir, "state", "_METADATA")) as f:
-      saved = json.load(f)["tree_metadata"]
+      return json.load(f)["tree_metadata"]
   except (OSError, ValueError, KeyError):
-    return []  # unreadable metadata: let the restore itself report it
+    return None
+
+
+def _keys_added_since(saved: dict | None, abstract_state) -> list[str]:
+  if saved is None:
+    return []
   return [k for k in _ADDED_STATE_KEYS if k in abstract_state and repr((k,)) not in saved]
 
 
@@ -62,13 +69,10 @@ class TreeMismatchError(ValueError):
   """The checkpoint's parameters are not this model's: a config difference, not damage."""
 
 
-def _param_paths_mismatch(step_dir: str, abstract_state) -> str | None:
+def _param_paths_mismatch(saved: dict | None, abstract_state) -> str | None:
   """None when the checkpoint holds exactly this model's parameter names, else a description."""
-  try:
-    with open(os.path.join(step_dir, "state", "_METADATA")) as f:
-      saved = json.load(f)["tree_metadata"]
-  except (OSError, ValueError, KeyError):
-    return None  # unreadable metadata: let the restore itself report it
+  if saved is None:
+    return None
   saved_paths = {key for key in (ast.literal_eval(k) for k in saved) if key[:1] == ("params",)}
   model_paths = {("params", *(getattr(p, "key", str(p)) for p in path))
                  for path, _ in jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]}
@@ -118,14 +122,15 @@ class Checkpointer:
     Returns (state, data_state or None). With `global_batch`, refuses a data state written for
     another global batch size (its position would mean different rows).
     """
-    mismatch = _param_paths_mismatch(self.step_dir(step), abstract_state)
+    saved = _saved_tree_keys(self.step_dir(step))
+    mismatch = _param_paths_mismatch(saved, abstract_state)
     if mismatch:
       raise TreeMismatchError(
           f"checkpoint step {step} in {self.directory} was written by another model layout: {mismatch}. The "
           f"model config differs from the one that trained it (a model.* key such as posterior_input, skip, "
           f"self_condition or local_mix); load it with that config (its workdir's config.json), or train in a new "
           f"--workdir.")
-    added = _keys_added_since(self.step_dir(step), abstract_state)
+    added = _keys_added_since(saved, abstract_state)
     target = {k: v for k, v in abstract_state.items() if k not in added}
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     restored = self.manager.restore(step, args=args)

@@ -30,6 +30,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from cfmjax import main_job, sweep  # stdlib-only drivers: they keep `cfmjax --help` fast
+
 COMMANDS = ("pipeline", "prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).",
@@ -427,8 +429,6 @@ def cmd_report(paths):
 
   if not paths:
     raise app.UsageError("usage: cfmjax report W1 [W2 ...] [--out=DIR] [--names=a,b,...]")
-  from cfmjax import sweep  # noqa: PLC0415
-
   planned = sweep.read_plan(paths[0]) if len(paths) == 1 else None
   if planned is not None:  # a sweep's root: its points, named as the sweep named them
     paths = [e["workdir"] for e in planned]
@@ -445,22 +445,18 @@ def cmd_report(paths):
 
 
 def cmd_pipeline():
-  from cfmjax import main_job  # noqa: PLC0415
-
   main_job.run(_WORKDIR.value or "runs/main", _BASE_STEPS.value, _JUDGE_STEPS.value, _DISTILL_STEPS.value,
                _NUM_SAMPLES.value or 64, shlex.split(_STAGE_ARGS.value))
 
 
 def cmd_sweep():
-  from cfmjax import sweep  # noqa: PLC0415
-
   if _CONFIG.value is None or not _SWEEP.value:
     raise app.UsageError("sweep needs --config=FILE --workdir=ROOT --sweep='key=v1,v2;key2=...'")
   root = _require_workdir()
   extra = [a for a in sys.argv[2:] if a.startswith("--config.")]  # the run's own overrides, kept per point
+  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   try:
-    entries = sweep.plan(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]), root,
-                         _SWEEP.value, extra)
+    entries = sweep.plan(_CONFIG.value, config_path, root, _SWEEP.value, extra)
   except (KeyError, ValueError) as e:
     raise app.UsageError(str(e).strip("'\"")) from None
   print(f"sweep: {len(entries)} points under {os.path.abspath(root)} (sweep.json): "
@@ -468,7 +464,7 @@ def cmd_sweep():
   if _SWEEP_LAUNCH.value == "slurm":
     print(f"submit with: sbatch {sweep.write_slurm(root, entries)}")
   elif _SWEEP_LAUNCH.value == "tpu":
-    print(f"run the lines of {sweep.write_tpu(root, entries, entries[0]['train'][2].split('=', 1)[1])}")
+    print(f"run the lines of {sweep.write_tpu(root, entries, config_path)}")
   else:
     sweep.run_local(entries)
     print(f"compare them with: cfmjax report {root}")

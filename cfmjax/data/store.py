@@ -39,6 +39,7 @@ import zlib
 import numpy as np
 
 from cfmjax.data import sources
+from cfmjax.data.tokenizer import SentencePieceTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ _WORKER_TOKENIZER = None
 
 def _init_worker(tokenizer_path: str):
   global _WORKER_TOKENIZER  # noqa: PLW0603 (one tokenizer per worker process, loaded once)
-  from cfmjax.data.tokenizer import SentencePieceTokenizer  # noqa: PLC0415
-
   _WORKER_TOKENIZER = SentencePieceTokenizer(tokenizer_path)
 
 
@@ -158,8 +157,6 @@ def prepare(records, heldout_records, tokenizer_path: str, out_dir: str, seq_len
   elif fingerprint(store_tokenizer) != fingerprint(tokenizer_path):
     raise StoreError(f"{out_dir} was started with another tokenizer ({store_tokenizer}); prepare into a new "
                      f"--out, or pass that tokenizer with --config.data.tokenizer.model_path")
-  from cfmjax.data.tokenizer import SentencePieceTokenizer  # noqa: PLC0415
-
   vocab_size = SentencePieceTokenizer(store_tokenizer).vocab_size
   dtype = token_dtype(vocab_size)
   # Held-out documents split again by a stable hash: validation for choices, test for reports.
