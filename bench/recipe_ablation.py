@@ -50,6 +50,9 @@ VARIANTS = {
     "skip_mix": dict(OFF, **{"model.skip": True, "model.local_mix": 2}),
     # today's defaults at 3x the learning rate (markov_tiny's 1e-3 -> 3e-3)
     "recipe_lr3e-3": {"optim.lr": 3e-3},
+    # + the detached per-position weight (‖μ − x1‖² + 0.01)^(−1/2) of SPEC §2, which puts up to 10x the
+    # weight on confident (high-λ) positions, where the sampler's path error is weighted most (SPEC §5)
+    "recipe_aw": {"flow.adaptive_weighting": True},
 }
 
 

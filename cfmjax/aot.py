@@ -83,6 +83,26 @@ def _bytes_per_device(tree) -> int:
   return total
 
 
+def sharding_table(config, mesh_sizes, devices=None) -> dict:
+  """{"params/<path>": "shape dtype PartitionSpec", "opt_state/<path>": ...} for every leaf of the
+  train state on a (data, fsdp, tensor) mesh, from shapes only (nothing is compiled or allocated).
+  Committed for owt_1p7b on 4x8x2 (tests/golden/): a change of sharding shows up in review."""
+  import jax  # noqa: PLC0415
+
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.init_from = ""
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_sizes
+  num = mesh_sizes[0] * mesh_sizes[1] * mesh_sizes[2]
+  exp = abstract_experiment(config, list(devices if devices is not None else jax.devices())[:num])
+  table = {}
+  for part in ("params", "opt_state"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(exp.abstract_state[part])[0]:
+      name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+      table[f"{part}/{name}"] = f"{list(leaf.shape)} {leaf.dtype} {leaf.sharding.spec}"
+  return table
+
+
 def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -> dict:
   """Lowers and compiles `config`'s train step on a (data, fsdp, tensor) mesh; returns the report."""
   import jax  # noqa: PLC0415

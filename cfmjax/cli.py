@@ -85,6 +85,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export:
 _NAMES = flags.DEFINE_string("names", None, "report: comma-separated model names (default: directory names).")
 _MESH = flags.DEFINE_string("mesh", None, "compile: mesh sizes data,fsdp,tensor, e.g. 4,8,2.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "compile: fake CPU devices (default: the mesh's size).")
+_SHARDINGS_OUT = flags.DEFINE_string("shardings_out", None, "compile: write every parameter's and optimizer "
+                                     "leaf's partition spec to this JSON file instead of compiling.")
 _STAGE = flags.DEFINE_enum("stage", None, ["base", "distill"], "compile: the step to compile (default: the config's).")
 _EXACT_REFERENCE = flags.DEFINE_bool(
     "exact_reference", True, "eval, Markov source, --sampler=euler: also run the same Euler sampler (schedule, "
@@ -105,6 +107,8 @@ _HOST_INDEX = flags.DEFINE_integer("host_index", 0, "prepare: this host's index 
 _HOST_COUNT = flags.DEFINE_integer("host_count", 1, "prepare: how many hosts share the work (each takes every "
                                    "host_count-th shard; the last to finish writes the manifest).")
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 4096, "prepare: documents per shard (one unit of work).")
+_PROFILE_STEPS = flags.DEFINE_string("profile_steps", None, "train / distill: write a jax.profiler trace of steps "
+                                     "N,M (inclusive) to <workdir>/profile (sets train.profile_steps).")
 _SWEEP = flags.DEFINE_string("sweep", None, "sweep: the grid, key=v1,v2,... items joined by ';'.")
 _SWEEP_LAUNCH = flags.DEFINE_enum("sweep_launch", "local", ["local", "slurm", "tpu"],
                                   "sweep: run the points here in sequence, or write a SLURM job array / a "
@@ -174,6 +178,8 @@ def _run_stage(stage: str):
     other = "train" if _CONFIG.value.stage == "base" else "distill"
     raise app.UsageError(f"this config is for stage {_CONFIG.value.stage!r}: run `cfmjax {other}`")
   workdir = _require_workdir()
+  if _PROFILE_STEPS.value:
+    _CONFIG.value.train.profile_steps = _PROFILE_STEPS.value
   last = train.train(_CONFIG.value, workdir)
   print(f"{command} done: {json.dumps(last)}\nworkdir: {os.path.abspath(workdir)} "
         f"(metrics.jsonl, checkpoints/, tensorboard/)")
@@ -480,6 +486,13 @@ def cmd_compile():
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   aot.use_fake_cpu_devices(_NUM_DEVICES.value or mesh[0] * mesh[1] * mesh[2])
+  if _SHARDINGS_OUT.value:
+    table = aot.sharding_table(_CONFIG.value, mesh)
+    with open(_SHARDINGS_OUT.value, "w") as f:
+      json.dump(table, f, indent=1, sort_keys=True)
+      f.write("\n")
+    print(f"wrote the partition specs of {len(table)} state leaves to {_SHARDINGS_OUT.value} (nothing compiled)")
+    return
   report = aot.compile_report(_CONFIG.value, mesh, _STAGE.value)
   print(aot.format_report(report))
   print("compile report: " + json.dumps(report))

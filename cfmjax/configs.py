@@ -104,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 512  # global, over all processes
+  # Split each global batch into this many microbatches run one after another (their gradients are
+  # averaged): the same run in 1/k of the activation memory. batch_size / k must still divide over
+  # the data-parallel shards.
+  c.train.grad_accum_steps = 1
+  c.train.profile_steps = ""  # "N,M": a jax.profiler trace of steps N..M in <workdir>/profile (--profile_steps)
   c.train.num_steps = 1_000_000
   c.train.log_every = 100
   c.train.eval_every = 1000  # held-out loss of the EMA parameters; 0 disables

@@ -57,6 +57,11 @@ def validate(config, mesh, rules):
   if batch % dp:
     raise ValueError(f"train.batch_size={batch} is not divisible by the {dp} data-parallel shards of "
                      f"mesh {dict(mesh.shape)}; use a multiple of {dp} (--config.train.batch_size=...)")
+  accum = config.train.get("grad_accum_steps", 1)
+  if accum < 1 or batch % (accum * dp):
+    raise ValueError(f"train.grad_accum_steps={accum} must be >= 1 and split train.batch_size={batch} into "
+                     f"microbatches that divide over the {dp} data-parallel shards: batch_size must be a "
+                     f"multiple of grad_accum_steps x {dp} = {max(accum, 1) * dp}")
   if batch % jax.process_count():
     raise ValueError(f"train.batch_size={batch} is not divisible by the {jax.process_count()} processes")
   schedules.get_schedule(config.flow.schedule, 2)  # raises on an unknown name

@@ -91,8 +91,40 @@ def ema_update(ema, params, step, max_decay: float):
   return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
+def accumulate_grads(grad_fn, num_micro: int, batch_sharding):
+  """grad_fn over the whole batch in `num_micro` microbatches (train.grad_accum_steps), run one after
+  another by a scan, so that only one microbatch's activations are live: the mean of their gradients
+  and metrics. Microbatch m holds rows m, m + k, m + 2k, ... (k = num_micro), so that every device's
+  share of the batch contributes equally to every microbatch and no row moves between devices.
+
+  Each microbatch draws its noise from fold_in(rng, m): for a deterministic objective (the AR
+  baseline) the update equals the full-batch one to float tolerance; for the noised objectives it is
+  the same estimator with other noise draws (tests/test_train_step.py)."""
+  if num_micro <= 1:
+    return grad_fn
+
+  def accumulated(params, tokens, rng, ema_params, step):
+    rows, length = tokens.shape
+    micro = tokens.reshape(rows // num_micro, num_micro, length).swapaxes(0, 1)
+    micro = jax.lax.with_sharding_constraint(micro, jax.sharding.NamedSharding(
+        batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
+
+    def body(carry, xs):
+      index, batch = xs
+      grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, index), ema_params, step)
+      return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
+
+    shapes = jax.eval_shape(grad_fn, params, micro[0], rng, ema_params, step)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
+    return jax.tree_util.tree_map(lambda t: t / num_micro, total)
+
+  return accumulated
+
+
 def make_train_step(exp: experiment.Experiment, grad_fn=None):
   grad_fn = grad_fn or grad_fn_for(exp)
+  grad_fn = accumulate_grads(grad_fn, exp.config.train.get("grad_accum_steps", 1), exp.batch_sharding)
   skip_nonfinite = exp.config.train.get("on_nonfinite", "stop") == "skip"
 
   def train_step(state, tokens):
@@ -249,6 +281,42 @@ def compiled_in_step(step_fn):
 # ----------------------------------------------------------------------------------------------
 
 
+class StepProfiler:
+  """`train.profile_steps="N,M"`: a jax.profiler trace of steps N..M (1-based, inclusive) in `directory`
+  (open it with TensorBoard's profile plugin or Perfetto). The device is drained at both ends so that
+  the trace holds exactly those steps' work."""
+
+  def __init__(self, spec: str, directory: str):
+    self.first = self.last = None
+    self.directory = directory
+    self.active = False
+    if spec:
+      try:
+        self.first, self.last = (int(v) for v in str(spec).split(","))
+      except ValueError:
+        raise ValueError(f"train.profile_steps={spec!r}: expected two step numbers N,M (e.g. --profile_steps=10,12)")
+      if not 1 <= self.first <= self.last:
+        raise ValueError(f"train.profile_steps={spec!r}: need 1 <= N <= M")
+
+  def before(self, step: int, state):
+    if self.first == step and not self.active:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+      log.info("profiling steps %d-%d into %s", self.first, self.last, self.directory)
+
+  def after(self, step: int, state):
+    if self.active and step >= self.last:
+      self.close(state)
+
+  def close(self, state):
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      log.info("profile written to %s", self.directory)
+
+
 def train(config, workdir: str, devices=None) -> dict:
   """Trains (or resumes) `config`'s stage in `workdir` on `devices` (default: all).
 
@@ -270,6 +338,7 @@ def train(config, workdir: str, devices=None) -> dict:
   cfg = exp.config.train
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir)
+  profiler = StepProfiler(cfg.get("profile_steps", ""), os.path.join(workdir, "profile"))
   per_host_batch = cfg.batch_size // jax.process_count()
   data_iter = exp.data.train_iterator(per_host_batch, jax.process_index(), jax.process_count(),
                                       seed=exp.config.data.shuffle_seed)
@@ -313,12 +382,19 @@ def train(config, workdir: str, devices=None) -> dict:
   last_logged = {}
   step = start
   t_log = time.time()
+  # Seconds spent since the last log line waiting for data, saving checkpoints and evaluating; the
+  # rest of the interval is the steps' compute (dispatch is async, so it is paid at the log's fetch).
+  waits = dict.fromkeys(("data", "checkpoint", "eval"), 0.0)
   with jax.set_mesh(exp.mesh), StopRequest() as stop:
     while step < cfg.num_steps:
+      profiler.before(step + 1, state)
+      t0 = time.time()
       batch = global_batch(exp, np.asarray(next(data_iter)))
+      waits["data"] += time.time() - t0
       state, step_metrics = train_step(state, batch)
       step += 1
       pending.append((step, step_metrics))
+      profiler.after(step, state)
 
       is_last = step == cfg.num_steps
       stop_on_nonfinite = cfg.get("on_nonfinite", "stop") == "stop"
@@ -334,6 +410,10 @@ def train(config, workdir: str, devices=None) -> dict:
         record = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
         record["skipped_steps"] = int(fetched[-1][1]["skipped_steps"])  # a running count, not a mean
         record["steps_per_sec"] = len(fetched) / max(elapsed, 1e-9)
+        for name, seconds in waits.items():
+          record[f"time_{name}_s"] = seconds / len(fetched)
+        record["time_compute_s"] = max(elapsed - sum(waits.values()), 0.0) / len(fetched)
+        waits = dict.fromkeys(waits, 0.0)
         record["tokens_per_sec"] = record["steps_per_sec"] * tokens_per_step
         record.update(flops_lib.throughput(flops_per_step, record["steps_per_sec"], exp.mesh.size, peak.flops))
         record["mfu_peak"] = peak.source
@@ -343,6 +423,7 @@ def train(config, workdir: str, devices=None) -> dict:
         progress.update(step, loss=record["loss"],
                         note=None if record["mfu"] is None else f"mfu {record['mfu']:.3f} of {peak.source}")
 
+      t0 = time.time()
       if cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
         m = jax.device_get(eval_step(state["ema_params"], global_batch(exp, eval_rows), jax.random.key(0)))
         writer.write(step, {f"eval_{k}": v for k, v in m.items()})
@@ -352,17 +433,21 @@ def train(config, workdir: str, devices=None) -> dict:
         writer.write(step, diagnosed)
         if best is not None:
           best.offer(step, diagnosed, state, data_iter.get_state(), cfg.batch_size)
+      waits["eval"] += time.time() - t0
 
+      t0 = time.time()
       if step % cfg.checkpoint_every == 0 or is_last or stop.signal_name:
         if stop_on_nonfinite:  # never save a state that a non-finite step has already spoiled
           for s, m in jax.device_get([(s, {k: m[k] for k in ("loss", "grads_finite")}) for s, m in pending]):
             check_finite(s, m, state["params"], ckpt)
         ckpt.save(step, state, data_iter.get_state(), force=True, global_batch=cfg.batch_size)
+      waits["checkpoint"] += time.time() - t0
       if stop.signal_name:
         log.warning("received %s: wrote checkpoint at step %d, exiting", stop.signal_name, step)
         break
 
   # --- Shutdown: make sure the last checkpoint is on disk -----------------------------------
+  profiler.close(state)
   ckpt.close()
   if best is not None:
     best.close()

@@ -67,3 +67,25 @@ def test_bad_mesh_is_refused_clearly():
 
   with pytest.raises(ValueError, match="three positive sizes"):
     aot.parse_mesh("4,8")
+
+
+GOLDEN = os.path.join(REPO, "tests", "golden", "owt_1p7b_4x8x2_shardings.json")
+REGENERATE = ("cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2 "
+              "--shardings_out=tests/golden/owt_1p7b_4x8x2_shardings.json")
+
+
+def test_1p7b_shardings_match_the_golden_file(tmp_path):
+  """Every parameter's and optimizer leaf's partition spec for owt_1p7b on 4x8x2 (64 fake devices, from
+  shapes only) equals the committed file, so that a change of sharding is always deliberate: when
+  it is, regenerate the file with REGENERATE and let the diff be reviewed."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  out = tmp_path / "shardings.json"
+  proc = subprocess.run([sys.executable, "-m", "cfmjax", *REGENERATE.split()[1:-1], f"--shardings_out={out}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  got, want = json.loads(out.read_text()), json.loads(open(GOLDEN).read())
+  changed = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+  assert not changed, (f"{len(changed)} state leaves changed sharding, e.g. "
+                       + "; ".join(f"{k}: {want.get(k)} -> {got.get(k)}" for k in changed[:5])
+                       + f". If intended, run `{REGENERATE}` and commit the diff.")
+  assert len(got) == 53 and any("'fsdp'" in v and "'tensor'" in v for v in got.values())

@@ -33,6 +33,25 @@ def test_same_losses_on_one_device_and_on_8_device_meshes(cache_dir):
                            params, ref_params)
 
 
+@pytest.mark.xfail(strict=True, reason="XLA SPMD fault (jax 0.10.2, GSPMD and Shardy): on a 2x2x2 mesh with "
+                   "one row per data shard the AR baseline's adaLN and embedding gradients are wrong while "
+                   "its loss is right; 2 rows per shard, other meshes and the flow are exact")
+def test_ar_gradient_at_one_row_per_shard_on_a_2x2x2_mesh(cache_dir):
+  """Kept as a strict xfail so that the day it is fixed (a jax upgrade) this test says so."""
+  grads = {}
+  for name, mesh, devices in [("one", {}, jax.devices()[:1]),
+                              ("2x2x2", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, jax.devices())]:
+    config = tiny_config(**{"model.causal": True, "train.batch_size": 4, **mesh})
+    exp = experiment.build(config, None, devices=devices)
+    state = experiment.init_state(exp, 0)
+    tokens = np.asarray(next(exp.data.train_iterator(4, seed=0)))
+    with jax.set_mesh(exp.mesh):
+      grads[name] = jax.device_get(jax.jit(train.grad_fn_for(exp))(
+          state["params"], train.global_batch(exp, tokens), jax.random.key(0), state["ema_params"], state["step"])[0])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         grads["2x2x2"], grads["one"])
+
+
 def test_resume_continues_exactly(tmp_path, cache_dir):
   """Stopping after step 2 and resuming gives the same losses at steps 3-4 as one straight run."""
   full = tmp_path / "full"
