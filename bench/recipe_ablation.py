@@ -33,6 +33,7 @@ SOURCES = {
     "o1_v64_c1": dict(vocab_size=64, order=1, concentration=1.0, seed=12),
     "o2_v32_c05": dict(vocab_size=32, order=2, concentration=0.5, seed=13),
     "o2_v48_c01": dict(vocab_size=48, order=2, concentration=0.1, seed=14),  # nearly pairwise-silent
+    "o1_v32_c05": dict(vocab_size=32, order=1, concentration=0.5, seed=21),
 }
 
 # name -> config overrides; "baseline" is the recipe before issue 12 (every new switch off). Rows

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from cfmjax import corruption, distill_losses, fixed_point, frozen_teacher, loss_weights, losses, prompting
-from cfmjax import state_space
+from cfmjax import model as model_lib, state_space
 
 LOSSES = ("psd", "lsd", "esd", "fixed_point")
 MODES = ("two_stage", "joint")
@@ -133,7 +133,12 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
       return z if prompt is None else prompting.clamp_logits(z, *prompt)
 
     embed = lambda probs: space.embed_probs(teacher_params, probs)
-    if d.loss == "psd":
+    if d.loss == "psd" and space.chunked and prompt is None:  # no [B, L, V] teacher (issue 16)
+      hidden_net = lambda x, gs, gt, emb: space.hidden_and_stats(
+          teacher_params, x, schedule.tau(gs), schedule.tau(gt), with_embedding=emb, **conditioning)
+      teacher = distill_losses.psd_teacher_chunked(hidden_net, model_lib.head_params(teacher_params),
+                                                   x_teacher, gamma_s, gamma_u, gamma_t)
+    elif d.loss == "psd":
       teacher = distill_losses.psd_teacher(net, x_teacher, gamma_s, gamma_u, gamma_t, embed=embed)
     elif d.loss == "lsd":
       teacher = distill_losses.lsd_teacher(net, x_teacher, gamma_s, gamma_t, d.min_ratio, embed=embed)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cfmjax import state_space
 from cfmjax.flow_map import broadcast_time, flow_map_update, safe_divide
 
 
@@ -85,6 +86,26 @@ def psd_teacher(net, x, gamma_s, gamma_u, gamma_t, embed=_identity):
   s, u, t = (broadcast_time(g, psi_su).astype(psi_su.dtype) for g in (gamma_s, gamma_u, gamma_t))
   a = safe_divide((1.0 - t) * (u - s), (1.0 - u) * (t - s))
   return a * psi_su + (1.0 - a) * psi_ut
+
+
+def psd_teacher_chunked(hidden_net, head, x, gamma_s, gamma_u, gamma_t):
+  """`psd_teacher` without a [.., V] array: the same a ψ(x, s, u) + (1 − a) ψ(X_{s,u}(x), u, t), returned
+  as a `state_space.MixtureTeacher` of the two calls' hidden states, which the student's chunked
+  output reduction rebuilds one vocabulary chunk at a time (issue 16: at V = 50,257 the full teacher
+  probabilities were most of the 1.7B PSD step's memory).
+
+  `hidden_net(x, gamma_s, gamma_t, with_embedding)` -> (hidden, skip, stats) is the teacher network in
+  flow time (`StateSpace.hidden_and_stats`); `head` = (kernel, bias) its output layer. X_{s,u} needs
+  only ψW, which the first call's chunked pass gives as stats["mean_embedding"].
+  """
+  h_su, skip_su, stats_su = hidden_net(x, gamma_s, gamma_u, True)
+  x_u = flow_map_update(x, stats_su["mean_embedding"], gamma_s, gamma_u)
+  h_ut, skip_ut, stats_ut = hidden_net(x_u, gamma_u, gamma_t, False)
+  s, u, t = (broadcast_time(g, stats_su["lse"]).astype(jnp.float32) for g in (gamma_s, gamma_u, gamma_t))
+  a = safe_divide((1.0 - t) * (u - s), (1.0 - u) * (t - s))
+  kernel, bias = head
+  return state_space.MixtureTeacher(weights=(a, 1.0 - a), hiddens=(h_su, h_ut), skips=(skip_su, skip_ut),
+                                    lses=(stats_su["lse"], stats_ut["lse"]), kernel=kernel, bias=bias)
 
 
 def lsd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3, embed=_identity):

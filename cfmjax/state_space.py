@@ -185,6 +185,47 @@ def stats_from_logits(logits, tokens=None, teacher=None, embedding=None):
   return out
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MixtureTeacher:
+  """A teacher distribution T = Σ_k w_k softmax(z_k) held as the K teacher calls' hidden states, never
+  as [..., V] probabilities: z_k = h_k · kernel + bias (+ the skip term skip_k), lse_k its log-normaliser
+  (from a first chunked pass). `vocab_stats` rebuilds T one vocabulary chunk at a time. PSD's teacher
+  a ψ(x, s, u) + (1 − a) ψ(X_{s,u}(x), u, t) is the case K = 2 (distill_losses.psd_teacher_chunked)."""
+
+  weights: tuple  # K arrays [..., ] (broadcastable to the batch shape)
+  hiddens: tuple  # K arrays [..., D]
+  skips: tuple  # K skip terms (model.skip_terms) or None
+  lses: tuple  # K arrays [...]
+  kernel: jax.Array  # the teacher's head [D, V]
+  bias: jax.Array  # [V]
+
+
+def _chunk_logits(h, kernel, bias, skip, offset, chunk: int, vocab: int, dtype):
+  """Logits of vocabulary columns [offset, offset + chunk) in float32 (padding columns at −1e30); the
+  kernel, bias and skip kernel are already padded to a whole number of chunks."""
+  k = jax.lax.dynamic_slice_in_dim(kernel, offset, chunk, axis=1).astype(dtype)
+  b = jax.lax.dynamic_slice_in_dim(bias, offset, chunk, axis=0).astype(dtype)
+  z = (jnp.matmul(h.astype(dtype), k) + b).astype(jnp.float32)
+  if skip is not None:
+    features, skip_kernel = skip
+    if skip_kernel is not None:
+      z = z + jnp.matmul(features, jax.lax.dynamic_slice_in_dim(skip_kernel, offset, chunk, axis=1),
+                         precision=HIGHEST)
+    else:  # the V-space form: the term itself, [..., V]
+      z = z + jax.lax.dynamic_slice_in_dim(features, offset, chunk, axis=-1)
+  return jnp.where(offset + jnp.arange(chunk) < vocab, z, _MASKED)
+
+
+def _pad_skip(skip, pad: int):
+  if skip is None or not pad:
+    return skip
+  features, kernel = skip
+  if kernel is not None:
+    return features, jnp.pad(kernel, ((0, 0), (0, pad)))
+  return jnp.pad(features, [(0, 0)] * (features.ndim - 1) + [(0, pad)]), None
+
+
 def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=None, teacher=None,
                 embedding=None, skip=None):
   """`stats_from_logits(hidden·kernel + bias, ...)` without ever holding the [..., V] logits.
@@ -199,24 +240,32 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
   coefficients reach 10⁶, far beyond what a bfloat16 head matmul carries).
   """
   vocab = kernel.shape[1]
+  if isinstance(teacher, MixtureTeacher):
+    teacher = jax.tree_util.tree_map(jax.lax.stop_gradient, teacher)
   if chunk <= 0 or chunk >= vocab:
     logits = (jnp.matmul(hidden.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)).astype(jnp.float32)
     if skip is not None:
       logits = model_lib.add_skip(logits, skip)
+    if isinstance(teacher, MixtureTeacher):  # small V: the reference form, the teacher as probabilities
+      probs = mixture_probs(teacher, dtype)
+      out = stats_from_logits(logits, tokens, probs, embedding)
+      return dict(out, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
     return stats_from_logits(logits, tokens, teacher, embedding)
-  skip_features, skip_kernel = skip if skip is not None else (None, None)
+  mixture = teacher if isinstance(teacher, MixtureTeacher) else None
   num_chunks = -(-vocab // chunk)
   pad = num_chunks * chunk - vocab
   if pad:  # zero columns, masked to −1e30 below; a copy of the head, not of anything [B, L, V]
     kernel = jnp.pad(kernel, ((0, 0), (0, pad)))
     bias = jnp.pad(bias, (0, pad))
-    teacher = None if teacher is None else jnp.pad(teacher, [(0, 0)] * (teacher.ndim - 1) + [(0, pad)])
+    if mixture is None and teacher is not None:
+      teacher = jnp.pad(teacher, [(0, 0)] * (teacher.ndim - 1) + [(0, pad)])
     embedding = None if embedding is None else jnp.pad(embedding, ((0, pad), (0, 0)))
-    if skip_kernel is not None:
-      skip_kernel = jnp.pad(skip_kernel, ((0, 0), (0, pad)))
-    elif skip_features is not None:  # the V-space form: the term itself, [..., V]
-      skip_features = jnp.pad(skip_features, [(0, 0)] * (skip_features.ndim - 1) + [(0, pad)])
-  if teacher is not None:
+    skip = _pad_skip(skip, pad)
+    if mixture is not None:
+      mixture = dataclasses.replace(mixture, kernel=jnp.pad(mixture.kernel, ((0, 0), (0, pad))),
+                                    bias=jnp.pad(mixture.bias, (0, pad)),
+                                    skips=tuple(_pad_skip(k, pad) for k in mixture.skips))
+  if mixture is None and teacher is not None:
     teacher = jax.lax.stop_gradient(teacher).astype(jnp.float32)
   h = hidden.astype(dtype)
   batch_shape = hidden.shape[:-1]
@@ -224,16 +273,8 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
   @jax.checkpoint
   def step(carry, index):
     offset = index * chunk
-    k = jax.lax.dynamic_slice_in_dim(kernel, offset, chunk, axis=1).astype(dtype)
-    b = jax.lax.dynamic_slice_in_dim(bias, offset, chunk, axis=0).astype(dtype)
-    z = (jnp.matmul(h, k) + b).astype(jnp.float32)
-    if skip_kernel is not None:
-      z = z + jnp.matmul(skip_features, jax.lax.dynamic_slice_in_dim(skip_kernel, offset, chunk, axis=1),
-                         precision=HIGHEST)
-    elif skip_features is not None:
-      z = z + jax.lax.dynamic_slice_in_dim(skip_features, offset, chunk, axis=-1)
+    z = _chunk_logits(h, kernel, bias, skip, offset, chunk, vocab, dtype)
     column = offset + jnp.arange(chunk)
-    z = jnp.where(column < vocab, z, _MASKED)
     m_chunk = jax.lax.stop_gradient(jnp.max(z, axis=-1))
     m_new = jnp.maximum(carry["m"], m_chunk)
     rescale = jnp.exp(carry["m"] - m_new)
@@ -253,7 +294,13 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
       out["off_target_sq"] = (carry["off_target_sq"] * jnp.square(rescale)
                               + jnp.sum(jnp.where(off, jnp.square(e), 0.0), axis=-1))
     if teacher is not None:
-      t = jax.lax.dynamic_slice_in_dim(teacher, offset, chunk, axis=-1)
+      if mixture is not None:  # this chunk of T = Σ_k w_k exp(z_k − lse_k), rebuilt from the hiddens
+        t = sum(jnp.asarray(w, jnp.float32)[..., None] * jnp.exp(
+                    _chunk_logits(hk, mixture.kernel, mixture.bias, sk, offset, chunk, vocab, dtype) - lse[..., None])
+                for w, hk, sk, lse in zip(mixture.weights, mixture.hiddens, mixture.skips, mixture.lses))
+        out.update({f"teacher_{k}": carry[f"teacher_{k}"] + v for k, v in teacher_sums(t).items()})
+      else:
+        t = jax.lax.dynamic_slice_in_dim(teacher, offset, chunk, axis=-1)
       out["teacher_dot"] = carry["teacher_dot"] + jnp.sum(t * z, axis=-1)
       out["teacher_prob"] = carry["teacher_prob"] * rescale + jnp.sum(t * e, axis=-1)
     if embedding is not None:
@@ -269,6 +316,8 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
     init["target"], init["off_target"], init["off_target_sq"] = zeros, zeros, zeros
   if teacher is not None:
     init["teacher_dot"], init["teacher_prob"] = zeros, zeros
+    if mixture is not None:
+      init.update({f"teacher_{k}": zeros for k in TEACHER_SUMS})
   if embedding is not None:
     init["emb"] = jnp.zeros(batch_shape + (embedding.shape[1],), jnp.float32)
   acc, _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
@@ -280,6 +329,8 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
     out["off_target_sq"] = acc["off_target_sq"] / jnp.square(acc["s"])
   if teacher is not None:
     out["teacher_dot"], out["teacher_prob"] = acc["teacher_dot"], acc["teacher_prob"] / acc["s"]
+    if mixture is not None:
+      out.update({f"teacher_{k}": acc[f"teacher_{k}"] for k in TEACHER_SUMS})
   if embedding is not None:
     out["mean_embedding"] = acc["emb"] / acc["s"][..., None]
   return out
@@ -303,17 +354,43 @@ def brier_score(stats):
   return jnp.square(stats["off_target"]) + stats["off_target_sq"]
 
 
+TEACHER_SUMS = ("xlogx", "mass", "sq")
+
+
+def teacher_sums(t):
+  """Σ T log T, Σ T and Σ T² over the last axis: what the KL and ‖p − T‖² need of the teacher alone
+  (summed per chunk by `vocab_stats` for a `MixtureTeacher`)."""
+  t = jax.lax.stop_gradient(t).astype(jnp.float32)
+  return {"xlogx": jnp.sum(jax.scipy.special.xlogy(t, t), axis=-1), "mass": jnp.sum(t, axis=-1),
+          "sq": jnp.sum(jnp.square(t), axis=-1)}
+
+
+def mixture_probs(teacher: MixtureTeacher, dtype=jnp.float32):
+  """The full [..., V] probabilities of a MixtureTeacher (small V, and the tests' reference)."""
+  total = 0.0
+  for w, h, skip, lse in zip(teacher.weights, teacher.hiddens, teacher.skips, teacher.lses):
+    z = (jnp.matmul(h.astype(dtype), teacher.kernel.astype(dtype)) + teacher.bias.astype(dtype)).astype(jnp.float32)
+    if skip is not None:
+      z = model_lib.add_skip(z, skip)
+    total = total + jnp.asarray(w, jnp.float32)[..., None] * jnp.exp(z - lse[..., None])
+  return jax.lax.stop_gradient(total)
+
+
+def _teacher_sums_of(stats, teacher):
+  return ({k: stats[f"teacher_{k}"] for k in TEACHER_SUMS} if isinstance(teacher, MixtureTeacher)
+          else teacher_sums(teacher))
+
+
 def kl_to_teacher(stats, teacher):
-  """KL(T ‖ p) = Σ T log T − Σ T z + lse Σ T (the teacher under stop_gradient)."""
-  t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
-  neg_entropy = jnp.sum(jax.scipy.special.xlogy(t, t), axis=-1)
-  return neg_entropy - stats["teacher_dot"] + stats["lse"] * jnp.sum(t, axis=-1)
+  """KL(T ‖ p) = Σ T log T − Σ T z + lse Σ T (the teacher under stop_gradient; for a MixtureTeacher
+  its sums come chunk by chunk from `vocab_stats`)."""
+  sums = _teacher_sums_of(stats, teacher)
+  return sums["xlogx"] - stats["teacher_dot"] + stats["lse"] * sums["mass"]
 
 
 def squared_distance_to_teacher(stats, teacher):
   """‖p − T‖² = Σp² − 2⟨p, T⟩ + ΣT²."""
-  t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
-  return stats["sum_sq"] - 2.0 * stats["teacher_prob"] + jnp.sum(jnp.square(t), axis=-1)
+  return stats["sum_sq"] - 2.0 * stats["teacher_prob"] + _teacher_sums_of(stats, teacher)["sq"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +468,31 @@ class StateSpace:
       kernel, bias = model_lib.head_params(params)
       return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
                          tokens=tokens, teacher=teacher, embedding=embedding, skip=skip)
+    if isinstance(teacher, MixtureTeacher):
+      probs = mixture_probs(teacher, jnp.dtype(self.dtype))
+      out = stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, probs, embedding)
+      return dict(out, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
     return stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding)
+
+  @property
+  def chunked(self) -> bool:
+    """The output softmax is reduced one vocabulary chunk at a time (model.vocab_chunk < V)."""
+    return 0 < self.vocab_chunk < self.vocab_size
+
+  def hidden_and_stats(self, params, state, tau_s, tau_t, *, with_embedding=False, **conditioning):
+    """(hidden [.., D], skip term, `vocab_stats` of the output): a teacher call that keeps its output as
+    the head's input, so that a `MixtureTeacher` can rebuild it chunk by chunk. with_embedding:
+    stats["mean_embedding"] = ψ in this state space (ψW, or ψ itself in V-space)."""
+    hidden = self._call(params, state, tau_s, tau_t, hidden=True, **conditioning)
+    hidden, skip = hidden if isinstance(hidden, tuple) else (hidden, None)
+    kernel, bias = model_lib.head_params(params)
+    embedding = None
+    if with_embedding:
+      embedding = (model_lib.embedding_matrix(params) if self.embedded
+                   else jnp.eye(self.vocab_size, dtype=jnp.float32))
+    stats = vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
+                        embedding=embedding, skip=skip)
+    return hidden, skip, stats
 
   def clean_state(self, params, tokens):
     """The state of clean tokens (γ = 1): the one-hot e_x, or its embedding W[x] (float32)."""
