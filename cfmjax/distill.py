@@ -133,11 +133,18 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
       return z if prompt is None else prompting.clamp_logits(z, *prompt)
 
     embed = lambda probs: space.embed_probs(teacher_params, probs)
-    if d.loss == "psd" and space.chunked and prompt is None:  # no [B, L, V] teacher (issue 16)
-      hidden_net = lambda x, gs, gt, emb: space.hidden_and_stats(
-          teacher_params, x, schedule.tau(gs), schedule.tau(gt), with_embedding=emb, **conditioning)
-      teacher = distill_losses.psd_teacher_chunked(hidden_net, model_lib.head_params(teacher_params),
-                                                   x_teacher, gamma_s, gamma_u, gamma_t)
+    if space.chunked and prompt is None:  # no [B, L, V] teacher (issue 16)
+      hidden_net = lambda x, gs, gt: space.hidden(teacher_params, x, schedule.tau(gs), schedule.tau(gt),
+                                                  **conditioning)
+      stats = lambda h, skip, emb, tangent: space.hidden_stats(teacher_params, h, skip, with_embedding=emb,
+                                                               tangent=tangent)
+      head = model_lib.head_params(teacher_params)
+      if d.loss == "psd":
+        teacher = distill_losses.psd_teacher_chunked(hidden_net, stats, head, x_teacher, gamma_s, gamma_u, gamma_t)
+      else:
+        chunked = (distill_losses.lsd_teacher_chunked if d.loss == "lsd" else distill_losses.esd_teacher_chunked)
+        teacher = chunked(hidden_net, stats, head, x_teacher, gamma_s, gamma_t, d.min_ratio, space.vocab_chunk,
+                          jnp.dtype(space.dtype))
     elif d.loss == "psd":
       teacher = distill_losses.psd_teacher(net, x_teacher, gamma_s, gamma_u, gamma_t, embed=embed)
     elif d.loss == "lsd":

@@ -88,24 +88,69 @@ def psd_teacher(net, x, gamma_s, gamma_u, gamma_t, embed=_identity):
   return a * psi_su + (1.0 - a) * psi_ut
 
 
-def psd_teacher_chunked(hidden_net, head, x, gamma_s, gamma_u, gamma_t):
-  """`psd_teacher` without a [.., V] array: the same a ψ(x, s, u) + (1 − a) ψ(X_{s,u}(x), u, t), returned
-  as a `state_space.MixtureTeacher` of the two calls' hidden states, which the student's chunked
-  output reduction rebuilds one vocabulary chunk at a time (issue 16: at V = 50,257 the full teacher
-  probabilities were most of the 1.7B PSD step's memory).
+# ----------------------------------------------------------------------------------------------
+# The same teachers without a [.., V] array (issue 16): each returns a chunked teacher of
+# `state_space` built from the teacher network's hidden states, which the student's vocabulary-
+# chunked output reduction (`state_space.vocab_stats`) rebuilds one chunk at a time. The network is
+# given as `hidden_net(x, gamma_s, gamma_t) -> (hidden, skip)` in flow time and `stats(hidden, skip,
+# with_embedding, tangent) -> vocab_stats` (StateSpace.hidden / hidden_stats); `head` = (kernel, bias).
+# tests/test_state_space.py checks values and gradients against the full-logit teachers above.
 
-  `hidden_net(x, gamma_s, gamma_t, with_embedding)` -> (hidden, skip, stats) is the teacher network in
-  flow time (`StateSpace.hidden_and_stats`); `head` = (kernel, bias) its output layer. X_{s,u} needs
-  only ψW, which the first call's chunked pass gives as stats["mean_embedding"].
-  """
-  h_su, skip_su, stats_su = hidden_net(x, gamma_s, gamma_u, True)
+
+def psd_teacher_chunked(hidden_net, stats, head, x, gamma_s, gamma_u, gamma_t):
+  """`psd_teacher` as a MixtureTeacher: X_{s,u} needs only ψW, the first call's chunked mean embedding."""
+  h_su, skip_su = hidden_net(x, gamma_s, gamma_u)
+  stats_su = stats(h_su, skip_su, True, None)
   x_u = flow_map_update(x, stats_su["mean_embedding"], gamma_s, gamma_u)
-  h_ut, skip_ut, stats_ut = hidden_net(x_u, gamma_u, gamma_t, False)
+  h_ut, skip_ut = hidden_net(x_u, gamma_u, gamma_t)
+  stats_ut = stats(h_ut, skip_ut, False, None)
   s, u, t = (broadcast_time(g, stats_su["lse"]).astype(jnp.float32) for g in (gamma_s, gamma_u, gamma_t))
   a = safe_divide((1.0 - t) * (u - s), (1.0 - u) * (t - s))
   kernel, bias = head
   return state_space.MixtureTeacher(weights=(a, 1.0 - a), hiddens=(h_su, h_ut), skips=(skip_su, skip_ut),
                                     lses=(stats_su["lse"], stats_ut["lse"]), kernel=kernel, bias=bias)
+
+
+def _tangent_skip(skip, tangent):
+  """The skip term's tangent in the form `_chunk_logits` reads: its features move, its kernel does not."""
+  return None if skip is None else (tangent[0], skip[1])
+
+
+def lsd_teacher_chunked(hidden_net, stats, head, x, gamma_s, gamma_t, min_ratio: float, chunk: int, dtype):
+  """`lsd_teacher` as a RatioTeacher: one JVP in t of the hidden state gives ∂z through the head."""
+  (h, skip), (dh, dskip) = jax.jvp(lambda t: hidden_net(x, gamma_s, t), (gamma_t,), (jnp.ones_like(gamma_t),))
+  tangent = (dh, _tangent_skip(skip, dskip))
+  first = stats(h, skip, True, tangent)
+  x_t = flow_map_update(x, first["mean_embedding"], gamma_s, gamma_t)
+  h_diag, skip_diag = hidden_net(x_t, gamma_t, gamma_t)
+  s, t = (broadcast_time(g, first["lse"][..., None]).astype(jnp.float32) for g in (gamma_s, gamma_t))
+  g = safe_divide((t - s) * (1.0 - t), 1.0 - s)
+  kernel, bias = head
+  teacher = state_space.RatioTeacher(
+      diag_hidden=h_diag, diag_skip=skip_diag, tangent_hidden=tangent[0], tangent_skip=tangent[1],
+      mean_tangent=first["mean_tangent"], c0=jnp.ones_like(g), c1=g, floor=jnp.full_like(g, min_ratio),
+      lse=jnp.zeros_like(first["lse"]), kernel=kernel, bias=bias)
+  return state_space.ratio_teacher(teacher, chunk, dtype)
+
+
+def esd_teacher_chunked(hidden_net, stats, head, x, gamma_s, gamma_t, min_ratio: float, chunk: int, dtype):
+  """`esd_teacher` as a RatioTeacher: the base velocity from the diagonal's chunked ψW, then one JVP in
+  (x, s) of the hidden state."""
+  h_diag, skip_diag = hidden_net(x, gamma_s, gamma_s)
+  diag = stats(h_diag, skip_diag, True, None)
+  velocity = base_velocity(diag["mean_embedding"], x, gamma_s)
+  (h, skip), (dh, dskip) = jax.jvp(lambda y, s: hidden_net(y, s, gamma_t), (x, gamma_s),
+                                   (velocity.astype(x.dtype), jnp.ones_like(gamma_s)))
+  tangent = (dh, _tangent_skip(skip, dskip))
+  first = stats(h, skip, False, tangent)
+  s, t = (broadcast_time(g, first["lse"][..., None]).astype(jnp.float32) for g in (gamma_s, gamma_t))
+  floor = jnp.maximum(min_ratio * (1.0 - t), jnp.finfo(jnp.float32).tiny)
+  kernel, bias = head
+  teacher = state_space.RatioTeacher(
+      diag_hidden=h_diag, diag_skip=skip_diag, tangent_hidden=tangent[0], tangent_skip=tangent[1],
+      mean_tangent=first["mean_tangent"], c0=1.0 - t, c1=-(1.0 - s) * (t - s), floor=floor,
+      lse=jnp.zeros_like(first["lse"]), kernel=kernel, bias=bias)
+  return state_space.ratio_teacher(teacher, chunk, dtype)
 
 
 def lsd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3, embed=_identity):

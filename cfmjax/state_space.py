@@ -193,12 +193,90 @@ class MixtureTeacher:
   (from a first chunked pass). `vocab_stats` rebuilds T one vocabulary chunk at a time. PSD's teacher
   a ψ(x, s, u) + (1 − a) ψ(X_{s,u}(x), u, t) is the case K = 2 (distill_losses.psd_teacher_chunked)."""
 
-  weights: tuple  # K arrays [..., ] (broadcastable to the batch shape)
+  weights: tuple  # K arrays [...] (broadcastable to the batch shape)
   hiddens: tuple  # K arrays [..., D]
   skips: tuple  # K skip terms (model.skip_terms) or None
   lses: tuple  # K arrays [...]
   kernel: jax.Array  # the teacher's head [D, V]
   bias: jax.Array  # [V]
+
+  def padded(self, pad: int):
+    return dataclasses.replace(self, kernel=jnp.pad(self.kernel, ((0, 0), (0, pad))), bias=jnp.pad(self.bias, (0, pad)),
+                               skips=tuple(_pad_skip(k, pad) for k in self.skips))
+
+  def chunk_probs(self, offset, chunk: int, vocab: int, dtype):
+    """T on vocabulary columns [offset, offset + chunk), float32 (0 on padding columns)."""
+    return sum(jnp.asarray(w, jnp.float32)[..., None]
+               * jnp.exp(_chunk_logits(h, self.kernel, self.bias, k, offset, chunk, vocab, dtype) - lse[..., None])
+               for w, h, k, lse in zip(self.weights, self.hiddens, self.skips, self.lses))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RatioTeacher:
+  """T = softmax(y), y = z_d − log max(c₀ + c₁ δ, floor), δ = ∂z − ⟨ψ, ∂z⟩: the LSD and ESD teachers
+  (distill_losses) held as hidden states. z_d = the diagonal call's logits; ∂z = the JVP tangent of the
+  flow-map call's logits, which is linear in the tangent of its hidden state and skip features (the
+  head and the skip kernel do not move), so each chunk of ∂z is that tangent through the head, without
+  its bias. `mean_tangent` = ⟨ψ, ∂z⟩ and `lse` = log Σ e^y come from earlier chunked passes
+  (`ratio_teacher`). c₀, c₁, floor broadcast over positions."""
+
+  diag_hidden: jax.Array
+  diag_skip: object
+  tangent_hidden: jax.Array
+  tangent_skip: object
+  mean_tangent: jax.Array  # [...]
+  c0: jax.Array
+  c1: jax.Array
+  floor: jax.Array
+  lse: jax.Array  # [...] (zeros until `ratio_teacher` fills it)
+  kernel: jax.Array
+  bias: jax.Array
+
+  def padded(self, pad: int):
+    return dataclasses.replace(self, kernel=jnp.pad(self.kernel, ((0, 0), (0, pad))), bias=jnp.pad(self.bias, (0, pad)),
+                               diag_skip=_pad_skip(self.diag_skip, pad), tangent_skip=_pad_skip(self.tangent_skip, pad))
+
+  def chunk_logits(self, offset, chunk: int, vocab: int, dtype):
+    z_diag = _chunk_logits(self.diag_hidden, self.kernel, self.bias, self.diag_skip, offset, chunk, vocab, dtype)
+    dz = _chunk_logits(self.tangent_hidden, self.kernel, jnp.zeros_like(self.bias), self.tangent_skip, offset, chunk,
+                       vocab, dtype)
+    ratio = jnp.maximum(self.c0 + self.c1 * (dz - self.mean_tangent[..., None]), self.floor)
+    y = z_diag - jnp.log(ratio)
+    return jnp.where(offset + jnp.arange(chunk) < vocab, y, _MASKED)
+
+  def chunk_probs(self, offset, chunk: int, vocab: int, dtype):
+    return jnp.exp(self.chunk_logits(offset, chunk, vocab, dtype) - self.lse[..., None])
+
+
+CHUNKED_TEACHERS = (MixtureTeacher, RatioTeacher)
+
+
+def _chunks(kernel, chunk: int):
+  """(chunk size, number of chunks, padding) of a head [D, V] (one chunk when chunk ≤ 0 or ≥ V)."""
+  vocab = kernel.shape[1]
+  chunk = vocab if chunk <= 0 or chunk >= vocab else chunk
+  num = -(-vocab // chunk)
+  return chunk, num, num * chunk - vocab
+
+
+def ratio_teacher(teacher: RatioTeacher, chunk: int, dtype=jnp.float32) -> RatioTeacher:
+  """`teacher` with its log-normaliser filled in: one chunked pass (online log-sum-exp) over y."""
+  teacher = jax.tree_util.tree_map(jax.lax.stop_gradient, teacher)
+  vocab = teacher.kernel.shape[1]
+  chunk, num, pad = _chunks(teacher.kernel, chunk)
+  padded = teacher.padded(pad) if pad else teacher
+
+  def step(carry, index):
+    m, total = carry
+    y = padded.chunk_logits(index * chunk, chunk, vocab, dtype)
+    m_new = jnp.maximum(m, jnp.max(y, axis=-1))
+    return (m_new, total * jnp.exp(m - m_new) + jnp.sum(jnp.exp(y - m_new[..., None]), axis=-1)), None
+
+  shape = teacher.mean_tangent.shape
+  (m, total), _ = jax.lax.scan(step, (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32)),
+                               jnp.arange(num))
+  return dataclasses.replace(teacher, lse=m + jnp.log(total))
 
 
 def _chunk_logits(h, kernel, bias, skip, offset, chunk: int, vocab: int, dtype):
@@ -227,7 +305,7 @@ def _pad_skip(skip, pad: int):
 
 
 def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=None, teacher=None,
-                embedding=None, skip=None):
+                embedding=None, skip=None, tangent=None):
   """`stats_from_logits(hidden·kernel + bias, ...)` without ever holding the [..., V] logits.
 
   A `lax.scan` over vocabulary chunks of `chunk` columns: each step computes that chunk's logits
@@ -237,21 +315,28 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
   not the chunk logits. chunk ≤ 0 or ≥ V computes the full logits directly.
 
   `skip`: the model's skip term (`model.skip_terms`), added to each chunk's logits in float32 (its
-  coefficients reach 10⁶, far beyond what a bfloat16 head matmul carries).
+  coefficients reach 10⁶, far beyond what a bfloat16 head matmul carries). `teacher`: probabilities
+  [..., V], or a chunked teacher (`MixtureTeacher`, `RatioTeacher`) rebuilt per chunk. `tangent`:
+  (∂hidden, ∂skip) of a JVP: adds mean_tangent = ⟨ψ, ∂z⟩ (the head is linear, so ∂z is the tangent
+  through it without the bias).
   """
   vocab = kernel.shape[1]
-  if isinstance(teacher, MixtureTeacher):
+  if isinstance(teacher, CHUNKED_TEACHERS):
     teacher = jax.tree_util.tree_map(jax.lax.stop_gradient, teacher)
   if chunk <= 0 or chunk >= vocab:
     logits = (jnp.matmul(hidden.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)).astype(jnp.float32)
     if skip is not None:
       logits = model_lib.add_skip(logits, skip)
-    if isinstance(teacher, MixtureTeacher):  # small V: the reference form, the teacher as probabilities
-      probs = mixture_probs(teacher, dtype)
+    extra = {}
+    if tangent is not None:
+      dz = _chunk_logits(tangent[0], kernel, jnp.zeros_like(bias), tangent[1], 0, vocab, vocab, dtype)
+      extra["mean_tangent"] = jnp.sum(jax.nn.softmax(logits, axis=-1) * dz, axis=-1)
+    if isinstance(teacher, CHUNKED_TEACHERS):  # small V: the reference form, the teacher as probabilities
+      probs = teacher_probs(teacher, dtype)
       out = stats_from_logits(logits, tokens, probs, embedding)
-      return dict(out, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
-    return stats_from_logits(logits, tokens, teacher, embedding)
-  mixture = teacher if isinstance(teacher, MixtureTeacher) else None
+      return dict(out, **extra, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
+    return dict(stats_from_logits(logits, tokens, teacher, embedding), **extra)
+  mixture = teacher if isinstance(teacher, CHUNKED_TEACHERS) else None
   num_chunks = -(-vocab // chunk)
   pad = num_chunks * chunk - vocab
   if pad:  # zero columns, masked to −1e30 below; a copy of the head, not of anything [B, L, V]
@@ -261,10 +346,10 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
       teacher = jnp.pad(teacher, [(0, 0)] * (teacher.ndim - 1) + [(0, pad)])
     embedding = None if embedding is None else jnp.pad(embedding, ((0, pad), (0, 0)))
     skip = _pad_skip(skip, pad)
+    if tangent is not None:
+      tangent = (tangent[0], _pad_skip(tangent[1], pad))
     if mixture is not None:
-      mixture = dataclasses.replace(mixture, kernel=jnp.pad(mixture.kernel, ((0, 0), (0, pad))),
-                                    bias=jnp.pad(mixture.bias, (0, pad)),
-                                    skips=tuple(_pad_skip(k, pad) for k in mixture.skips))
+      mixture = mixture.padded(pad)
   if mixture is None and teacher is not None:
     teacher = jax.lax.stop_gradient(teacher).astype(jnp.float32)
   h = hidden.astype(dtype)
@@ -294,15 +379,16 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
       out["off_target_sq"] = (carry["off_target_sq"] * jnp.square(rescale)
                               + jnp.sum(jnp.where(off, jnp.square(e), 0.0), axis=-1))
     if teacher is not None:
-      if mixture is not None:  # this chunk of T = Σ_k w_k exp(z_k − lse_k), rebuilt from the hiddens
-        t = sum(jnp.asarray(w, jnp.float32)[..., None] * jnp.exp(
-                    _chunk_logits(hk, mixture.kernel, mixture.bias, sk, offset, chunk, vocab, dtype) - lse[..., None])
-                for w, hk, sk, lse in zip(mixture.weights, mixture.hiddens, mixture.skips, mixture.lses))
+      if mixture is not None:  # this chunk of the teacher, rebuilt from its hidden states
+        t = mixture.chunk_probs(offset, chunk, vocab, dtype)
         out.update({f"teacher_{k}": carry[f"teacher_{k}"] + v for k, v in teacher_sums(t).items()})
       else:
         t = jax.lax.dynamic_slice_in_dim(teacher, offset, chunk, axis=-1)
       out["teacher_dot"] = carry["teacher_dot"] + jnp.sum(t * z, axis=-1)
       out["teacher_prob"] = carry["teacher_prob"] * rescale + jnp.sum(t * e, axis=-1)
+    if tangent is not None:
+      dz = _chunk_logits(tangent[0], kernel, jnp.zeros_like(bias), tangent[1], offset, chunk, vocab, dtype)
+      out["tangent"] = carry["tangent"] * rescale + jnp.sum(e * jnp.where(column < vocab, dz, 0.0), axis=-1)
     if embedding is not None:
       rows = jax.lax.dynamic_slice_in_dim(embedding, offset, chunk, axis=0).astype(jnp.float32)
       out["emb"] = (carry["emb"] * rescale[..., None]
@@ -320,6 +406,8 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
       init.update({f"teacher_{k}": zeros for k in TEACHER_SUMS})
   if embedding is not None:
     init["emb"] = jnp.zeros(batch_shape + (embedding.shape[1],), jnp.float32)
+  if tangent is not None:
+    init["tangent"] = zeros
   acc, _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
   out = {"lse": acc["m"] + jnp.log(acc["s"]), "argmax": acc["argmax"],
          "sum_sq": acc["sum_sq"] / jnp.square(acc["s"])}
@@ -333,6 +421,8 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
       out.update({f"teacher_{k}": acc[f"teacher_{k}"] for k in TEACHER_SUMS})
   if embedding is not None:
     out["mean_embedding"] = acc["emb"] / acc["s"][..., None]
+  if tangent is not None:
+    out["mean_tangent"] = acc["tangent"] / acc["s"]
   return out
 
 
@@ -365,24 +455,19 @@ def teacher_sums(t):
           "sq": jnp.sum(jnp.square(t), axis=-1)}
 
 
-def mixture_probs(teacher: MixtureTeacher, dtype=jnp.float32):
-  """The full [..., V] probabilities of a MixtureTeacher (small V, and the tests' reference)."""
-  total = 0.0
-  for w, h, skip, lse in zip(teacher.weights, teacher.hiddens, teacher.skips, teacher.lses):
-    z = (jnp.matmul(h.astype(dtype), teacher.kernel.astype(dtype)) + teacher.bias.astype(dtype)).astype(jnp.float32)
-    if skip is not None:
-      z = model_lib.add_skip(z, skip)
-    total = total + jnp.asarray(w, jnp.float32)[..., None] * jnp.exp(z - lse[..., None])
-  return jax.lax.stop_gradient(total)
+def teacher_probs(teacher, dtype=jnp.float32):
+  """The full [..., V] probabilities of a chunked teacher (small V): its one chunk of width V."""
+  vocab = teacher.kernel.shape[1]
+  return jax.lax.stop_gradient(teacher.chunk_probs(0, vocab, vocab, dtype))
 
 
 def _teacher_sums_of(stats, teacher):
-  return ({k: stats[f"teacher_{k}"] for k in TEACHER_SUMS} if isinstance(teacher, MixtureTeacher)
+  return ({k: stats[f"teacher_{k}"] for k in TEACHER_SUMS} if isinstance(teacher, CHUNKED_TEACHERS)
           else teacher_sums(teacher))
 
 
 def kl_to_teacher(stats, teacher):
-  """KL(T ‖ p) = Σ T log T − Σ T z + lse Σ T (the teacher under stop_gradient; for a MixtureTeacher
+  """KL(T ‖ p) = Σ T log T − Σ T z + lse Σ T (the teacher under stop_gradient; for a chunked teacher
   its sums come chunk by chunk from `vocab_stats`)."""
   sums = _teacher_sums_of(stats, teacher)
   return sums["xlogx"] - stats["teacher_dot"] + stats["lse"] * sums["mass"]
@@ -468,8 +553,8 @@ class StateSpace:
       kernel, bias = model_lib.head_params(params)
       return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
                          tokens=tokens, teacher=teacher, embedding=embedding, skip=skip)
-    if isinstance(teacher, MixtureTeacher):
-      probs = mixture_probs(teacher, jnp.dtype(self.dtype))
+    if isinstance(teacher, CHUNKED_TEACHERS):
+      probs = teacher_probs(teacher, jnp.dtype(self.dtype))
       out = stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, probs, embedding)
       return dict(out, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
     return stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding)
@@ -479,20 +564,22 @@ class StateSpace:
     """The output softmax is reduced one vocabulary chunk at a time (model.vocab_chunk < V)."""
     return 0 < self.vocab_chunk < self.vocab_size
 
-  def hidden_and_stats(self, params, state, tau_s, tau_t, *, with_embedding=False, **conditioning):
-    """(hidden [.., D], skip term, `vocab_stats` of the output): a teacher call that keeps its output as
-    the head's input, so that a `MixtureTeacher` can rebuild it chunk by chunk. with_embedding:
-    stats["mean_embedding"] = ψ in this state space (ψW, or ψ itself in V-space)."""
+  def hidden(self, params, state, tau_s, tau_t, **conditioning):
+    """(hidden [.., D], skip term or None): the network's output before its head, what a chunked
+    teacher (`MixtureTeacher`, `RatioTeacher`) is built from."""
     hidden = self._call(params, state, tau_s, tau_t, hidden=True, **conditioning)
-    hidden, skip = hidden if isinstance(hidden, tuple) else (hidden, None)
+    return hidden if isinstance(hidden, tuple) else (hidden, None)
+
+  def hidden_stats(self, params, hidden, skip, *, with_embedding=False, tangent=None):
+    """`vocab_stats` of a `hidden` call's output, chunked over V. with_embedding: stats["mean_embedding"]
+    = ψ in this state space (ψW, or ψ itself in V-space); tangent: stats["mean_tangent"] = ⟨ψ, ∂z⟩."""
     kernel, bias = model_lib.head_params(params)
     embedding = None
     if with_embedding:
       embedding = (model_lib.embedding_matrix(params) if self.embedded
                    else jnp.eye(self.vocab_size, dtype=jnp.float32))
-    stats = vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
-                        embedding=embedding, skip=skip)
-    return hidden, skip, stats
+    return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
+                       embedding=embedding, skip=skip, tangent=tangent)
 
   def clean_state(self, params, tokens):
     """The state of clean tokens (γ = 1): the one-hot e_x, or its embedding W[x] (float32)."""
