@@ -54,6 +54,8 @@ VARIANTS = {
     # + the detached per-position weight (‖μ − x1‖² + 0.01)^(−1/2) of SPEC §2, which puts up to 10x the
     # weight on confident (high-λ) positions, where the sampler's path error is weighted most (SPEC §5)
     "recipe_aw": {"flow.adaptive_weighting": True},
+    # recipe_aw with self-conditioning (as recipe_sc)
+    "recipe_aw_sc": {"flow.adaptive_weighting": True, "model.self_condition": True, "model.gate_init": 1.0},
     # the same weight at power 1: up to 100x on confident positions
     "recipe_aw1": {"flow.adaptive_weighting": True, "flow.weight_power": 1.0},
 }

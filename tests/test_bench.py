@@ -55,3 +55,23 @@ def test_data_benchmark_runs_at_a_toy_size(tmp_path):
   results = json.loads((tmp_path / "data.json").read_text())
   assert [r["workers"] for r in results["prepare"]] == [1, 2] and results["prepare"][0]["tokens"] > 0
   assert [r["rows"] for r in results["startup"]] == [1000, 10000]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_memory_matrix_script_compiles_each_cell(tmp_path):
+  out = tmp_path / "memory.json"
+  proc = subprocess.run([sys.executable, "bench/memory.py", "--configs=markov_tiny", "--stages=base,psd,ar",
+                         "--meshes=1,2,1", "--set=train.batch_size=8,train.grad_accum_steps=2", f"--out={out}",
+                         f"--workdir={tmp_path / 'w'}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["stage"], r["mesh"]) for r in rows] == [("base", "1,2,1"), ("psd", "1,2,1"), ("ar", "1,2,1")]
+  for r in rows:
+    assert "error" not in r, r
+    assert r["settings"] == {"train.batch_size": "8", "train.grad_accum_steps": "2"}
+    assert r["per_device_gib"]["peak_estimate"] > 0 and r["flops_per_step_per_device"] > 0
+    assert r["remat_warnings"] == 0
+  # A distillation step holds more than the base step of the same model.
+  assert rows[1]["per_device_gib"]["temporaries"] > rows[0]["per_device_gib"]["temporaries"]
+  assert proc.stdout.count("| markov_tiny |") == 3
