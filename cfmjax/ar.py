@@ -54,7 +54,7 @@ class ARTransformer(nn.Module):
     else:
       block = model_lib._remat(model_lib.Block, cfg.remat, scanned=False)
       self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
-    self.final_adaln = model_lib._dense(2 * cfg.d_model, ("embed", "mlp"), "final_adaln", zero=True,
+    self.final_adaln = model_lib._dense(2 * cfg.d_model, ("embed", "modulation"), "final_adaln", zero=True,
                                         dtype=dtype)
     self.head = model_lib._dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype=dtype)
 

@@ -282,10 +282,12 @@ class Block(nn.Module):
   def __call__(self, x, cond, rope):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    mod = _dense(6 * cfg.d_model, ("embed", "mlp"), "adaln", zero=True, dtype=dtype)(nn.silu(cond))
-    # Gather the modulation over the tensor axis before splitting it six ways: splitting a tensor-
-    # sharded feature axis forces the partitioner into a full rematerialisation.
-    mod = nn.with_logical_constraint(mod, ("batch", None))
+    mod = _dense(6 * cfg.d_model, ("embed", "modulation"), "adaln", zero=True, dtype=dtype)(nn.silu(cond))
+    # The modulation's features are never sharded (the "modulation" rule of sharding.DEFAULT_RULES)
+    # before it is split six ways: a split of a tensor-sharded axis, and the concatenation of the
+    # six gradients in the backward pass, forced XLA into full rematerialisations, which also gave
+    # wrong gradients at one row per shard (tests/test_aot.py, tests/test_training.py).
+    mod = nn.with_logical_constraint(mod, ("batch", "modulation"))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
     gate1, gate2 = gate1 + cfg.gate_init, gate2 + cfg.gate_init
     if cfg.local_mix:
@@ -334,12 +336,15 @@ def _remat(block_cls, policy: str, scanned: bool):
 def trunk(blocks, final_adaln, scanned: bool, h, cond, rope):
   """The block stack and the final adaLN-modulated norm, shared by the flow and the AR model:
   hidden states [B, L, D] -> the normalised input of the output head."""
+  # The conditioning vector stays whole along its features (like the modulations it feeds): its
+  # gradient then arrives from every adaLN layer in one layout (no involuntary rematerialisation).
+  cond = nn.with_logical_constraint(cond, ("batch", "modulation"))
   if scanned:
     h, _ = blocks(h, cond, rope)
   else:
     for block in blocks:
       h = block(h, cond, rope)
-  final_mod = nn.with_logical_constraint(final_adaln(nn.silu(cond)), ("batch", None))
+  final_mod = nn.with_logical_constraint(final_adaln(nn.silu(cond)), ("batch", "modulation"))
   shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
   return _layer_norm(h) * (1.0 + scale) + shift
 
@@ -364,7 +369,7 @@ class FlowTransformer(nn.Module):
       self.posterior_table = self.param("posterior_embed", nn.with_logical_partitioning(
           nn.initializers.normal(1.0), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.float32)
     self.time_in = _dense(cfg.d_model, ("mlp", "embed"), "time_in", dtype=jnp.float32)
-    self.time_out = _dense(cfg.d_model, ("embed", "mlp"), "time_out", dtype=jnp.float32)
+    self.time_out = _dense(cfg.d_model, ("embed", "modulation"), "time_out", dtype=jnp.float32)
     if cfg.scan_layers:
       block = _remat(ScannedBlock, cfg.remat, scanned=True)
       self.blocks = nn.scan(
@@ -374,7 +379,7 @@ class FlowTransformer(nn.Module):
     else:
       block = _remat(Block, cfg.remat, scanned=False)
       self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
-    self.final_adaln = _dense(2 * cfg.d_model, ("embed", "mlp"), "final_adaln", zero=True, dtype=dtype)
+    self.final_adaln = _dense(2 * cfg.d_model, ("embed", "modulation"), "final_adaln", zero=True, dtype=dtype)
     # With the skip term the head starts at zero, so an untrained model is the context-free
     # posterior once its bias holds the log unigram frequencies (experiment.init_state).
     self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", zero=cfg.skip, dtype=dtype)

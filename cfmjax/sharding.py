@@ -31,6 +31,10 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("layers", None),
+    # adaLN modulation outputs (6D per block, 2D at the end) stay whole: they are split into
+    # shift/scale/gate along this axis, and a split of a tensor-sharded axis (and its transpose in
+    # the backward pass) forces XLA into a full rematerialisation (tests/test_aot.py).
+    ("modulation", None),
 )
 
 
