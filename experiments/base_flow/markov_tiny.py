@@ -4,12 +4,17 @@
   cfmjax eval  --workdir=/tmp/markov_tiny --sampler=euler --steps=128,16,4
 
 Expect (2 CPU cores): about 4.5 minutes of training (1200 steps at ~5 steps/s). With the skip
-parametrisation and the posterior input (SPEC §9, model.py; on by default since issue 12), measured
-with 512 samples by bench/recipe_ablation.py: Euler gen NLL per token 2.11 at 128 steps (1.47x the
-data's exact 1.431, `data_nll_per_token`; before the skip term 2.37, 1.66x), sample entropy 2.30 vs
-the data's 2.31; Euler with the exact denoiser reaches 1.448 (the `euler_exact` rows of `cfmjax
-eval`). Held-out CE averaged over λ bins: 1.361 vs the exact posterior's 1.350 and the context-free
-posterior's 1.443 (results/recipe_ablation.md). 1 Euler step collapses onto one repeated token.
+parametrisation and the posterior input (SPEC §9, model.py; on by default since issue 12) and the
+detached per-position weight of SPEC §2 (flow.adaptive_weighting, (‖μ − x1‖² + 0.01)^(−1/2): up to
+10x on confident, high-λ positions, whose errors the sampler's path weights by e^λ, SPEC §5),
+measured with 512 samples by bench/recipe_ablation.py (results/recipe_ablation.md): Euler gen NLL
+per token 1.896 / 1.906 at 128 steps for seeds 0 / 1 (1.32x / 1.33x the data's exact 1.431,
+`data_nll_per_token`; without the weight 1.47x / 1.50x, before the skip term 1.66x), sample entropy
+2.26 vs the data's 2.31; Euler with the exact denoiser reaches 1.448 (the `euler_exact` rows of
+`cfmjax eval`). Held-out CE averaged over λ bins: 1.388 vs the exact posterior's 1.350 and the
+context-free posterior's 1.443 (the weight trades average CE for the confident positions).
+With self-conditioning as well: experiments/conditional/markov_tiny_selfcond.py (1.20x / 1.19x).
+1 Euler step collapses onto one repeated token.
 The gap at few steps is what the flow-map stage closes (experiments/flow_map/markov_tiny_*.py).
 Any data key can be overridden alone, e.g.
 --config.data.markov.vocab_size=32 (the model's vocabulary follows).
@@ -33,6 +38,7 @@ def get_config():
   c.model.time_features = 64
 
   c.flow.schedule = "mixed"
+  c.flow.adaptive_weighting = True  # recipe_aw in results/recipe_ablation.md: 1.47x -> 1.32x on this chain
 
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100

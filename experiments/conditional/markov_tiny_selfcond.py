@@ -8,7 +8,15 @@ rows first run a no-grad pass with μ̂ = 0 and feed its output; the Euler sampl
 last estimate. Compare with experiments/base_flow/markov_tiny.py (the same model without it).
 Then: experiments/conditional/markov_tiny_fixed_point.py and markov_tiny_fixed_point_psd.py.
 
-Measured on a saturated machine (both runs cut by SIGTERM: this one at step 350, the plain
+With markov_tiny's adaptive weighting and the residual gates started open (model.gate_init = 1),
+this is `recipe_aw_sc` of results/recipe_ablation.md, the best base-flow recipe measured on Markov
+sources (bench/recipe_ablation.py, 1200 steps, 512 samples, Euler at 128 steps, gen NLL / floor):
+markov_tiny's chain 1.20x / 1.19x (seeds 0 / 1; 1.47x / 1.50x without either change), o1_v48_c03
+1.30x / 1.30x (1.29x / 1.40x), o1_v32_c05 1.14x (1.16x), the order-2 o2_v32_c05 1.65x (1.65x: no
+context learned either way). Entropy 2.23 vs the data's 2.31 on markov_tiny's chain (-3.3%). It
+costs one extra forward pass per training step.
+
+Earlier, measured on a saturated machine (both runs cut by SIGTERM: this one at step 350, the plain
 markov_tiny at its step-400 checkpoint, i.e. 50 more steps for the plain model), 512 samples,
 `PYTHONPATH=. python bench/conditional_sweep.py --workdir=W --steps=64,4 [--self_condition=1,0]`:
 Euler gen NLL per token at 64 / 4 steps: self-conditioned, feeding μ̂ 3.06 / 3.53; the same model
@@ -23,5 +31,6 @@ from cfmjax.configs import from_file
 def get_config():
   c = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "markov_tiny.py"))
   c.model.self_condition = True
+  c.model.gate_init = 1.0  # as measured (recipe_aw_sc): residual branches start open
   c.model.state_space = "vocab"  # SPEC §8 features run on the V-space state (README: state space)
   return c
