@@ -143,8 +143,8 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
         teacher = distill_losses.psd_teacher_chunked(hidden_net, stats, head, x_teacher, gamma_s, gamma_u, gamma_t)
       else:
         chunked = (distill_losses.lsd_teacher_chunked if d.loss == "lsd" else distill_losses.esd_teacher_chunked)
-        teacher = chunked(hidden_net, stats, head, x_teacher, gamma_s, gamma_t, d.min_ratio, space.vocab_chunk,
-                          jnp.dtype(space.dtype))
+        normalise = lambda t: state_space.ratio_teacher(t, space.vocab_chunk, jnp.dtype(space.dtype))
+        teacher = chunked(hidden_net, stats, normalise, head, x_teacher, gamma_s, gamma_t, d.min_ratio)
     elif d.loss == "psd":
       teacher = distill_losses.psd_teacher(net, x_teacher, gamma_s, gamma_u, gamma_t, embed=embed)
     elif d.loss == "lsd":

@@ -93,7 +93,8 @@ def psd_teacher(net, x, gamma_s, gamma_u, gamma_t, embed=_identity):
 # `state_space` built from the teacher network's hidden states, which the student's vocabulary-
 # chunked output reduction (`state_space.vocab_stats`) rebuilds one chunk at a time. The network is
 # given as `hidden_net(x, gamma_s, gamma_t) -> (hidden, skip)` in flow time and `stats(hidden, skip,
-# with_embedding, tangent) -> vocab_stats` (StateSpace.hidden / hidden_stats); `head` = (kernel, bias).
+# with_embedding, tangent) -> vocab_stats` (StateSpace.hidden / hidden_stats); `head` = (kernel, bias);
+# `normalise(RatioTeacher) -> RatioTeacher` fills in its log-normaliser (state_space.ratio_teacher).
 # tests/test_state_space.py checks values and gradients against the full-logit teachers above.
 
 
@@ -116,7 +117,7 @@ def _tangent_skip(skip, tangent):
   return None if skip is None else (tangent[0], skip[1])
 
 
-def lsd_teacher_chunked(hidden_net, stats, head, x, gamma_s, gamma_t, min_ratio: float, chunk: int, dtype):
+def lsd_teacher_chunked(hidden_net, stats, normalise, head, x, gamma_s, gamma_t, min_ratio: float):
   """`lsd_teacher` as a RatioTeacher: one JVP in t of the hidden state gives ∂z through the head."""
   (h, skip), (dh, dskip) = jax.jvp(lambda t: hidden_net(x, gamma_s, t), (gamma_t,), (jnp.ones_like(gamma_t),))
   tangent = (dh, _tangent_skip(skip, dskip))
@@ -130,10 +131,10 @@ def lsd_teacher_chunked(hidden_net, stats, head, x, gamma_s, gamma_t, min_ratio:
       diag_hidden=h_diag, diag_skip=skip_diag, tangent_hidden=tangent[0], tangent_skip=tangent[1],
       mean_tangent=first["mean_tangent"], c0=jnp.ones_like(g), c1=g, floor=jnp.full_like(g, min_ratio),
       lse=jnp.zeros_like(first["lse"]), kernel=kernel, bias=bias)
-  return state_space.ratio_teacher(teacher, chunk, dtype)
+  return normalise(teacher)
 
 
-def esd_teacher_chunked(hidden_net, stats, head, x, gamma_s, gamma_t, min_ratio: float, chunk: int, dtype):
+def esd_teacher_chunked(hidden_net, stats, normalise, head, x, gamma_s, gamma_t, min_ratio: float):
   """`esd_teacher` as a RatioTeacher: the base velocity from the diagonal's chunked ψW, then one JVP in
   (x, s) of the hidden state."""
   h_diag, skip_diag = hidden_net(x, gamma_s, gamma_s)
@@ -150,7 +151,7 @@ def esd_teacher_chunked(hidden_net, stats, head, x, gamma_s, gamma_t, min_ratio:
       diag_hidden=h_diag, diag_skip=skip_diag, tangent_hidden=tangent[0], tangent_skip=tangent[1],
       mean_tangent=first["mean_tangent"], c0=1.0 - t, c1=-(1.0 - s) * (t - s), floor=floor,
       lse=jnp.zeros_like(first["lse"]), kernel=kernel, bias=bias)
-  return state_space.ratio_teacher(teacher, chunk, dtype)
+  return normalise(teacher)
 
 
 def lsd_teacher(net, x, gamma_s, gamma_t, min_ratio: float = 1e-3, embed=_identity):
