@@ -16,16 +16,22 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.mo
         "--config.train.batch_size=16", "--config.data.markov.vocab_size=8"]
 
 
+def _compile(*args, timeout: int = 600):
+  """`cfmjax compile ARGS` in a fresh process with no XLA flags from outside (the command must make its
+  own fake devices); fails the test with the command's stderr if it fails. Returns the process."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  proc = subprocess.run([sys.executable, "-m", "cfmjax", "compile", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_readme_compile_check_of_the_1p7b_config(tmp_path):
   """`cfmjax compile --config=experiments/base_flow/owt_1p7b.py --mesh=4,8,2`, as the README gives it
   (64 fake devices made by the command; full size, nothing runs)."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  proc = subprocess.run(
-      [sys.executable, "-m", "cfmjax", "compile", "--config=experiments/base_flow/owt_1p7b.py", "--mesh=4,8,2",
-       f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=850)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = _compile("--config=experiments/base_flow/owt_1p7b.py", "--mesh=4,8,2", f"--workdir={tmp_path}", timeout=850)
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["num_devices"] == 64 and report["mesh"] == {"data": 4, "fsdp": 8, "tensor": 2}
   assert 1.6e9 < report["num_params"] < 1.8e9 and report["vocab_size"] == 50257
@@ -40,11 +46,7 @@ def test_the_1p7b_psd_step_compiles_without_rematerialisation_within_40_gib(tmp_
   """The README's distillation compile check: the chunked PSD teacher and its config's gradient
   accumulation keep the step under issue 16's 40 GiB per device on 4x8x2, with no involuntary
   rematerialisation (4 warnings and 112 GiB before)."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  proc = subprocess.run(
-      [sys.executable, "-m", "cfmjax", "compile", "--config=experiments/flow_map/owt_1p7b_psd.py", "--mesh=4,8,2",
-       f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=850)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = _compile("--config=experiments/flow_map/owt_1p7b_psd.py", "--mesh=4,8,2", f"--workdir={tmp_path}", timeout=850)
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["config_stage"] == "distill" and report["vocab_size"] == 50257
   assert "Involuntary full rematerialization" not in proc.stderr
@@ -53,13 +55,8 @@ def test_the_1p7b_psd_step_compiles_without_rematerialisation_within_40_gib(tmp_
 
 @pytest.mark.slow
 def test_compile_command_reports_memory_on_fake_devices(tmp_path, cache_dir):
-  # No XLA_FLAGS from outside: the command itself must make the 8 fake devices.
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  proc = subprocess.run(
-      [sys.executable, "-m", "cfmjax", "compile", "--config=experiments/base_flow/markov_tiny.py",
-       "--mesh=1,8,1", "--num_devices=8", "--stage=distill", f"--workdir={tmp_path}", *TINY],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = _compile("--config=experiments/base_flow/markov_tiny.py", "--mesh=1,8,1", "--num_devices=8",
+                  "--stage=distill", f"--workdir={tmp_path}", *TINY)
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["num_devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert report["config_stage"] == "distill" and report["vocab_size"] == 8
@@ -97,11 +94,8 @@ def test_1p7b_shardings_match_the_golden_file(tmp_path):
   """Every parameter's and optimizer leaf's partition spec for owt_1p7b on 4x8x2 (64 fake devices, from
   shapes only) equals the committed file, so that a change of sharding is always deliberate: when
   it is, regenerate the file with REGENERATE and let the diff be reviewed."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   out = tmp_path / "shardings.json"
-  proc = subprocess.run([sys.executable, "-m", "cfmjax", *REGENERATE.split()[1:-1], f"--shardings_out={out}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = _compile(*REGENERATE.split()[2:-1], f"--shardings_out={out}", timeout=300)
   got, want = json.loads(out.read_text()), json.loads(open(GOLDEN).read())
   changed = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
   assert not changed, (f"{len(changed)} state leaves changed sharding, e.g. "
@@ -117,11 +111,7 @@ def test_no_involuntary_rematerialisation_on_a_2x2x2_mesh(tmp_path, scan_layers)
   rematerialization' (XLA writes it to stderr, hence the subprocess). Before the "modulation" rule
   (sharding.DEFAULT_RULES) the scanned blocks logged 6: the adaLN outputs were tensor-sharded and
   split into shift/scale/gate, and the backward pass concatenated their gradients across shards."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  proc = subprocess.run(
-      [sys.executable, "-m", "cfmjax", "compile", "--config=experiments/base_flow/markov_tiny.py", "--mesh=2,2,2",
-       f"--workdir={tmp_path}", *TINY, f"--config.model.scan_layers={scan_layers}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = _compile("--config=experiments/base_flow/markov_tiny.py", "--mesh=2,2,2", f"--workdir={tmp_path}", *TINY,
+                  f"--config.model.scan_layers={scan_layers}")
   warnings = [line for line in proc.stderr.splitlines() if "Involuntary full rematerialization" in line]
   assert not warnings, f"{len(warnings)} involuntary rematerialisations, e.g. {warnings[0][:600]}"
