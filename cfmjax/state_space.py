@@ -331,26 +331,22 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
     if tangent is not None:
       dz = _chunk_logits(tangent[0], kernel, jnp.zeros_like(bias), tangent[1], 0, vocab, vocab, dtype)
       extra["mean_tangent"] = jnp.sum(jax.nn.softmax(logits, axis=-1) * dz, axis=-1)
-    if isinstance(teacher, CHUNKED_TEACHERS):  # small V: the reference form, the teacher as probabilities
-      probs = teacher_probs(teacher, dtype)
-      out = stats_from_logits(logits, tokens, probs, embedding)
-      return dict(out, **extra, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
-    return dict(stats_from_logits(logits, tokens, teacher, embedding), **extra)
-  mixture = teacher if isinstance(teacher, CHUNKED_TEACHERS) else None
+    return dict(_full_stats(logits, tokens, teacher, embedding, dtype), **extra)
+  chunked_teacher = teacher if isinstance(teacher, CHUNKED_TEACHERS) else None
   num_chunks = -(-vocab // chunk)
   pad = num_chunks * chunk - vocab
   if pad:  # zero columns, masked to −1e30 below; a copy of the head, not of anything [B, L, V]
     kernel = jnp.pad(kernel, ((0, 0), (0, pad)))
     bias = jnp.pad(bias, (0, pad))
-    if mixture is None and teacher is not None:
+    if chunked_teacher is None and teacher is not None:
       teacher = jnp.pad(teacher, [(0, 0)] * (teacher.ndim - 1) + [(0, pad)])
     embedding = None if embedding is None else jnp.pad(embedding, ((0, pad), (0, 0)))
     skip = _pad_skip(skip, pad)
     if tangent is not None:
       tangent = (tangent[0], _pad_skip(tangent[1], pad))
-    if mixture is not None:
-      mixture = mixture.padded(pad)
-  if mixture is None and teacher is not None:
+    if chunked_teacher is not None:
+      chunked_teacher = chunked_teacher.padded(pad)
+  if chunked_teacher is None and teacher is not None:
     teacher = jax.lax.stop_gradient(teacher).astype(jnp.float32)
   h = hidden.astype(dtype)
   batch_shape = hidden.shape[:-1]
@@ -379,8 +375,8 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
       out["off_target_sq"] = (carry["off_target_sq"] * jnp.square(rescale)
                               + jnp.sum(jnp.where(off, jnp.square(e), 0.0), axis=-1))
     if teacher is not None:
-      if mixture is not None:  # this chunk of the teacher, rebuilt from its hidden states
-        t = mixture.chunk_probs(offset, chunk, vocab, dtype)
+      if chunked_teacher is not None:  # this chunk of the teacher, rebuilt from its hidden states
+        t = chunked_teacher.chunk_probs(offset, chunk, vocab, dtype)
         out.update({f"teacher_{k}": carry[f"teacher_{k}"] + v for k, v in teacher_sums(t).items()})
       else:
         t = jax.lax.dynamic_slice_in_dim(teacher, offset, chunk, axis=-1)
@@ -402,7 +398,7 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
     init["target"], init["off_target"], init["off_target_sq"] = zeros, zeros, zeros
   if teacher is not None:
     init["teacher_dot"], init["teacher_prob"] = zeros, zeros
-    if mixture is not None:
+    if chunked_teacher is not None:
       init.update({f"teacher_{k}": zeros for k in TEACHER_SUMS})
   if embedding is not None:
     init["emb"] = jnp.zeros(batch_shape + (embedding.shape[1],), jnp.float32)
@@ -417,7 +413,7 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
     out["off_target_sq"] = acc["off_target_sq"] / jnp.square(acc["s"])
   if teacher is not None:
     out["teacher_dot"], out["teacher_prob"] = acc["teacher_dot"], acc["teacher_prob"] / acc["s"]
-    if mixture is not None:
+    if chunked_teacher is not None:
       out.update({f"teacher_{k}": acc[f"teacher_{k}"] for k in TEACHER_SUMS})
   if embedding is not None:
     out["mean_embedding"] = acc["emb"] / acc["s"][..., None]
@@ -459,6 +455,16 @@ def teacher_probs(teacher, dtype=jnp.float32):
   """The full [..., V] probabilities of a chunked teacher (small V): its one chunk of width V."""
   vocab = teacher.kernel.shape[1]
   return jax.lax.stop_gradient(teacher.chunk_probs(0, vocab, vocab, dtype))
+
+
+def _full_stats(logits, tokens, teacher, embedding, dtype):
+  """`stats_from_logits` where the teacher may also be a chunked one, built here in full (small V, or
+  the unchunked reference) with its sums alongside, as `vocab_stats` gives them chunk by chunk."""
+  if not isinstance(teacher, CHUNKED_TEACHERS):
+    return stats_from_logits(logits, tokens, teacher, embedding)
+  probs = teacher_probs(teacher, dtype)
+  out = stats_from_logits(logits, tokens, probs, embedding)
+  return dict(out, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
 
 
 def _teacher_sums_of(stats, teacher):
@@ -547,17 +553,13 @@ class StateSpace:
     mean_embedding = ψE for `embedding` E [V, D'] (with_embedding: E = W, the state's projection)."""
     if with_embedding:
       embedding = model_lib.embedding_matrix(params)
-    if 0 < self.vocab_chunk < self.vocab_size:
-      hidden = self._call(params, state, tau_s, tau_t, hidden=True, **conditioning)
-      hidden, skip = hidden if isinstance(hidden, tuple) else (hidden, None)  # model.skip (SPEC §9)
+    if self.chunked:
+      hidden, skip = self.hidden(params, state, tau_s, tau_t, **conditioning)  # skip: model.skip (SPEC §9)
       kernel, bias = model_lib.head_params(params)
       return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
                          tokens=tokens, teacher=teacher, embedding=embedding, skip=skip)
-    if isinstance(teacher, CHUNKED_TEACHERS):
-      probs = teacher_probs(teacher, jnp.dtype(self.dtype))
-      out = stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, probs, embedding)
-      return dict(out, **{f"teacher_{k}": v for k, v in teacher_sums(probs).items()})
-    return stats_from_logits(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding)
+    return _full_stats(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding,
+                       jnp.dtype(self.dtype))
 
   @property
   def chunked(self) -> bool:
