@@ -19,14 +19,14 @@ import time
 import jax
 
 import common
-from cfmjax import experiment, flops, inference
+from cfmjax import experiment, flops, inference, sharding
 
 
 def time_generation(config, sampler: str, steps: int, batch: int, repeats: int) -> dict:
   exp = common.build(config)
   params = experiment.init_state(exp, 0)["params"]
   best = float("inf")
-  with jax.set_mesh(exp.mesh):
+  with sharding.activate(exp.mesh, exp.rules):
     try:  # compiled once, ahead of the timed calls (inference.generate re-jits on every call)
       fn = inference.make_generator(exp, sampler, steps, batch)
       fn = fn.lower(params, jax.random.key(0)).compile()

@@ -62,7 +62,7 @@ class ARTransformer(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     batch, length = tokens.shape
-    previous = jnp.take(self.embed, tokens[:, :-1], axis=0)
+    previous = model_lib.gather_rows(self.embed, tokens[:, :-1])
     start = jnp.broadcast_to(self.start, (batch, 1, cfg.d_model))
     h = jnp.concatenate([start, previous], axis=1).astype(dtype)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
@@ -129,7 +129,7 @@ def score_rows(exp, params, rows: np.ndarray, mask: np.ndarray, batch_size: int,
   fn = jax.jit(functools.partial(row_nll_and_greedy, exp.apply_fn),
                in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, exp.batch_sharding))
   nll, greedy = [], []
-  with jax.set_mesh(exp.mesh):
+  with sharding.activate(exp.mesh, exp.rules):
     for i in range(0, len(rows), batch_size):
       chunk, chunk_mask = rows[i:i + batch_size], mask[i:i + batch_size]
       # Every process holds the same rows; each device takes its slice of them.

@@ -203,7 +203,7 @@ def init_state(exp: Experiment, seed: int):
             "opt_state": exp.optimizer.init(params), "rng": jax.random.key_data(rng),
             "skipped_steps": jnp.zeros((), jnp.int32)}
 
-  with jax.set_mesh(exp.mesh):
+  with sharding.activate(exp.mesh, exp.rules):
     return jax.jit(init, out_shardings=exp.state_shardings)(jax.random.key(seed))
 
 

@@ -219,6 +219,30 @@ def posterior_embedding(skip, table, chunk: int):
   return acc / s[..., None]
 
 
+class Projection(nn.Module):
+  """x · kernel over the last `contract` axes of x and the first `contract` axes of the kernel,
+  with no bias: the attention projections, whose kernels keep their head axes.
+
+  nn.DenseGeneral initialises such a kernel flat and reshapes it, and flax re-runs that
+  initialiser abstractly on every apply to check shapes: under the logical-axis rules
+  (sharding.activate) the flat kernel then meets its rank-4 axis names and is refused. Here the
+  kernel is drawn in its own shape, with DenseGeneral's fan-in (the contracted axes).
+  """
+
+  shape: tuple
+  names: tuple
+  contract: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    axes = tuple(range(len(self.shape)))
+    init = nn.initializers.lecun_normal(in_axis=axes[:self.contract], out_axis=axes[self.contract:])
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), self.shape, jnp.float32)
+    dims = (tuple(range(x.ndim - self.contract, x.ndim)), axes[:self.contract])
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+
+
 def _dense(features, names, name, zero=False, use_bias=True, dtype=jnp.float32):
   init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
   return nn.Dense(features, name=name, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
@@ -294,19 +318,14 @@ class Block(nn.Module):
       x = x + local_mix(self, x, cfg.local_mix, cfg.causal)
 
     h = _layer_norm(x) * (1.0 + scale1) + shift1
-    qkv = nn.DenseGeneral(
-        (3, cfg.num_heads, cfg.head_dim), name="qkv", dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 ("embed", None, "heads", "kv")),
-        use_bias=False)(h)
+    qkv = Projection((cfg.d_model, 3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "kv"),
+                     contract=1, dtype=dtype, name="qkv")(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=cfg.attention)
-    attn = nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), name="attn_out", dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
-        use_bias=False)(attn)
+    attn = Projection((cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
+                      contract=2, dtype=dtype, name="attn_out")(attn)
     x = x + gate1 * attn
 
     h = _layer_norm(x) * (1.0 + scale2) + shift2
@@ -454,6 +473,19 @@ def build(config: ModelConfig):
 def embedding_matrix(params):
   """W [V, D]: the first layer's kernel, h = xW (float32, as all parameters)."""
   return params["embed"]["kernel"]
+
+
+def gather_rows(table, tokens):
+  """table[tokens]: the rows of a [V, D] table for token ids [B, L] → [B, L, D], batch-sharded.
+
+  The table is sharded over `fsdp` along D and the rows must come out split over (data, fsdp)
+  along the batch: XLA cannot go from one to the other and falls back to replicating the whole
+  gathered batch ("involuntary full rematerialization"). Gathering the whole table first (as every
+  layer's weights are gathered anyway; 0.4 GiB at V = 50257, D = 2048) lets each device gather its
+  own rows. Its V axis is not split either: V is rarely a multiple of the tensor axis.
+  """
+  table = nn.with_logical_constraint(table, (None, None))
+  return nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
 
 
 def self_cond_matrix(params):

@@ -11,6 +11,7 @@ config change, never a model change.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -63,6 +64,20 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   shape = resolve_mesh_shape(mesh_config, len(devices))
   # Auto axis types: the compiler propagates shardings from our annotations (GSPMD style).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+  """The mesh and the logical-axis rules, for tracing anything that calls the model.
+
+  Both are needed: `nn.with_logical_constraint` resolves logical names against the rules in
+  context, and with none it resolves every name to "unassigned", so the activation constraints of
+  model.py pinned nothing and XLA chose the layout (the batch was split over `data` only, and every
+  device of an fsdp group held the activations of all its rows: 4x8x2 held 128 rows where 16 were
+  meant).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def rules_from_config(config) -> tuple:

@@ -138,7 +138,7 @@ def draw_noise(rng, shape, w, w_teacher=None, mode: str = "cholesky", jitter: fl
 
 def interpolate_embedded(noise, w, tokens, gamma):
   """h_γ = (1 − γ) n + γ W[x1]: the data part is a row gather (its W-gradient a scatter-add)."""
-  data = jnp.take(w.astype(jnp.float32), tokens, axis=0)
+  data = model_lib.gather_rows(w.astype(jnp.float32), tokens)
   return corruption.interpolate(noise, data, gamma)
 
 
@@ -586,13 +586,13 @@ class StateSpace:
   def clean_state(self, params, tokens):
     """The state of clean tokens (γ = 1): the one-hot e_x, or its embedding W[x] (float32)."""
     if self.embedded:
-      return jnp.take(model_lib.embedding_matrix(params).astype(jnp.float32), tokens, axis=0)
+      return model_lib.gather_rows(model_lib.embedding_matrix(params).astype(jnp.float32), tokens)
     return corruption.one_hot(tokens, self.vocab_size, jnp.float32)
 
   def clean_self_cond(self, params, tokens):
     """The self-conditioning input of clean tokens: e_x in V-space, W_sc[x] in embedding space."""
     if self.embedded:
-      return jnp.take(model_lib.self_cond_matrix(params).astype(jnp.float32), tokens, axis=0)
+      return model_lib.gather_rows(model_lib.self_cond_matrix(params).astype(jnp.float32), tokens)
     return corruption.one_hot(tokens, self.vocab_size, jnp.float32)
 
   def _reduce(self, params, state, tau_s, tau_t, feed: bool, **conditioning):

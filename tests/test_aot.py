@@ -37,20 +37,33 @@ def test_the_readme_compile_check_of_the_1p7b_config(tmp_path):
   assert 1.6e9 < report["num_params"] < 1.8e9 and report["vocab_size"] == 50257
   assert report["flops_per_step"] > 0 and report["per_device_gib"]["params"] > 0
   assert "Involuntary full rematerialization" not in proc.stderr  # 10 before the "modulation" rule
-  assert report["per_device_gib"]["peak_estimate"] < 27  # issue 16's budget for the base step
+  assert report["per_device_gib"]["peak_estimate"] < 17  # 15.2 GiB (26.7 before sharding.activate)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_the_1p7b_psd_step_compiles_without_rematerialisation_within_40_gib(tmp_path):
+def test_the_1p7b_psd_step_compiles_without_rematerialisation_within_20_gib(tmp_path):
   """The README's distillation compile check: the chunked PSD teacher and its config's gradient
-  accumulation keep the step under issue 16's 40 GiB per device on 4x8x2, with no involuntary
+  accumulation keep the step within 20 GiB per device on 4x8x2 (issue 16 asked for 40), with no involuntary
   rematerialisation (4 warnings and 112 GiB before)."""
   proc = _compile("--config=experiments/flow_map/owt_1p7b_psd.py", "--mesh=4,8,2", f"--workdir={tmp_path}", timeout=850)
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["config_stage"] == "distill" and report["vocab_size"] == 50257
   assert "Involuntary full rematerialization" not in proc.stderr
-  assert report["per_device_gib"]["peak_estimate"] < 40
+  assert report["per_device_gib"]["peak_estimate"] < 20  # 17.3 GiB (26.1 before sharding.activate)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("config", ["base_flow/owt_1p7b.py", "flow_map/owt_1p7b_psd.py"])
+def test_the_1p7b_steps_fit_16_gib_on_a_256_device_mesh(tmp_path, config):
+  """Issue 16's v5e-256 target: the base and PSD steps on data=2, fsdp=64, tensor=2 (4 rows per
+  device, full remat, PSD with its config's 2 microbatches) within 16 GiB per device: 10.2 and
+  13.9 GiB measured (41.7 and 88.7 before the activation constraints were resolved)."""
+  proc = _compile(f"--config=experiments/{config}", "--mesh=2,64,2", f"--workdir={tmp_path}", timeout=850)
+  report = json.loads((tmp_path / "compile_report.json").read_text())
+  assert report["num_devices"] == 256 and "Involuntary full rematerialization" not in proc.stderr
+  assert report["per_device_gib"]["peak_estimate"] < 16
 
 
 @pytest.mark.slow
@@ -67,10 +80,16 @@ def test_compile_command_reports_memory_on_fake_devices(tmp_path, cache_dir):
   assert "| temporaries |" in proc.stdout
 
 
-def test_fsdp_shrinks_parameters_per_device(cache_dir):
-  dp = aot.compile_report(tiny_config(), (8, 1, 1))
-  fsdp = aot.compile_report(tiny_config(), (1, 8, 1))
+def test_fsdp_shrinks_parameters_per_device_and_splits_the_batch_like_data(cache_dir):
+  # Rows long and many enough that activations, not parameters, are most of the temporaries.
+  config = tiny_config(**{"data.seq_len": 128, "train.batch_size": 64})
+  dp = aot.compile_report(config, (8, 1, 1))
+  fsdp = aot.compile_report(config, (1, 8, 1))
   assert dp["num_params"] == fsdp["num_params"]
+  # Both axes split the batch 8 ways, so activations per device are the same. Before the model was
+  # traced under the logical-axis rules (sharding.activate) its constraints pinned nothing and the
+  # fsdp devices each held every row: 92.8 MiB of temporaries against 15.1 MiB.
+  assert fsdp["per_device_gib"]["temporaries"] < 1.25 * dp["per_device_gib"]["temporaries"]
   # Data parallel: every device holds all parameters (float32).
   assert abs(dp["per_device_gib"]["params"] * 2 ** 30 - 4 * dp["num_params"]) < 1
   # FSDP over 8: the matrices are split along the model dimension; only small vectors stay whole.
