@@ -202,7 +202,7 @@ def embedded_denoiser_terms(denoise_fn, w, noise: str = "cholesky"):
     h = state_space.interpolate_embedded(n, w, tokens, gamma)
     logits = denoise_fn(h, gamma).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    brier = whitened_brier(chol, jnp.take(w, tokens, axis=0), state_space.embed_probs(probs, w))
+    brier = whitened_brier(chol, model_lib.gather_rows(w, tokens), state_space.embed_probs(probs, w))
     return jnp.sum(brier, axis=-1), jnp.sum(losses.cross_entropy(logits, tokens), axis=-1)
 
   return terms

@@ -475,17 +475,21 @@ def embedding_matrix(params):
   return params["embed"]["kernel"]
 
 
-def gather_rows(table, tokens):
-  """table[tokens]: the rows of a [V, D] table for token ids [B, L] → [B, L, D], batch-sharded.
+def whole_table(table):
+  """A [V, D] table (W, W_sc) whole on every device, for a gather by token or a product over V.
 
-  The table is sharded over `fsdp` along D and the rows must come out split over (data, fsdp)
-  along the batch: XLA cannot go from one to the other and falls back to replicating the whole
-  gathered batch ("involuntary full rematerialization"). Gathering the whole table first (as every
-  layer's weights are gathered anyway; 0.4 GiB at V = 50257, D = 2048) lets each device gather its
-  own rows. Its V axis is not split either: V is rarely a multiple of the tensor axis.
+  The table is sharded over `fsdp` along D, while what is read from it comes out split over
+  (data, fsdp) along the batch, and V is rarely a multiple of the tensor axis: XLA cannot go from
+  one layout to the other and falls back to replicating the whole result ("involuntary full
+  rematerialization"). Gathered first (as every layer's weights are gathered anyway; 0.4 GiB at
+  V = 50257, D = 2048), each device reads its own rows.
   """
-  table = nn.with_logical_constraint(table, (None, None))
-  return nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
+  return nn.with_logical_constraint(table, (None, None))
+
+
+def gather_rows(table, tokens):
+  """table[tokens]: the rows of a [V, D] table for token ids [B, L] → [B, L, D], batch-sharded."""
+  return nn.with_logical_constraint(jnp.take(whole_table(table), tokens, axis=0), ("batch", "length", "embed"))
 
 
 def self_cond_matrix(params):

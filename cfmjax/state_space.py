@@ -144,7 +144,8 @@ def interpolate_embedded(noise, w, tokens, gamma):
 
 def embed_probs(probs, w):
   """ψW: a distribution per position [..., V] → its expected embedding [..., D] (float32)."""
-  return jnp.einsum("...v,vd->...d", probs.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
+  w = model_lib.whole_table(w.astype(jnp.float32))
+  return jnp.einsum("...v,vd->...d", probs.astype(jnp.float32), w, precision=HIGHEST)
 
 
 # ----------------------------------------------------------------------------------------------
