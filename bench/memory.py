@@ -1,7 +1,7 @@
 """Memory matrix (issue 16): per-device memory of every stage of the big configs on pod-sized meshes,
 from ahead-of-time compiles on fake CPU devices (`cfmjax compile`; nothing runs, no data needed).
 
-  .venv/bin/python bench/memory.py                       # the README's matrix (about an hour on 2 cores)
+  .venv/bin/python bench/memory.py                       # the README's matrix (about 15 minutes on 2 cores)
   .venv/bin/python bench/memory.py --configs=owt_1p7b --stages=psd --meshes=4,8,2
 
 Cells: configs x stages x meshes. A stage is `base`, `psd`, `lsd`, `esd` (the base config distilled

@@ -56,6 +56,8 @@ VARIANTS = {
     "recipe_aw": {"flow.adaptive_weighting": True},
     # recipe_aw with self-conditioning (as recipe_sc)
     "recipe_aw_sc": {"flow.adaptive_weighting": True, "model.self_condition": True, "model.gate_init": 1.0},
+    # recipe_aw at a constant learning rate after warmup: for runs many times the configured length
+    "recipe_aw_const": {"flow.adaptive_weighting": True, "optim.decay": "constant"},
     # the same weight at power 1: up to 100x on confident positions
     "recipe_aw1": {"flow.adaptive_weighting": True, "flow.weight_power": 1.0},
 }
@@ -75,11 +77,11 @@ def train_with(overrides: dict, workdir: str) -> tuple[list[dict], float, str]:
   return rows, (time.time() - start) / 60, command
 
 
-def run_one(variant: str, source: str, seed: int, steps: int, workroot: str) -> dict:
+def run_one(variant: str, source: str, seed: int, steps: int, workroot: str, every: int = 0) -> dict:
   overrides = dict(VARIANTS[variant])
   overrides.update({f"data.markov.{k}": v for k, v in SOURCES[source].items()})
   overrides.update({"seed": seed, "data.shuffle_seed": seed, "train.num_steps": steps,
-                    "train.diagnostics_every": steps, "train.diagnostics_samples": 512,
+                    "train.diagnostics_every": every or steps, "train.diagnostics_samples": 512,
                     "train.diagnostics_steps": 128, "train.diagnostics_rows": 256,
                     "train.eval_every": 0, "train.checkpoint_every": steps, "train.log_every": 100})
   rows, minutes, command = train_with(overrides, os.path.join(workroot, f"{variant}-{source}-s{seed}"))
@@ -95,6 +97,8 @@ def main():
   ap.add_argument("--sources", default="o1_v16,o2_v32_c05")
   ap.add_argument("--seeds", default="0")
   ap.add_argument("--steps", type=int, default=1200)
+  ap.add_argument("--diagnostics_every", type=int, default=0, help="also diagnose every N steps (0: at the end only); "
+                  "the row reports the last, metrics.jsonl of the run keeps them all")
   ap.add_argument("--out", default="results/recipe_ablation.md")
   ap.add_argument("--workroot", default="runs/recipe_ablation")
   args = ap.parse_args()
@@ -107,7 +111,7 @@ def main():
   for source in args.sources.split(","):
     for variant in args.variants.split(","):
       for seed in (int(s) for s in args.seeds.split(",")):
-        r = run_one(variant, source, seed, args.steps, args.workroot)
+        r = run_one(variant, source, seed, args.steps, args.workroot, args.diagnostics_every)
         # "closed": the fraction of the context-free posterior's excess CE the model has removed.
         closed = (r["context_free_ce"] - r["denoiser_ce"]) / max(r["context_free_ce"] - r["exact_ce"], 1e-9)
         line = (f"| {variant} | {source} | {seed} | {r['steps']} | {r['denoiser_ce']:.4f} | {r['exact_ce']:.4f} | "

@@ -13,13 +13,14 @@ L = 1024 the attention probabilities alone would otherwise hold 16 heads × L² 
 Meant for a pod slice with FSDP + tensor sharding, e.g. 64 chips as data=4, fsdp=8, tensor=2.
 
 Measured with `cfmjax compile --mesh=4,8,2` (64 fake CPU devices, jax 0.10.2, shared 2-core CPU):
-per device 0.45 GiB parameters, 0.45 GiB EMA, 0.90 GiB Adam state and **24.4 GiB of XLA
-temporaries (26.7 GiB peak estimate)**, no involuntary rematerialisation (10 before the adaLN
-modulations were kept whole, sharding.DEFAULT_RULES "modulation"), with this file's settings: embedding-space
-state (model.state_space auto, V > D) and vocabulary chunks of 8192. The same compile with the
-V-dimensional state and no chunking needed 83 GiB of temporaries (the [16 rows, 1024, V] float32
-state, logits and their gradients). CPU buffer assignment only indicates what a GPU/TPU compilation
-would need.
+per device 0.45 GiB parameters, 0.45 GiB EMA, 0.90 GiB Adam state and **12.9 GiB of XLA
+temporaries (15.2 GiB peak estimate)**; on `--mesh=2,64,2` (a v5e-256 slice, 4 rows per chip)
+10.2 GiB. No involuntary rematerialisation. With this file's settings: embedding-space state
+(model.state_space auto, V > D) and vocabulary chunks of 8192. Before the model was traced under
+the logical-axis rules (sharding.activate) the activations were not split over fsdp: 26.7 GiB on
+4x8x2 and 41.7 on 2x64x2. The same compile with the V-dimensional state and no chunking needed 83
+GiB of temporaries (the [rows, 1024, V] float32 state, logits and their gradients). CPU buffer
+assignment only indicates what a GPU/TPU compilation would need (README, memory matrix).
 """
 
 import os
