@@ -42,6 +42,10 @@ def get_config():
   c.model.posterior_input = False
 
   c.flow.schedule = "mixed"
+  # The detached per-position weight of SPEC §2 (owt_170m and owt_1p7b inherit it): adopted from
+  # text_tiny (gen PPL 2736 / 2745 -> 1733 / 749, two seeds) and the Markov sources
+  # (results/recipe_ablation.md); not measured at this scale.
+  c.flow.adaptive_weighting = True
 
   c.optim.lr = 3e-4
   c.optim.b1, c.optim.b2 = 0.9, 0.999
