@@ -9,9 +9,10 @@ Same settings as markov_tiny_psd.py with the Eulerian (one JVP in (s, x)) teache
 its JVPs need the forward-differentiable attention (model.attention = "xla", the default).
 ESD here uses the whole run as gap curriculum and a looser clamp (min_ratio 0.05): with the PSD
 file's settings (curriculum over 400 steps, min_ratio 1e-3) it collapsed at 1 step (NLL 14.9,
-entropy 0.74) and only matched Euler at 2-8 steps. Measured with these settings (512 samples, exact
-judge; Euler in brackets): gen NLL per token 3.30 (Euler collapses: entropy 0.01) at 1 step,
-2.83 (3.37) at 2, 2.52 (2.83) at 4, 2.39 (2.60) at 8; sample entropy 2.27-2.30 against the data's 2.31.
+entropy 0.74) and only matched Euler at 2-8 steps. Measured on main with these settings (2026-12-03, 512 samples, exact judge, from today's
+markov_tiny base; Euler in brackets): gen NLL per token 3.28 (Euler collapses: entropy 0) at 1 step,
+2.63 (3.02) at 2, 2.34 (2.19) at 4, 2.34 at 8; sample entropy 2.24-2.28 against the data's 2.31
+(PSD: 2.81 / 2.28 / 2.18).
 """
 
 import os

@@ -8,11 +8,11 @@
 Same settings as markov_tiny_psd.py with the Lagrangian (one JVP in t) teacher;
 its JVPs need the forward-differentiable attention (model.attention = "xla", the default).
 LSD here uses the whole run as gap curriculum and a looser clamp (min_ratio 0.05), as ESD does.
-Measured (512 samples, exact judge; Euler in brackets): gen NLL per token 3.53 (Euler collapses:
-entropy 0.01) at 1 step, 3.02 (3.37) at 2, 2.75 (2.83) at 4, 2.61 (2.60) at 8; sample entropy
-2.29-2.32 against the data's 2.31. With the PSD file's settings (curriculum over 400 steps,
-min_ratio 1e-3) it reached lower NLL (2.70 at 2 steps, 2.58 at 4) but 10% less entropy than the
-data; with no curriculum it was worse than Euler at every step count.
+Measured on main (2026-12-03, 512 samples, exact judge, from today's markov_tiny base; Euler in
+brackets): gen NLL per token 3.69 (Euler collapses: entropy 0) at 1 step, 2.53 (3.02) at 2, 2.39
+(2.19) at 4, 2.40 at 8; sample entropy 2.27-2.28 against the data's 2.31 (PSD: 2.81 / 2.28 / 2.18).
+Earlier, with the PSD file's settings (curriculum over 400 steps, min_ratio 1e-3), it reached lower
+NLL but 10% less entropy than the data; with no curriculum it was worse than Euler at every step count.
 """
 
 import os

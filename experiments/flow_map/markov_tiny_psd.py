@@ -8,9 +8,12 @@ Two commands: train the base flow, then distil it.
   cfmjax eval    --workdir=/tmp/markov_psd --sampler=flowmap --steps=1,2,4,8
 
 The model, data and schedule come from the base run (its config.json); this file sets only the
-distillation. Measured (2 CPU cores, ~5 minutes, 512 samples, exact judge; the base flow's Euler
-sampler in brackets): gen NLL per token 3.17 (Euler collapses: entropy 0.01) at 1 step, 2.78 (3.37)
-at 2, 2.58 (2.83) at 4, 2.46 (2.60) at 8; sample entropy 2.27-2.29 against the data's 2.31.
+distillation. Measured on main (2026-12-03, 2 CPU cores, ~2-4 minutes, 512 samples, exact judge,
+from today's markov_tiny base, whose Euler sampler is in brackets; floor 1.431): gen NLL per token
+2.81 (Euler collapses: entropy 0) at 1 step, 2.28 (3.02) at 2, 2.18 (2.19) at 4, 2.18 (1.90 at
+128) at 8, i.e. 1.97x / 1.59x / 1.53x the floor; sample entropy 2.24-2.27 against the data's 2.31.
+Issue 12's targets (1.6x / 1.30x / 1.15x at 1 / 2 / 4 steps) are not met; LSD and ESD from the same
+base do worse (markov_tiny_lsd.py, markov_tiny_esd.py; results/flow_quality.md).
 Switch `distill.loss` to lsd / esd for the other consistency losses (`markov_tiny_lsd.py`,
 `markov_tiny_esd.py`).
 """
