@@ -58,6 +58,7 @@ VARIANTS = {
     "recipe_aw_sc": {"flow.adaptive_weighting": True, "model.self_condition": True, "model.gate_init": 1.0},
     # recipe_aw at a constant learning rate after warmup: for runs many times the configured length
     "recipe_aw_const": {"flow.adaptive_weighting": True, "optim.decay": "constant"},
+    "recipe_aw_const_lr3e-3": {"flow.adaptive_weighting": True, "optim.decay": "constant", "optim.lr": 3e-3},
     # recipe_aw at 4x the batch (same steps, so 4x the compute): does the gradient's signal-to-noise
     # ratio, not the step count, hold back the sources whose loss carries little context signal?
     "recipe_aw_b256": {"flow.adaptive_weighting": True, "train.batch_size": 256},
