@@ -81,12 +81,13 @@ def train_with(overrides: dict, workdir: str) -> tuple[list[dict], float, str]:
   return rows, (time.time() - start) / 60, command
 
 
-def run_one(variant: str, source: str, seed: int, steps: int, workroot: str, every: int = 0) -> dict:
+def run_one(variant: str, source: str, seed: int, steps: int, workroot: str, every: int = 0, samples: int = 512,
+            sampler_steps: int = 128) -> dict:
   overrides = dict(VARIANTS[variant])
   overrides.update({f"data.markov.{k}": v for k, v in SOURCES[source].items()})
   overrides.update({"seed": seed, "data.shuffle_seed": seed, "train.num_steps": steps,
-                    "train.diagnostics_every": every or steps, "train.diagnostics_samples": 512,
-                    "train.diagnostics_steps": 128, "train.diagnostics_rows": 256,
+                    "train.diagnostics_every": every or steps, "train.diagnostics_samples": samples,
+                    "train.diagnostics_steps": sampler_steps, "train.diagnostics_rows": 256,
                     "train.eval_every": 0, "train.checkpoint_every": steps, "train.log_every": 100})
   rows, minutes, command = train_with(overrides, os.path.join(workroot, f"{variant}-{source}-s{seed}"))
   last = rows[-1]
@@ -103,6 +104,8 @@ def main():
   ap.add_argument("--steps", type=int, default=1200)
   ap.add_argument("--diagnostics_every", type=int, default=0, help="also diagnose every N steps (0: at the end only); "
                   "the row reports the last, metrics.jsonl of the run keeps them all")
+  ap.add_argument("--samples", type=int, default=512, help="Euler samples per diagnostic (exact judge)")
+  ap.add_argument("--sampler_steps", type=int, default=128, help="Euler steps per sample")
   ap.add_argument("--out", default="results/recipe_ablation.md")
   ap.add_argument("--workroot", default="runs/recipe_ablation")
   args = ap.parse_args()
@@ -115,7 +118,8 @@ def main():
   for source in args.sources.split(","):
     for variant in args.variants.split(","):
       for seed in (int(s) for s in args.seeds.split(",")):
-        r = run_one(variant, source, seed, args.steps, args.workroot, args.diagnostics_every)
+        r = run_one(variant, source, seed, args.steps, args.workroot, args.diagnostics_every, args.samples,
+                    args.sampler_steps)
         # "closed": the fraction of the context-free posterior's excess CE the model has removed.
         closed = (r["context_free_ce"] - r["denoiser_ce"]) / max(r["context_free_ce"] - r["exact_ce"], 1e-9)
         line = (f"| {variant} | {source} | {seed} | {r['steps']} | {r['denoiser_ce']:.4f} | {r['exact_ce']:.4f} | "

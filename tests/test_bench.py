@@ -28,6 +28,23 @@ def test_learning_curves_script_writes_both_curves_and_the_table(tmp_path):
   assert len(table) == 3 and table[2].startswith("| o1_v16 | 0 | 4 | 2 | 8 |")
 
 
+@pytest.mark.slow
+def test_recipe_ablation_script_trains_a_variant_and_appends_its_row(tmp_path):
+  out = tmp_path / "ablation.md"
+  proc = subprocess.run(
+      [sys.executable, "bench/recipe_ablation.py", "--variants=recipe_aw_const", "--sources=o1_v16", "--steps=4",
+       "--diagnostics_every=2", "--samples=8", "--sampler_steps=2", f"--out={out}", f"--workroot={tmp_path / 'runs'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = out.read_text().splitlines()
+  assert len(table) == 3 and table[2].startswith("| recipe_aw_const | o1_v16 | 0 | 4 |")
+  row = json.loads((tmp_path / "ablation.jsonl").read_text())
+  assert row["gen_nll_per_token"] > 0 and row["exact_ce"] < row["context_free_ce"]
+  # diagnostics at steps 2 and 4, each with the exact judge's gen NLL
+  metrics = [json.loads(line) for line in open(tmp_path / "runs" / "recipe_aw_const-o1_v16-s0" / "metrics.jsonl")]
+  assert [m["step"] for m in metrics if "gen_nll_per_token" in m] == [2, 4]
+
+
 def test_accelerator_benchmark_refuses_a_cpu():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "bench/accelerator.py"], cwd=REPO, env=env, capture_output=True, text=True,
