@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cfmjax import aot, configs, experiment, flops, sharding, train  # noqa: E402
+from cfmjax import aot, configs, experiment, flops, train  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -70,7 +70,7 @@ def time_train_step(config, steps: int) -> dict:
   exp = build(config)
   step_fn = train.make_train_step(exp)
   tokens = jax.device_put(random_tokens(config), exp.batch_sharding)
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     compiled = step_fn.lower(exp.abstract_state, tokens).compile()
     mem = compiled.memory_analysis()
     state = experiment.init_state(exp, 0)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import evaluate, flow_map, inference, samplers, sharding
+from cfmjax import evaluate, flow_map, inference, samplers
 
 
 def floats(text):
@@ -62,7 +62,7 @@ def main():
                                  prompt=prompt, guidance=guidance, self_condition=self_condition)[0]
 
   records = []
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     for steps in [int(s) for s in args.steps.split(",")]:
       for self_condition in self_conds:
         for renoise in floats(args.renoise):  # a Python number (range-checked): one compile per value

@@ -19,14 +19,14 @@ import time
 import jax
 
 import common
-from cfmjax import experiment, flops, inference, sharding
+from cfmjax import experiment, flops, inference
 
 
 def time_generation(config, sampler: str, steps: int, batch: int, repeats: int) -> dict:
   exp = common.build(config)
   params = experiment.init_state(exp, 0)["params"]
   best = float("inf")
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     try:  # compiled once, ahead of the timed calls (inference.generate re-jits on every call)
       fn = inference.make_generator(exp, sampler, steps, batch)
       fn = fn.lower(params, jax.random.key(0)).compile()

@@ -108,7 +108,7 @@ def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import flops, model as model_lib, sharding, train  # noqa: PLC0415
+  from cfmjax import flops, model as model_lib, train  # noqa: PLC0415
 
   config = config.copy_and_resolve_references()
   stage = stage or config.stage
@@ -127,7 +127,7 @@ def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -
   batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32,
                                sharding=exp.batch_sharding)
   step_fn = train.make_train_step(exp)
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     t0 = time.perf_counter()
     lowered = step_fn.lower(exp.abstract_state, batch)
     t1 = time.perf_counter()

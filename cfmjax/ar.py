@@ -129,7 +129,7 @@ def score_rows(exp, params, rows: np.ndarray, mask: np.ndarray, batch_size: int,
   fn = jax.jit(functools.partial(row_nll_and_greedy, exp.apply_fn),
                in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, exp.batch_sharding))
   nll, greedy = [], []
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     for i in range(0, len(rows), batch_size):
       chunk, chunk_mask = rows[i:i + batch_size], mask[i:i + batch_size]
       # Every process holds the same rows; each device takes its slice of them.

@@ -197,7 +197,7 @@ def model_ce_fn(exp, params_sharding=None):
 
   def bind(params):
     def model_ce(tokens, gamma, x, rng):
-      with sharding.activate(exp.mesh, exp.rules):
+      with exp.activate():
         return np.asarray(fn(params, to_global(tokens), jnp.asarray(gamma), rng,
                              None if x is None else to_global(x)))
     return model_ce
@@ -258,7 +258,7 @@ def training_diagnostics(exp):
         out.update(exact_ce=gap["exact_ce"], context_free_ce=gap["context_free_ce"], denoiser_gap=gap["gap"])
     if generator is not None:
       fn, batch = generator
-      with sharding.activate(exp.mesh, exp.rules):
+      with exp.activate():
         tokens = np.concatenate([np.asarray(jax.device_get(fn(params, jax.random.key(i))))
                                  for i in range(0, num_samples, batch)])[:num_samples]
       out.update(gen_nll_per_token=scores.exact_markov_nll(markov, tokens),

@@ -148,7 +148,7 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
     jitted = jax.jit(fn, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
 
     def call(params, chunk, rng):
-      with sharding.activate(exp.mesh, exp.rules):
+      with exp.activate():
         # Every process holds the same held-out rows; each device takes its slice of them.
         tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
         return jax.device_get(jitted(params, tokens, rng))

@@ -46,6 +46,10 @@ class Experiment:
   def vocab_size(self) -> int:
     return self.model_config.vocab_size
 
+  def activate(self):
+    """The context to trace this experiment's model in: its mesh and its logical-axis rules."""
+    return sharding.activate(self.mesh, self.rules)
+
 
 # ----------------------------------------------------------------------------------------------
 # Config checks: fail before anything is compiled, saying what is wrong and how to fix it.
@@ -203,7 +207,7 @@ def init_state(exp: Experiment, seed: int):
             "opt_state": exp.optimizer.init(params), "rng": jax.random.key_data(rng),
             "skipped_steps": jnp.zeros((), jnp.int32)}
 
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     return jax.jit(init, out_shardings=exp.state_shardings)(jax.random.key(seed))
 
 

@@ -132,7 +132,7 @@ def generate(exp, params, sampler: str, steps: int, num_samples: int, batch_size
   fn = make_generator(exp, sampler, steps, batch_size, conditional=prompts is not None,
                       guidance=guidance, renoise=renoise, precision=precision)
   out = []
-  with sharding.activate(exp.mesh, exp.rules), samplers.x64_scope(precision if sampler != "ar" else "float32"):
+  with exp.activate(), samplers.x64_scope(precision if sampler != "ar" else "float32"):
     for i in range(0, num_samples, batch_size):
       args = ()
       if prompts is not None:  # pad the last chunk by repeating its first row

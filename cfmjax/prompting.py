@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption
+from cfmjax import corruption, state_space
 
 # Logit of the non-prompt entries at a prompt position: exp(−1e9) is exactly 0 in float32, and
 # (unlike −inf) 0 · (−1e9) is 0, so KLs and cross-entropies against a clamped row stay finite.
@@ -56,8 +56,6 @@ def validate_state_space(config, vocab_size: int):
   `state_space.StateSpace` and work in either space for training and sampling; conditional, guided
   and fixed-point distillation are still written against the V-space teachers (distill.py).
   """
-  from cfmjax import state_space  # noqa: PLC0415 (state_space imports model, which is heavier)
-
   m = config.model
   if state_space.resolve(m.state_space, vocab_size, m.d_model) != "embedding":
     return

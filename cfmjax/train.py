@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from cfmjax import ar, checkpointing, diagnostics, distill, experiment, handoff, losses, metrics as metrics_lib
-from cfmjax import preflight, sharding
+from cfmjax import preflight
 from cfmjax import flops as flops_lib, state_space
 from cfmjax import model as model_lib
 from cfmjax.data import pipeline
@@ -385,7 +385,7 @@ def train(config, workdir: str, devices=None) -> dict:
   # Seconds spent since the last log line waiting for data, saving checkpoints and evaluating; the
   # rest of the interval is the steps' compute (dispatch is async, so it is paid at the log's fetch).
   waits = dict.fromkeys(("data", "checkpoint", "eval"), 0.0)
-  with sharding.activate(exp.mesh, exp.rules), StopRequest() as stop:
+  with exp.activate(), StopRequest() as stop:
     while step < cfg.num_steps:
       profiler.before(step + 1, state)
       t0 = time.time()

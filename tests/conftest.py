@@ -57,14 +57,14 @@ def run_steps(config, devices=None, num_steps=3):
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from cfmjax import experiment, sharding, train  # noqa: PLC0415
+  from cfmjax import experiment, train  # noqa: PLC0415
 
   exp = experiment.build(config, None, devices=devices or jax.devices()[:1])
   state = experiment.init_state(exp, config.seed)
   step = train.make_train_step(exp)
   it = exp.data.train_iterator(config.train.batch_size, seed=0)
   out = []
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     for _ in range(num_steps):
       state, m = step(state, train.global_batch(exp, np.asarray(next(it))))
       out.append(float(m["loss"]))

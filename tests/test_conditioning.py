@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cfmjax import configs, distill_losses, fixed_point, flow_map, losses, prompting, samplers, schedules
-from cfmjax import sharding, state_space, train
+from cfmjax import state_space, train
 from cfmjax import model as model_lib
 from tests.conftest import tiny_config
 
@@ -213,7 +213,7 @@ def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp
   x = (1 - gamma[:, None, None]) * x + gamma[:, None, None] * jax.nn.one_hot(tokens, exp.vocab_size)
   tau = exp.schedule.tau(gamma)
   denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     mu, residuals = jax.jit(lambda x: fixed_point.iterate(denoise, x, tau, 8))(x)
   residuals = np.asarray(residuals)
   print("fixed-point residual per iteration (mean L1):", " ".join(f"{r:.2e}" for r in residuals))

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cfmjax import export, handoff, inference, train
-from cfmjax import experiment, sharding
+from cfmjax import experiment
 from tests.conftest import tiny_config
 from tests.test_report import run_cli
 
@@ -28,7 +28,7 @@ def _logits(exp, params):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(8, exp.config.data.seq_len, exp.vocab_size)).astype(np.float32)
   tau = rng.uniform(size=(8,)).astype(np.float32)
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     return np.asarray(jax.jit(exp.apply_fn)(params, x, tau, tau))
 
 

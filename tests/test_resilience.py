@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import checkpointing, experiment, sharding, train
+from cfmjax import checkpointing, experiment, train
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,7 +247,7 @@ def test_skip_leaves_the_state_unchanged_and_counts(tmp_path, cache_dir, monkeyp
   it = exp.data.train_iterator(config.train.batch_size)
   state = experiment.init_state(exp, config.seed)
   history = []
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     for _ in range(3):
       state, metrics = step_fn(state, train.global_batch(exp, np.asarray(next(it))))
       history.append(jax.device_get((state, metrics)))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from cfmjax import experiment, sharding, train
+from cfmjax import experiment, train
 from tests.conftest import TINY_FLAGS, _in_repo, run_cli, tiny_config
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
@@ -18,7 +18,7 @@ def _grads(config, accum: int, rng):
   exp = experiment.build(config, None, devices=jax.devices())
   state = experiment.init_state(exp, 0)
   tokens = np.asarray(next(exp.data.train_iterator(config.train.batch_size, seed=0)))
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     fn = jax.jit(train.accumulate_grads(train.grad_fn_for(exp), accum, exp.batch_sharding))
     grads, metrics = fn(state["params"], train.global_batch(exp, tokens), rng, state["ema_params"], state["step"])
   return exp, state, tokens, jax.device_get(grads), jax.device_get(metrics)
@@ -45,7 +45,7 @@ def test_noised_objective_averages_the_microbatches_gradients(cache_dir):
   rng = jax.random.key(3)
   exp, state, tokens, got, metrics = _grads(tiny_config(**MESH), 2, rng)
   grad_fn = jax.jit(train.grad_fn_for(exp))
-  with sharding.activate(exp.mesh, exp.rules):
+  with exp.activate():
     parts = jax.device_get([grad_fn(state["params"], train.global_batch(exp, tokens[m::2]),
                                     jax.random.fold_in(rng, m), state["ema_params"], state["step"])
                             for m in range(2)])

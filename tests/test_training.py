@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import experiment, sharding, train
+from cfmjax import experiment, train
 from tests.conftest import run_steps, tiny_config
 
 
@@ -45,7 +45,7 @@ def test_ar_gradient_at_one_row_per_shard_on_a_2x2x2_mesh(cache_dir):
     exp = experiment.build(config, None, devices=devices)
     state = experiment.init_state(exp, 0)
     tokens = np.asarray(next(exp.data.train_iterator(4, seed=0)))
-    with sharding.activate(exp.mesh, exp.rules):
+    with exp.activate():
       grads[name] = jax.device_get(jax.jit(train.grad_fn_for(exp))(
           state["params"], train.global_batch(exp, tokens), jax.random.key(0), state["ema_params"], state["step"])[0])
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
