@@ -62,6 +62,15 @@ VARIANTS = {
     # recipe_aw at 4x the batch (same steps, so 4x the compute): does the gradient's signal-to-noise
     # ratio, not the step count, hold back the sources whose loss carries little context signal?
     "recipe_aw_b256": {"flow.adaptive_weighting": True, "train.batch_size": 256},
+    # a share of the rows noised with one level per position (corruption.position_times), so that
+    # targets are seen next to cleaner neighbours; markov_tiny.py's weight is on in all of these
+    "recipe_pn25": {"flow.position_noise": 0.25},
+    "recipe_pn50": {"flow.position_noise": 0.5},
+    # the blocks and the head start on (random head, gates at 1) and see their neighbours at full
+    # weight (local_mix): no zero-gradient start for a context the loss has no pairwise signal for
+    "recipe_on": {"model.head_init_scale": 1.0, "model.gate_init": 1.0, "model.local_mix": 2},
+    "recipe_on_pn50": {"model.head_init_scale": 1.0, "model.gate_init": 1.0, "model.local_mix": 2,
+                       "flow.position_noise": 0.5},
     # the same weight at power 1: up to 100x on confident positions
     "recipe_aw1": {"flow.adaptive_weighting": True, "flow.weight_power": 1.0},
 }

@@ -21,6 +21,19 @@ def stratified_uniform(rng, batch_size: int) -> jax.Array:
   return (jnp.arange(batch_size, dtype=jnp.float32) + u) / batch_size
 
 
+def position_times(rng, tau, length: int, share: float):
+  """(row times [B], position times [B, L]): a `share` of the rows (drawn per row) gets an
+  independent uniform τ at every position, and the row time the network is conditioned on becomes
+  their mean; the other rows keep τ at every position. Rows with mixed noise levels show the network
+  positions whose neighbours are cleaner than themselves, where context tells much more about a
+  token than when every position is as noisy as it is (issue 12, results/recipe_ablation.md)."""
+  rng_rows, rng_tau = jax.random.split(rng)
+  mixed = jax.random.bernoulli(rng_rows, share, tau.shape)
+  own = jax.random.uniform(rng_tau, tau.shape + (length,), jnp.float32)
+  position_tau = jnp.where(mixed[:, None], own, tau[:, None])
+  return jnp.where(mixed, jnp.mean(own, axis=1), tau), position_tau
+
+
 def one_hot(tokens, vocab_size: int, dtype=jnp.float32) -> jax.Array:
   return jax.nn.one_hot(tokens, vocab_size, dtype=dtype)
 

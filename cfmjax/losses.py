@@ -37,7 +37,7 @@ def brier_score(probs, tokens):
 def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
                        adaptive_weighting: bool = False, weight_power: float = 0.5,
                        weight_offset: float = 0.01, space=None, prompt=None,
-                       self_condition: bool = False):
+                       self_condition: bool = False, position_noise: float = 0.0):
   """The base-flow loss on one batch of clean token ids [B, L]. Returns (loss, metrics).
 
   `space` (a `state_space.StateSpace`) says where the state lives and whether the output is reduced
@@ -50,9 +50,14 @@ def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: i
   rng_time, rng_noise = jax.random.split(rng)
   rng_prompt, rng_self = jax.random.split(jax.random.fold_in(rng, 1))
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
-  gamma = schedule.gamma(tau)
-  x = space.noisy_state(params, rng_noise, tokens, gamma)
   conditioning, loss_mask = {}, None
+  if position_noise > 0:  # a share of rows gets one noise level per position (module docstring)
+    tau, conditioning["position_tau"] = corruption.position_times(
+        jax.random.fold_in(rng_time, 1), tau, tokens.shape[1], position_noise)
+    gamma = schedule.gamma(conditioning["position_tau"])
+  else:
+    gamma = schedule.gamma(tau)
+  x = space.noisy_state(params, rng_noise, tokens, gamma)
   if prompt is not None:  # kept rows see their clean prefix and the flag, dropped rows zeros there
     lengths, dropped = prompting.draw_prompt_lengths(rng_prompt, tokens.shape[0], *prompt)
     mask = prompting.prefix_mask(lengths, tokens.shape[1])

@@ -80,6 +80,12 @@ class ModelConfig:
   # from the head, so whatever needs the blocks' nonlinear features (a source whose single
   # neighbours say nothing) is never learned. gate_init > 0 starts the blocks on.
   gate_init: float = 0.0
+  # With the skip term the head starts at zero (an untrained model is the context-free posterior).
+  # That is the other half of the saddle above: the blocks get no gradient through a zero head, and
+  # the head none from features that carry no pairwise signal. > 0: the head starts random at this
+  # multiple of LeCun's scale, so the blocks learn from step 0 (the skip term still carries the
+  # context-free posterior).
+  head_init_scale: float = 0.0
   # Local mixing: each block first adds a depthwise convolution over positions l−r..l+r (l−r..l when
   # causal) to its residual stream, randomly initialised so that it is on from step 0. Attention
   # starts uniform over all L positions, so a neighbour's features arrive diluted by 1/L and a
@@ -160,6 +166,8 @@ def skip_terms(config: ModelConfig, w, x, h, tau_s):
   output head per vocabulary chunk (state_space.vocab_stats).
   """
   c1, c2 = skip_coefficients(config, tau_s)
+  if c1.ndim == 1:  # one time per row [B], or one per position [B, L] (flow.position_noise)
+    c1, c2 = c1[:, None], c2[:, None]
   if not skip_embedding_form(config):
     if x is None:  # h = xW with W of full row rank V ≤ D: x = h Wᵀ(WWᵀ)⁻¹ exactly
       w32 = jax.lax.stop_gradient(w).astype(jnp.float32)
@@ -167,13 +175,13 @@ def skip_terms(config: ModelConfig, w, x, h, tau_s):
       x = jnp.linalg.solve(gram, jnp.matmul(h.astype(jnp.float32), w32.T,
                                              precision=jax.lax.Precision.HIGHEST).reshape(-1, w.shape[0]).T)
       x = x.T.reshape(h.shape[:-1] + (w.shape[0],))
-    return c1[:, None, None] * x.astype(jnp.float32), None
+    return c1[..., None] * x.astype(jnp.float32), None
   chol, leverage = whitened_embedding(w)
   h32 = h.astype(jnp.float32)
   flat = h32.reshape(-1, h32.shape[-1]).T
   u = jax.scipy.linalg.cho_solve((chol, True), flat).T.reshape(h32.shape)  # Σ⁻¹h per position
-  features = jnp.concatenate([c1[:, None, None] * u,
-                              jnp.broadcast_to(-c2[:, None, None], h32.shape[:-1] + (1,))], axis=-1)
+  features = jnp.concatenate([c1[..., None] * u,
+                              jnp.broadcast_to(-c2[..., None], h32.shape[:-1] + (1,))], axis=-1)
   kernel = jnp.concatenate([jax.lax.stop_gradient(w).astype(jnp.float32).T, leverage[None, :]], axis=0)
   return features, kernel
 
@@ -401,7 +409,13 @@ class FlowTransformer(nn.Module):
     self.final_adaln = _dense(2 * cfg.d_model, ("embed", "modulation"), "final_adaln", zero=True, dtype=dtype)
     # With the skip term the head starts at zero, so an untrained model is the context-free
     # posterior once its bias holds the log unigram frequencies (experiment.init_state).
-    self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", zero=cfg.skip, dtype=dtype)
+    if cfg.skip and cfg.head_init_scale > 0:
+      init = nn.initializers.variance_scaling(cfg.head_init_scale ** 2, "fan_in", "truncated_normal")
+      self.head = nn.Dense(cfg.vocab_size, name="head", dtype=dtype, param_dtype=jnp.float32,
+                           kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)))
+    else:
+      self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", zero=cfg.skip, dtype=dtype)
 
   def conditioning(self, tau_s, tau_t):
     """Both times → one conditioning vector [B, D]."""
@@ -411,9 +425,11 @@ class FlowTransformer(nn.Module):
     return self.time_out(nn.silu(self.time_in(feats)))
 
   def __call__(self, x, tau_s, tau_t, embedded: bool = False, hidden: bool = False, self_cond=None,
-               prompt_mask=None):
+               prompt_mask=None, position_tau=None):
     """`self_cond`: the previous estimate μ̂ [B, L, V] (None reads as μ̂ = 0); `prompt_mask`: bool
-    [B, L], True at clean prompt positions (None: no prompt). Each needs its config switch."""
+    [B, L], True at clean prompt positions (None: no prompt). Each needs its config switch.
+    `position_tau` [B, L]: each position's own noise level (flow.position_noise), which the
+    context-free evidence of the skip term and the posterior input is computed at; None: τ_s."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     # embedded: x is already the projected state h = xW (SPEC §4), so the first layer is skipped.
@@ -421,7 +437,7 @@ class FlowTransformer(nn.Module):
     skip = None
     if cfg.skip or cfg.posterior_input:  # from the state as it came in, before flags or self-conditioning
       w = nn.meta.unbox(self.embed.variables["params"]["kernel"])
-      evidence = skip_terms(cfg, w, None if embedded else x, h, tau_s)
+      evidence = skip_terms(cfg, w, None if embedded else x, h, tau_s if position_tau is None else position_tau)
       if cfg.posterior_input:
         h = h + posterior_embedding(evidence, self.posterior_table, cfg.vocab_chunk).astype(dtype)
       skip = evidence if cfg.skip else None

@@ -57,7 +57,8 @@ def loss_fn_for(exp: experiment.Experiment):
       vocab_size=exp.vocab_size, adaptive_weighting=flow.adaptive_weighting,
       weight_power=flow.weight_power, weight_offset=flow.weight_offset,
       space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config),
-      prompt=prompt_settings(exp.config), self_condition=exp.config.model.self_condition)
+      prompt=prompt_settings(exp.config), self_condition=exp.config.model.self_condition,
+      position_noise=flow.position_noise)
 
 
 def prompt_settings(config):

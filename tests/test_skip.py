@@ -29,7 +29,7 @@ def _untrained(vocab, d_model, log_prior, posterior_input=False):
 
 
 def _noisy(rng, tokens, gamma, vocab):
-  g = gamma[:, None, None]
+  g = gamma.reshape(gamma.shape + (1,) * (3 - gamma.ndim))  # γ per row [B] or per position [B, L]
   return ((1 - g) * rng.normal(size=tokens.shape + (vocab,)) + g * np.eye(vocab)[tokens]).astype(np.float32)
 
 
@@ -46,6 +46,32 @@ def test_vocab_form_equals_the_context_free_posterior_of_the_markov_oracle(poste
   got = jax.nn.log_softmax(apply_fn(params, jnp.asarray(x), tau, tau))
   want = jax.nn.log_softmax(post.context_free_logits(jnp.asarray(x), jnp.asarray(gamma)))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+
+
+@pytest.mark.parametrize("vocab,d_model", [(12, 16), (40, 16)])
+def test_position_times_give_each_position_its_own_context_free_posterior(vocab, d_model):
+  """flow.position_noise: with one τ per position, the untrained skip model is the context-free
+  posterior at each position's own γ (the row time only conditions the blocks), in either form."""
+  markov = MarkovSource(vocab, 1, 0.3, seed=5)
+  post = oracles.MarkovPosterior.from_source(markov)
+  cfg, apply_fn, params = _untrained(vocab, d_model, np.log(post.unigram()), posterior_input=True)
+  rng = np.random.default_rng(3)
+  tokens = markov.sample(rng, 3, 6)
+  position_tau = jnp.asarray(rng.uniform(0.05, 0.95, (3, 6)), jnp.float32)
+  gamma = np.asarray(schedules.get_schedule("mixed", vocab).gamma(position_tau))
+  x = jnp.asarray(_noisy(rng, tokens, gamma, vocab))
+  row_tau = jnp.mean(position_tau, axis=1)
+  got = jax.nn.log_softmax(apply_fn(params, x, row_tau, row_tau, position_tau=position_tau))
+  if vocab <= d_model:  # V-space form: the Markov oracle's context-free posterior at γ per position
+    want = jax.nn.log_softmax(post.context_free_logits(x, jnp.asarray(gamma)))
+  else:  # embedding form: position (b, l) as the per-row path (checked against scipy above) gives it
+    want = np.stack([np.stack([jax.nn.log_softmax(apply_fn(
+        params, x[b:b + 1], position_tau[b:b + 1, l], position_tau[b:b + 1, l]))[0, l] for l in range(6)])
+        for b in range(3)])
+  np.testing.assert_allclose(np.exp(got), np.exp(want), atol=5e-4)
+  # The row's own time is not what the evidence is read at: the output differs from one.
+  at_row_time = jax.nn.log_softmax(apply_fn(params, x, row_tau, row_tau))
+  assert np.max(np.abs(np.exp(at_row_time) - np.exp(want))) > 0.1
 
 
 @pytest.mark.parametrize("vocab,d_model,posterior_input", [(40, 16, False), (24, 8, False), (40, 16, True)])
