@@ -30,7 +30,9 @@ setup(
         "matplotlib==3.11.2",  # eval / report plots
     ],
     # eval: the lm-eval-harness adapter (cfmjax/lm_eval_adapter.py); 0.4.13 needs no torch. The test
-    # extra includes it so that the adapter's test runs wherever the tests do.
-    extras_require={"eval": ["lm-eval==0.4.13"], "test": ["pytest>=8", "pytest-timeout", "lm-eval==0.4.13"]},
+    # extra includes it so that the adapter's test runs wherever the tests do; pytest-xdist runs the
+    # default tier on every core (its cost is compiling, one core per process).
+    extras_require={"eval": ["lm-eval==0.4.13"],
+                    "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "lm-eval==0.4.13"]},
     entry_points={"console_scripts": ["cfmjax=cfmjax.cli:run"]},
 )

@@ -80,6 +80,7 @@ def build(config: model_lib.ModelConfig):
                      "reads one position at a time); set --config.model.local_mix=0")
   module = ARTransformer(config)
 
+  @functools.partial(jax.jit, static_argnums=(1, 2))  # as model.build: one compile, not one per op
   def init_fn(rng, batch_size: int, length: int):
     return module.init(rng, jnp.zeros((batch_size, length), jnp.int32))["params"]
 

@@ -474,6 +474,8 @@ def build(config: ModelConfig):
   """Returns (init_fn, apply_fn): plain functions of (rng | params, inputs)."""
   module = FlowTransformer(config)
 
+  # Jitted (sizes static): an eager init dispatches and compiles every op on its own, seconds on a CPU.
+  @functools.partial(jax.jit, static_argnums=(1, 2))
   def init_fn(rng, batch_size: int, length: int):
     x = jnp.zeros((batch_size, length, config.vocab_size), jnp.float32)
     tau = jnp.zeros((batch_size,), jnp.float32)

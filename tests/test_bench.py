@@ -3,9 +3,11 @@ accelerator) still run: a merge that breaks one is caught here, not when somebod
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +45,20 @@ def test_recipe_ablation_script_trains_a_variant_and_appends_its_row(tmp_path):
   # diagnostics at steps 2 and 4, each with the exact judge's gen NLL
   metrics = [json.loads(line) for line in open(tmp_path / "runs" / "recipe_aw_const-o1_v16-s0" / "metrics.jsonl")]
   assert [m["step"] for m in metrics if "gen_nll_per_token" in m] == [2, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["masked", "causal"])
+def test_trunk_probe_trains_and_prints_the_task_s_exact_ce(objective):
+  proc = subprocess.run([sys.executable, "bench/trunk_probe.py", f"--objective={objective}", "--source=o2_v32_c05",
+                         "--steps=4", "--every=2", "--seq_len=8", "--eval_rows=16", "--local_mix=1"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  head, *steps = [line for line in proc.stdout.splitlines() if line]
+  unigram, exact = (float(v) for v in re.findall(r"(?:entropy\)|exact) (\d+\.\d+)", head))
+  assert 0 < exact < unigram - 0.1, head  # the chain's context is worth something on either task
+  assert [line.split()[1] for line in steps] == ["2/4", "4/4"]
+  assert all(np.isfinite(float(re.search(r"held-out CE (\S+)", line).group(1))) for line in steps)
 
 
 def test_accelerator_benchmark_refuses_a_cpu():

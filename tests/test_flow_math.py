@@ -130,7 +130,7 @@ def test_position_noise_noises_each_position_at_the_time_it_passes_the_network()
   markov = MarkovSource(6, 1, 0.2, seed=3)
   post = oracles.MarkovPosterior.from_source(markov)
   schedule = schedules.get_schedule("mixed", 6)
-  tokens = jnp.asarray(markov.sample(np.random.default_rng(0), 1024, 8))
+  tokens = jnp.asarray(markov.sample(np.random.default_rng(0), 256, 8))
 
   def make(kind):
     def apply_fn(_, x, tau_s, tau_t, position_tau=None):

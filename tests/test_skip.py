@@ -55,6 +55,7 @@ def test_position_times_give_each_position_its_own_context_free_posterior(vocab,
   markov = MarkovSource(vocab, 1, 0.3, seed=5)
   post = oracles.MarkovPosterior.from_source(markov)
   cfg, apply_fn, params = _untrained(vocab, d_model, np.log(post.unigram()), posterior_input=True)
+  apply_fn = jax.jit(apply_fn)  # one compiled program per shape instead of one per op
   rng = np.random.default_rng(3)
   tokens = markov.sample(rng, 3, 6)
   position_tau = jnp.asarray(rng.uniform(0.05, 0.95, (3, 6)), jnp.float32)
@@ -64,10 +65,11 @@ def test_position_times_give_each_position_its_own_context_free_posterior(vocab,
   got = jax.nn.log_softmax(apply_fn(params, x, row_tau, row_tau, position_tau=position_tau))
   if vocab <= d_model:  # V-space form: the Markov oracle's context-free posterior at γ per position
     want = jax.nn.log_softmax(post.context_free_logits(x, jnp.asarray(gamma)))
-  else:  # embedding form: position (b, l) as the per-row path (checked against scipy above) gives it
-    want = np.stack([np.stack([jax.nn.log_softmax(apply_fn(
-        params, x[b:b + 1], position_tau[b:b + 1, l], position_tau[b:b + 1, l]))[0, l] for l in range(6)])
-        for b in range(3)])
+  else:  # embedding form: position (b, l) as the per-row path (checked against scipy above) gives it,
+    # for row b repeated once per position, each copy at that position's time
+    copies = jnp.repeat(x, 6, axis=0)
+    per_row = jax.nn.log_softmax(apply_fn(params, copies, position_tau.reshape(-1), position_tau.reshape(-1)))
+    want = per_row.reshape(3, 6, 6, vocab)[:, jnp.arange(6), jnp.arange(6)]
   np.testing.assert_allclose(np.exp(got), np.exp(want), atol=5e-4)
   # The row's own time is not what the evidence is read at: the output differs from one.
   at_row_time = jax.nn.log_softmax(apply_fn(params, x, row_tau, row_tau))

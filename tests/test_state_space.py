@@ -153,7 +153,9 @@ def test_teachers_agree_between_state_spaces(net, loss):
 
   ref, got = teacher(vocab), teacher(embedded)
   assert float(jnp.max(jnp.abs(ref - jnp.mean(ref, -1, keepdims=True)))) > 1e-3  # not uniform
-  _close(got, ref, atol=1e-5)
+  # float32 through two contraction orders (xW inside the network vs h given): ESD's JVP reaches
+  # 1.3e-5 on one entry of 960 with these weights
+  _close(got, ref, atol=2e-5)
 
 
 def test_chunked_statistics_and_gradients_match_full_logits():
