@@ -100,10 +100,8 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
       return guided_diagonal_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
                                   vocab_size=vocab_size, guidance=d.guidance, prompt=prompt_settings)
     return losses.flow_matching_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
-                                     vocab_size=vocab_size, adaptive_weighting=config.flow.adaptive_weighting,
-                                     weight_power=config.flow.weight_power,
-                                     weight_offset=config.flow.weight_offset, space=space,
-                                     prompt=prompt_settings)
+                                     vocab_size=vocab_size, weighting=losses.adaptive_weight(config.flow),
+                                     space=space, prompt=prompt_settings)
 
   def consistency_loss(params, teacher_params, tokens, rng, step):
     rng_time, rng_noise = jax.random.split(rng)
@@ -157,9 +155,8 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
     stats = space.output_stats(params, x, tau_s, tau_t, teacher=teacher, **conditioning)
     kl = state_space.kl_to_teacher(stats, teacher)
     if d.adaptive_weighting:  # the detached weight of SPEC §2 with the teacher in place of x1
-      weight = jax.lax.stop_gradient(
-          (state_space.squared_distance_to_teacher(stats, teacher) + config.flow.weight_offset)
-          ** (-config.flow.weight_power))
+      weight = losses.AdaptiveWeight(config.flow.weight_power, config.flow.weight_offset)(
+          state_space.squared_distance_to_teacher(stats, teacher))
     else:
       weight = jnp.ones_like(kl)
     # Mean over generated positions (all of them without a prompt).

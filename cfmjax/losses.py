@@ -2,7 +2,7 @@
 
 Base flow (SPEC §2, variational flow matching): cross-entropy of the denoiser μθ(x_γ, γ) against
 the clean tokens, at τ stratified-uniform over the batch and γ = g(τ), with an optional detached
-weight w = stopgrad((‖μ − x1‖² + c)^(−r)).
+weight w = stopgrad((‖μ − x1‖² + c)^(−r)) (`AdaptiveWeight`).
 
 Conditioning (SPEC §8, see prompting.py): with `prompt` = (min_len, max_len, drop_prob) each row
 gets a clean prefix of random length (never noised, no loss), dropped with probability drop_prob.
@@ -11,6 +11,8 @@ then trained with μ̂ = stop_gradient(μ of that pass); the other half train wi
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +36,27 @@ def brier_score(probs, tokens):
   return jnp.square(jnp.sum(p_off, axis=-1)) + jnp.sum(jnp.square(p_off), axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaptiveWeight:
+  """The detached per-position weight of SPEC §2, w = stopgrad((d + offset)^(−power)), for the
+  squared distance d of the prediction to its target (‖μ − x1‖², or to a teacher's ψ)."""
+
+  power: float = 0.5
+  offset: float = 0.01
+
+  def __call__(self, squared_distance):
+    return jax.lax.stop_gradient((squared_distance + self.offset) ** (-self.power))
+
+
+def adaptive_weight(flow_config) -> AdaptiveWeight | None:
+  """The `flow` section's weight (flow.adaptive_weighting, weight_power, weight_offset), or None."""
+  if not flow_config.adaptive_weighting:
+    return None
+  return AdaptiveWeight(flow_config.weight_power, flow_config.weight_offset)
+
+
 def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
-                       adaptive_weighting: bool = False, weight_power: float = 0.5,
-                       weight_offset: float = 0.01, space=None, prompt=None,
+                       weighting: AdaptiveWeight | None = None, space=None, prompt=None,
                        self_condition: bool = False, position_noise: float = 0.0):
   """The base-flow loss on one batch of clean token ids [B, L]. Returns (loss, metrics).
 
@@ -73,8 +93,8 @@ def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: i
   # the diagonal s = t of the flow map network
   stats = space.output_stats(params, x, tau, tau, tokens=tokens, **conditioning)
   ce = state_space.cross_entropy(stats)
-  if adaptive_weighting:  # w = stopgrad((‖μ − x1‖² + c)^(−r))
-    weight = jax.lax.stop_gradient((state_space.brier_score(stats) + weight_offset) ** (-weight_power))
+  if weighting is not None:  # w = stopgrad((‖μ − x1‖² + c)^(−r))
+    weight = weighting(state_space.brier_score(stats))
   else:
     weight = jnp.ones_like(ce)
   correct = (stats["argmax"] == tokens).astype(jnp.float32)

@@ -54,8 +54,7 @@ def loss_fn_for(exp: experiment.Experiment):
   flow = exp.config.flow
   return functools.partial(
       losses.flow_matching_loss, apply_fn=exp.apply_fn, schedule=exp.schedule,
-      vocab_size=exp.vocab_size, adaptive_weighting=flow.adaptive_weighting,
-      weight_power=flow.weight_power, weight_offset=flow.weight_offset,
+      vocab_size=exp.vocab_size, weighting=losses.adaptive_weight(flow),
       space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config),
       prompt=prompt_settings(exp.config), self_condition=exp.config.model.self_condition,
       position_noise=flow.position_noise)

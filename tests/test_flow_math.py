@@ -152,3 +152,35 @@ def test_position_noise_noises_each_position_at_the_time_it_passes_the_network()
                                          position_noise=0.0,
                                          apply_fn=lambda _, x, ts, tt: post.context_free_logits(x, schedule.gamma(ts)))
   assert float(plain[0]) == float(mixed_none[0])
+
+
+def test_adaptive_weight_is_the_detached_inverse_root_of_the_brier_score():
+  """flow.adaptive_weighting (SPEC §2): loss = mean of stopgrad((‖μ − x1‖² + c)^(−r)) · CE, checked in
+  numpy from the logits the network returned; the weight carries no gradient."""
+  toy = _toy()
+  schedule = schedules.get_schedule("linear", toy.vocab_size)
+  tokens = _toy_batch(toy, jax.random.key(2), 64)
+  seen = {}
+
+  def apply_fn(scale, x, tau_s, tau_t):
+    seen["logits"] = scale * x
+    return scale * x
+
+  weighting = losses.AdaptiveWeight(power=0.5, offset=0.01)
+  loss_fn = lambda s: losses.flow_matching_loss(s, tokens, jax.random.key(3), apply_fn=apply_fn, schedule=schedule,
+                                                vocab_size=3, weighting=weighting)[0]
+  loss = float(loss_fn(2.0))
+  logits = np.asarray(seen["logits"], np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  onehot = np.eye(3)[np.asarray(tokens)]
+  ce = -np.log(np.sum(p * onehot, -1))
+  w = (np.sum((p - onehot) ** 2, -1) + 0.01) ** -0.5
+  np.testing.assert_allclose(loss, np.mean(w * ce), rtol=1e-5)
+  # d/ds of mean(w · CE) with w held fixed, by central differences of the numpy reference
+  def ref(s):
+    z = s * logits / 2.0
+    q = np.exp(z - z.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    return np.mean(w * -np.log(np.sum(q * onehot, -1)))
+  np.testing.assert_allclose(float(jax.grad(loss_fn)(2.0)), (ref(2.0 + 1e-4) - ref(2.0 - 1e-4)) / 2e-4, rtol=1e-3)
