@@ -102,8 +102,9 @@ def main():
                               causal=args.objective == "causal" or args.causal_attention)
   init_fn, apply_fn = model_lib.build(cfg)
   params = nn.meta.unbox(init_fn(jax.random.key(0), 1, length))
-  # markov_tiny's optimiser: 1e-3 peak, 100 warmup steps, cosine to 10%
-  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, args.steps, 1e-4), weight_decay=0.0)
+  # markov_tiny's optimiser: 1e-3 peak, 100 warmup steps (fewer in a short run), cosine to 10%
+  warmup = min(100, max(1, args.steps // 10))
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, args.steps, 1e-4), weight_decay=0.0)
   opt_state = opt.init(params)
 
   def loss_fn(p, x, tokens, weight):
