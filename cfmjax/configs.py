@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   # what keeps the likelihood bound finite (results/recipe_ablation.md).
   c.model.skip = True
   c.model.gate_init = 0.0  # residual gates start here (0: adaLN-zero, blocks start off; model.py)
-  c.model.head_init_scale = 0.0  # with model.skip: 0 starts the head at zero, > 0 random (model.py)
+  c.model.head_init_scale = 0.0  # with model.skip: 0 starts the head at zero, > 0 random (model.py; measured
+  # with gates 1 and local_mix 2: order 2 4.63 -> 4.56, both order-1 sources worse; results/recipe_ablation.md)
   # Posterior input (model.py): each position also reads its own context-free posterior through an
   # embedding table, so neighbours arrive without the √V-sized noise of xW. On an order-1 V=48
   # source it took Euler@128 from 1.76/2.05x to 1.32/1.37x the floor (seeds 0/1), elsewhere it
@@ -64,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.adaptive_weighting = False  # detached weight (‖μ − x1‖² + c)^(−r) (SPEC §2)
   c.flow.weight_power = 0.5
   c.flow.weight_offset = 0.01
-  # Share of training rows whose positions each get their own noise level (corruption.position_times)
+  # Share of training rows whose positions each get their own noise level (corruption.position_times).
+  # Off: at 0.5 it did not teach an order-2 source its context (results/recipe_ablation.md, stop 23).
   c.flow.position_noise = 0.0
   # Prefix conditioning (SPEC §8, prompting.py): each training row gets a clean prompt prefix of
   # length U{min_len..max_len} (not noised, no loss), dropped (zeros, no flag) with prob drop_prob.
