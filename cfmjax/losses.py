@@ -8,6 +8,10 @@ Conditioning (SPEC §8, see prompting.py): with `prompt` = (min_len, max_len, dr
 gets a clean prefix of random length (never noised, no loss), dropped with probability drop_prob.
 With `self_condition`, half the rows (chosen per row) first run a no-grad pass with μ̂ = 0 and are
 then trained with μ̂ = stop_gradient(μ of that pass); the other half train with μ̂ = 0.
+
+Position noise (flow.position_noise): a share of the rows is noised with one τ per position
+(`corruption.position_times`); the network gets them as `position_tau`, which its skip term and
+posterior input read, and is conditioned on their mean.
 """
 
 from __future__ import annotations
