@@ -251,8 +251,10 @@ class Projection(nn.Module):
     return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
 
 
-def _dense(features, names, name, zero=False, use_bias=True, dtype=jnp.float32):
-  init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
+def _dense(features, names, name, zero=False, use_bias=True, dtype=jnp.float32, scale=1.0):
+  # LeCun's init (scale 1) or its kernel at `scale` times the standard deviation
+  init = nn.initializers.zeros_init() if zero else nn.initializers.variance_scaling(
+      scale ** 2, "fan_in", "truncated_normal")
   return nn.Dense(features, name=name, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nn.with_logical_partitioning(init, names),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
@@ -409,13 +411,9 @@ class FlowTransformer(nn.Module):
     self.final_adaln = _dense(2 * cfg.d_model, ("embed", "modulation"), "final_adaln", zero=True, dtype=dtype)
     # With the skip term the head starts at zero, so an untrained model is the context-free
     # posterior once its bias holds the log unigram frequencies (experiment.init_state).
-    if cfg.skip and cfg.head_init_scale > 0:
-      init = nn.initializers.variance_scaling(cfg.head_init_scale ** 2, "fan_in", "truncated_normal")
-      self.head = nn.Dense(cfg.vocab_size, name="head", dtype=dtype, param_dtype=jnp.float32,
-                           kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)))
-    else:
-      self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", zero=cfg.skip, dtype=dtype)
+    scaled = cfg.skip and cfg.head_init_scale > 0  # model.head_init_scale: a random head under the skip term
+    self.head = _dense(cfg.vocab_size, ("embed", "vocab"), "head", zero=cfg.skip and not scaled, dtype=dtype,
+                       scale=cfg.head_init_scale if scaled else 1.0)
 
   def conditioning(self, tau_s, tau_t):
     """Both times → one conditioning vector [B, D]."""
