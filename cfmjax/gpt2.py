@@ -201,7 +201,7 @@ class GPT2Judge:
     if self.bos_id is None:
       raise ValueError(f"{directory}: the vocabulary has no {BOS_TOKEN} and config.json no bos_token_id")
     self.params = jax.tree_util.tree_map(jnp.asarray, load_params(directory, self.config))
-    # The form of judges.short_name, spelled out: judges imports this module lazily, not the reverse.
+    # The form of judges.short_name, spelled out: judges imports this module, not the reverse.
     self.name = f"gpt2:{os.path.basename(os.path.normpath(directory))}"
     # Never equal to a cfmjax tokenizer's fingerprint: samples always reach this judge as text.
     self.tokenizer_fingerprint = "hf:" + os.path.basename(directory)

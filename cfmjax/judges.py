@@ -32,6 +32,9 @@ import os
 
 import numpy as np
 
+from cfmjax import ar, gpt2, inference
+from cfmjax.data.tokenizer import IdentityTokenizer
+
 
 class Judge(abc.ABC):
   """A scorer of samples. See the module docstring for the contract."""
@@ -90,8 +93,6 @@ class ExactMarkovJudge(Judge):
   def nll(self, texts=None, tokens=None):
     _one_of(texts, tokens)
     if texts is not None:
-      from cfmjax.data.tokenizer import IdentityTokenizer  # noqa: PLC0415
-
       decoder = IdentityTokenizer(self.markov.vocab_size)
       rows = [np.asarray(decoder.encode(t), np.int64)[None] for t in texts]
       return float(-sum(np.sum(self.markov.log_likelihood(r)) for r in rows)), int(sum(r.size for r in rows))
@@ -107,8 +108,6 @@ class ARJudge(Judge):
   """
 
   def __init__(self, workdir: str, batch_size: int = 64):
-    from cfmjax import inference  # noqa: PLC0415 (inference imports the models)
-
     self.exp, self.params, self.step = inference.load(workdir)
     if not self.exp.model_config.causal:
       raise ValueError(f"--judge=ar:{workdir} needs an autoregressive workdir (trained with model.causal=True, "
@@ -120,8 +119,6 @@ class ARJudge(Judge):
     self.batch_size = batch_size
 
   def nll(self, texts=None, tokens=None):
-    from cfmjax import ar  # noqa: PLC0415
-
     _one_of(texts, tokens)
     if tokens is not None:
       rows = [np.asarray(r)[:self.max_length] for r in np.asarray(tokens)]
@@ -158,8 +155,6 @@ def make_judge(spec: str, data) -> Judge | None:
   if kind == "ar" and path:
     return ARJudge(path)
   if kind == "gpt2" and path:
-    from cfmjax import gpt2  # noqa: PLC0415 (optional: needs the GPT-2 loader)
-
     return gpt2.GPT2Judge(path)
   raise ValueError(f"unknown judge {spec!r}; use exact, none, ar:<workdir> or gpt2:<directory>")
 
