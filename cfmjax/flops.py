@@ -53,6 +53,8 @@ import logging
 import os
 import platform
 
+from cfmjax import distill
+
 STAGES = ("base", "distill", "ar")
 
 # Terms of one network forward, keyed by name; each is MACs for `rows` examples of `seq_len` positions.
@@ -252,11 +254,9 @@ def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = N
     out["train"] = 2.0 * train_macs(d, batch, hardware, noise=flow) + (noise_factor_flops(d, True) if flow else 0.0)
     out["total"] = out["train"]
     return out
-  from cfmjax.distill import num_diagonal_rows  # noqa: PLC0415 (one rule for the split, kept there)
-
   loss = config.distill.loss
   # fixed_point (fixed_point.py) has no diagonal split: every row is a student row with a teacher target.
-  n_diag = 0 if loss == "fixed_point" else num_diagonal_rows(batch, float(config.distill.diag_fraction))
+  n_diag = 0 if loss == "fixed_point" else distill.num_diagonal_rows(batch, float(config.distill.diag_fraction))
   n_cons = batch - n_diag
   iters = int(_get(config.distill, "fixed_point_iters", 1))
   out.update(
