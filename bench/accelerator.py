@@ -10,7 +10,8 @@ Measures, on the first device, with experiments/base_flow/owt_170m.py's model (b
    --euler_steps, and KV-cached AR decoding of a causal model of the same size (latency, tokens/s);
 3. the device's peak memory in use over the whole run (where the runtime reports it).
 Reuses bench/common.py (sized configs, timed train steps) and bench/generation.py (timed samplers).
-Needs no dataset and no network. Prints one table and writes bench/results/accelerator.json.
+Needs no dataset and no network. Prints one table and writes bench/results/accelerator.json after
+every row ("complete": true once every row ran), so a run cut short keeps what it measured.
 On a CPU it refuses to run: the figures would say nothing about an accelerator. `--smoke` runs every
 path at a toy size on any device (what the test suite does, so the script cannot rot unnoticed while
 no accelerator is at hand); its figures mean nothing.
@@ -51,9 +52,11 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--length", type=int, default=1024)
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=10, help="timed train steps per row; 0 skips the train rows")
   parser.add_argument("--gen_batches", default="32,256")
   parser.add_argument("--euler_steps", type=int, default=128)
+  parser.add_argument("--samplers", default="flowmap,euler,ar", help="which generation rows to run")
+  parser.add_argument("--repeats", type=int, default=3, help="timed generation calls per row (best is kept)")
   parser.add_argument("--smoke", action="store_true", help="toy size, any device: checks the script runs")
   args = parser.parse_args()
   device = jax.devices()[0]
@@ -63,21 +66,37 @@ def main():
              "use bench/train_step.py and bench/generation.py.")
   peak = flops.device_peak(device, "bfloat16")
   rows = []
+
+  def record(rows, complete=False):
+    """Prints the newest row and rewrites the JSON, so that a run cut short keeps what it measured."""
+    if not complete:
+      print(rows[-1], flush=True)
+    if not args.smoke:
+      stats = device.memory_stats() or {}
+      common.write_results("accelerator", {
+          "complete": complete, "device_kind": device.device_kind, "peak_flops": peak.flops,
+          "peak_source": peak.source, "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+          "length": args.length, "args": vars(args), "rows": rows})
+
   for name, overrides in (("base flow", {}),
                           ("PSD distillation", {"stage": "distill", "distill.mode": "joint", "distill.loss": "psd"})):
+    if not args.steps:
+      break
     r = common.time_train_step(owt_170m(args.batch, args.length, args.smoke, **overrides), args.steps)
     mfu = r["gflops_per_sec"] * 1e9 / peak.flops if peak.flops else None
     rows.append({"what": f"train step: {name}", "batch": args.batch, "ms": r["ms_per_step"],
                  "model_tflops_per_sec": r["gflops_per_sec"] / 1e3, "mfu": mfu, "compiled_peak_gib": r["peak_mib"] / 1024})
-    print(rows[-1], flush=True)
+    record(rows)
   for batch in (int(b) for b in args.gen_batches.split(",")):
     for sampler, steps in (("flowmap", 1), ("flowmap", 2), ("flowmap", 4), ("euler", args.euler_steps),
                            ("ar", args.length)):
+      if sampler not in args.samplers.split(","):
+        continue
       config = owt_170m(batch, args.length, args.smoke, **({"model.causal": True} if sampler == "ar" else {}))
-      r = generation.time_generation(config, sampler, steps, batch, repeats=3)
+      r = generation.time_generation(config, sampler, steps, batch, repeats=args.repeats)
       rows.append({"what": f"generate {args.length} tokens: {sampler} {steps} steps", "batch": batch,
                    "ms": 1000 * r["latency_s"], "tokens_per_sec": r["tokens_per_sec"]})
-      print(rows[-1], flush=True)
+      record(rows)
   stats = device.memory_stats() or {}
   peak_in_use = stats.get("peak_bytes_in_use")
   common.print_table(rows, ["what", "batch", "ms", "model_tflops_per_sec", "mfu", "compiled_peak_gib",
@@ -87,9 +106,7 @@ def main():
   if args.smoke:
     print("--smoke: toy sizes, figures not written")
     return
-  common.write_results("accelerator", {"device_kind": device.device_kind, "peak_flops": peak.flops,
-                                       "peak_source": peak.source, "peak_bytes_in_use": peak_in_use,
-                                       "length": args.length, "rows": rows})
+  record(rows, complete=True)
 
 
 if __name__ == "__main__":
