@@ -17,17 +17,18 @@ samples, seed) with the exact posterior (SPEC §9) in place of the network, judg
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import zlib
+from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cfmjax import diagnostics, judges, likelihood, oracles, sharding, state_space
 from cfmjax.scores import exact_markov_conditional_nll, exact_markov_nll, unigram_entropy
-from cfmjax import model as model_lib
 
 EXACT_SAMPLER = "euler_exact"  # the Euler sampler run with the exact Markov posterior (SPEC §9)
 
@@ -106,6 +107,32 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
   tokens' leverages; likelihood.py), the tight one when the network sees only h = xW with V > D;
   "auto" picks "embedding" exactly then (embedding state and V > D), "vocab" otherwise.
   """
+  setup = _bound_setup(exp, batch_size, bound_space)
+  if report_rows < 2 or selection_rows < 2:
+    raise ValueError(f"the likelihood bound needs at least 2 report and 2 selection rows, got "
+                     f"{report_rows} and {selection_rows}")
+  report, selection, split = exp.data.bound_rows(report_rows, selection_rows)
+  record = likelihood.bound_with_selection(setup.compile_fn, setup.terms, params, report, selection,
+                                           num_points=num_points, lambda_min=lambda_min,
+                                           candidates=tuple(candidates), points_per_call=setup.points_per_call,
+                                           batch_size=setup.batch_size, seed=seed, progress=progress,
+                                           prior_fn=setup.prior)
+  record.update(split, state_space="embedding" if setup.space.embedded else "vocab", bound_space=setup.bound_space)
+  return record
+
+
+class _BoundSetup(NamedTuple):
+  space: state_space.StateSpace
+  bound_space: str  # "vocab" | "embedding", resolved
+  terms: Callable  # likelihood.state_space_terms
+  prior: Callable
+  compile_fn: Callable  # f(params, rows, rng) -> a sharded jitted call on numpy rows
+  batch_size: int  # rows per call, a multiple of the data-parallel size
+  points_per_call: int
+
+
+def _bound_setup(exp, batch_size: int, bound_space: str) -> _BoundSetup:
+  """The network's bound terms and their sharded compilation (see `likelihood_bound`)."""
   space = state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config)
   if bound_space not in ("auto", "vocab", "embedding"):
     raise ValueError(f"unknown likelihood bound space {bound_space!r}; choose auto, vocab or embedding")
@@ -113,56 +140,66 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
     bound_space = "embedding" if space.embedded and exp.vocab_size > exp.config.model.d_model else "vocab"
   if bound_space == "embedding" and not space.embedded:
     raise ValueError("the embedding-space bound needs an embedding-space model (model.state_space)")
-  length = exp.config.data.seq_len
   dp = sharding.data_parallel_size(exp.mesh, exp.rules)
-  per_row = length * exp.vocab_size
+  per_row = exp.config.data.seq_len * exp.vocab_size
   batch_size = max(1, min(batch_size, LIKELIHOOD_ELEMENTS_PER_CALL // per_row))
   batch_size = max(dp, batch_size // dp * dp)
   points_per_call = int(np.clip(LIKELIHOOD_ELEMENTS_PER_CALL // (batch_size * per_row), 1, 16))
-  if report_rows < 2 or selection_rows < 2:
-    raise ValueError(f"the likelihood bound needs at least 2 report and 2 selection rows, got "
-                     f"{report_rows} and {selection_rows}")
-  report, selection, split = exp.data.bound_rows(report_rows, selection_rows)
-
-  def terms(params, tokens, gamma, rng):
-    tau = exp.schedule.tau(gamma)
-    state = space.noisy_state(params, rng, tokens, gamma)
-    stats = space.output_stats(params, state, tau, tau, tokens=tokens)
-    return (jnp.sum(state_space.brier_score(stats), axis=-1),
-            jnp.sum(state_space.cross_entropy(stats), axis=-1))
-
-  def embedding_terms(params, tokens, gamma, rng):  # the whitened Brier of the h-diffusion's clean point
-    tau = exp.schedule.tau(gamma)
-    state = space.noisy_state(params, rng, tokens, gamma)
-    stats = space.output_stats(params, state, tau, tau, tokens=tokens, with_embedding=True)
-    w = model_lib.embedding_matrix(params).astype(jnp.float32)
-    chol, _ = model_lib.whitened_embedding(w)
-    brier = likelihood.whitened_brier(chol, jnp.take(w, tokens, axis=0), stats["mean_embedding"])
-    return jnp.sum(brier, axis=-1), jnp.sum(state_space.cross_entropy(stats), axis=-1)
-
-  def embedding_prior(params, tokens):
-    _, leverage = model_lib.whitened_embedding(model_lib.embedding_matrix(params))
-    return likelihood.embedding_prior_norms(leverage, tokens)
+  terms, prior = likelihood.state_space_terms(space, exp.schedule, bound_space)
 
   def compile_fn(fn):
     jitted = jax.jit(fn, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
 
     def call(params, chunk, rng):
       with exp.activate():
-        # Every process holds the same held-out rows; each device takes its slice of them.
-        tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
-        return jax.device_get(jitted(params, tokens, rng))
+        # Every process holds the same rows; each device takes its slice of them.
+        rows = jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, exp.batch_sharding, lambda idx: a[idx]),
+                            chunk)
+        return jax.device_get(jitted(params, rows, rng))
 
     return call
 
-  embedded_bound = bound_space == "embedding"
-  record = likelihood.bound_with_selection(compile_fn, embedding_terms if embedded_bound else terms, params, report,
-                                           selection, num_points=num_points,
-                                           lambda_min=lambda_min, candidates=tuple(candidates),
-                                           points_per_call=points_per_call, batch_size=batch_size, seed=seed,
-                                           progress=progress, prior_fn=embedding_prior if embedded_bound else None)
-  record.update(split, state_space="embedding" if space.embedded else "vocab", bound_space=bound_space)
-  return record
+  return _BoundSetup(space, bound_space, terms, prior, compile_fn, batch_size, points_per_call)
+
+
+def bound_endpoint(exp, params, selection_rows: int = 64, *, batch_size: int = 64, seed: int = 0,
+                   bound_space: str = "auto") -> dict:
+  """λ1 and the λ proposal (`likelihood.select_endpoint`) fitted on the first `selection_rows` of the
+  bound's selection split: what `conditional_bounds` scores any other rows with."""
+  setup = _bound_setup(exp, batch_size, bound_space)
+  _, selection, _ = exp.data.bound_rows(2, selection_rows)
+  run_pilot = setup.compile_fn(lambda p, t, r: likelihood.pilot_terms(
+      functools.partial(setup.terms, p), t, r, lambda_min=likelihood.LAMBDA_MIN, candidates=likelihood.CANDIDATES,
+      width=likelihood.PILOT_WIDTH, points_per_call=setup.points_per_call, prior_fn=functools.partial(setup.prior, p)))
+  record = likelihood.select_endpoint(run_pilot, params, selection, batch_size=setup.batch_size, seed=seed + 1)
+  return dict(record, bound_space=setup.bound_space)
+
+
+def conditional_bounds(exp, params, tokens, scored, endpoint: dict, *, num_points: int = 128, batch_size: int = 64,
+                       seed: int = 0) -> np.ndarray:
+  """Per row, a bound in nats on −log p(tokens at scored positions | the rest, clean) (SPEC §5; the
+  conditional form of `likelihood`'s module docstring), at `endpoint`'s λ1 and proposal. tokens [N, L]
+  int, scored [N, L] (1: bounded, 0: clean context).
+
+  Each row draws its λ points and noise from a key made of `seed` and the row's own content, so a
+  row's bound does not depend on which rows share its batch or in which order they come (lm-eval
+  reorders requests)."""
+  setup = _bound_setup(exp, batch_size, endpoint["bound_space"])
+  report = likelihood.report_fn(setup.terms, setup.prior, lambda_min=likelihood.LAMBDA_MIN,
+                                lambda_max=endpoint["lambda_max"], proposal=endpoint["proposal"],
+                                num_points=num_points, points_per_call=setup.points_per_call)
+
+  def per_row(params, rows, _):
+    def one(tok, sc, key_data):
+      total, _, _ = report(params, (tok[None], sc[None]), jax.random.wrap_key_data(key_data))
+      return total[0]
+    return (jax.vmap(one)(*rows),)
+
+  tokens, scored = np.asarray(tokens, np.int32), np.asarray(scored, np.float32)
+  keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(
+      jax.random.key(seed), zlib.crc32(t.tobytes() + s.tobytes()) & 0x7FFFFFFF))) for t, s in zip(tokens, scored)])
+  (total,) = likelihood.batched(setup.compile_fn(per_row), params, (tokens, scored, keys), setup.batch_size, seed)
+  return total
 
 
 def write_results(path: str, new_records: list[dict]) -> list[dict]:

@@ -42,6 +42,14 @@ the proposal are fitted, on a *selection* split of held-out rows only, by a pilo
     integrand), mixed with the uniform density (weight `defensive`) so that q > 0 everywhere.
 The reported bound is then estimated on a disjoint *report* split at that fixed λ1 with that q: as λ1
 and q do not depend on the report rows, it is an unbiased estimate of a valid bound on them.
+
+Conditional bounds (`split_rows`, `state_space_terms`). The rows of a bound are tokens [B, L], or a
+pair (tokens, scored [B, L]) with scored 1 at the positions bounded and 0 at clean context: the
+network then sees the context positions clean (a prompt-trained model also gets their prompt flag),
+and the prior, diffusion and reconstruction terms sum over the scored positions only. Any denoiser
+that is given the context gives a valid bound on −log p(scored tokens | context), since only the
+scored positions are diffused; it is tight when the denoiser is the exact posterior given the context
+(tests/test_likelihood.py checks it against a Markov chain's exact conditional NLL).
 """
 
 from __future__ import annotations
@@ -125,6 +133,61 @@ def proposal_points(rng, batch: int, num_points: int, edges, masses):
   return lam, weight
 
 
+def split_rows(rows):
+  """(tokens [B, L], scored [B, L] float32 or None) of a bound's rows: plain tokens (every position
+  bounded), or (tokens, scored), scored 1 where bounded and 0 at clean context."""
+  if isinstance(rows, (tuple, list)):
+    tokens, scored = rows
+    return tokens, scored.astype(jnp.float32)
+  return rows, None
+
+
+def num_rows(rows) -> int:
+  return jax.tree.leaves(rows)[0].shape[0]
+
+
+def state_space_terms(space: state_space.StateSpace, schedule, bound_space: str = "vocab"):
+  """(terms_fn(params, rows, gamma, rng) -> (Brier [R], CE [R]), prior_fn(params, rows) -> [R]) of a
+  network seen through its state space (V-space x_γ or h_γ = x_γW; `output_stats`), summed over the
+  scored positions of the rows (`split_rows`). `bound_space` "embedding": the whitened Brier and the
+  tokens' leverages of the h-diffusion's ELBO; "vocab": ‖e_x1 − μ‖² and ‖e_x1‖² = 1."""
+  embedded_bound = bound_space == "embedding"
+
+  def terms(params, rows, gamma, rng):
+    tokens, scored = split_rows(rows)
+    tau = schedule.tau(gamma)
+    state = space.noisy_state(params, rng, tokens, gamma)
+    conditioning = {}
+    if scored is not None:  # the context, clean: the readout's prompt clamp (StateSpace.readout)
+      context = scored == 0
+      state = jnp.where(context[..., None], space.clean_state(params, tokens).astype(state.dtype), state)
+      if space.prompt_flag:
+        conditioning["prompt_mask"] = context
+    stats = space.output_stats(params, state, tau, tau, tokens=tokens, with_embedding=embedded_bound,
+                               **conditioning)
+    if embedded_bound:
+      w = model_lib.embedding_matrix(params).astype(jnp.float32)
+      chol, _ = model_lib.whitened_embedding(w)
+      brier = whitened_brier(chol, jnp.take(w, tokens, axis=0), stats["mean_embedding"])
+    else:
+      brier = state_space.brier_score(stats)
+    ce = state_space.cross_entropy(stats)
+    if scored is not None:
+      brier, ce = brier * scored, ce * scored
+    return jnp.sum(brier, axis=-1), jnp.sum(ce, axis=-1)
+
+  def prior(params, rows):
+    tokens, scored = split_rows(rows)
+    if embedded_bound:
+      _, leverage = model_lib.whitened_embedding(model_lib.embedding_matrix(params))
+      norms = jnp.take(leverage.astype(jnp.float32), tokens, axis=0)
+    else:
+      norms = jnp.ones(tokens.shape, jnp.float32)
+    return jnp.sum(norms if scored is None else norms * scored, axis=-1)
+
+  return terms, prior
+
+
 def point_terms(terms_fn, tokens, rng, lam, points_per_call: int):
   """(Brier [B, N], CE [B, N]) of one noise draw of each row at each λ [B, N] (sums over positions).
 
@@ -137,7 +200,7 @@ def point_terms(terms_fn, tokens, rng, lam, points_per_call: int):
   pad = num_calls * per_call - num_points
   if pad:
     lam = jnp.concatenate([lam, jnp.repeat(lam[:, -1:], pad, axis=1)], axis=1)
-  rows = jnp.repeat(tokens, per_call, axis=0)
+  rows = jax.tree.map(lambda a: jnp.repeat(a, per_call, axis=0), tokens)
 
   def chunk(_, index):
     lam_c = jax.lax.dynamic_slice_in_dim(lam, index * per_call, per_call, axis=1)
@@ -151,8 +214,10 @@ def point_terms(terms_fn, tokens, rng, lam, points_per_call: int):
 
 def _prior(prior_fn, tokens, lambda_min: float):
   """The prior term per row [B]: e^λ0/2 × `prior_fn(tokens)` (Σ ‖clean point‖²; None: L, V-space)."""
-  batch, length = tokens.shape
   if prior_fn is None:
+    if not hasattr(tokens, "shape"):
+      raise ValueError("conditional rows (tokens, scored) need a prior_fn (state_space_terms gives one)")
+    batch, length = tokens.shape
     return jnp.full((batch,), prior_term(length, lambda_min), jnp.float32)
   return 0.5 * float(np.exp(lambda_min)) * prior_fn(tokens).astype(jnp.float32)
 
@@ -163,7 +228,7 @@ def bound_terms(terms_fn, tokens, rng, *, num_points: int, lambda_min: float, la
   reconstruction). `proposal` = (edges, masses) on [λ0, λ1]; None: uniform (plain stratified).
   `prior_fn(tokens) -> [B]`: Σ_positions ‖clean point‖² (embedding space: the leverages of the tokens,
   `embedding_prior_norms`); None: L (V-space)."""
-  batch, length = tokens.shape
+  batch = num_rows(tokens)
   edges, masses = proposal if proposal is not None else uniform_proposal(lambda_min, lambda_max)
   rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
   lam, weight = proposal_points(rng_lam, batch, num_points, edges, masses)
@@ -245,7 +310,7 @@ def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequenc
                 points_per_call: int = 16, prior_fn=None):
   """(f [B, K] = ½ e^λ Brier at one uniform point in each pilot stratum, CE [B, C] at each candidate,
   prior term [B])."""
-  batch = tokens.shape[0]
+  batch = num_rows(tokens)
   edges, _ = pilot_edges(lambda_min, candidates, width)
   rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
   lam, _ = proposal_points(rng_lam, batch, len(edges) - 1, edges, np.diff(edges))
@@ -255,16 +320,18 @@ def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequenc
   return 0.5 * jnp.exp(lam) * brier, ce, _prior(prior_fn, tokens, lambda_min)
 
 
-def _batched(fn, params, rows, batch_size: int, seed: int, progress=None):
-  """Runs `fn(params, tokens [batch_size, L], rng) -> tuple of [batch_size, ...]` over `rows`, padding
-  the last batch with copies of its first row; returns the outputs for the real rows, concatenated."""
-  rows = np.asarray(rows, np.int32)
+def batched(fn, params, rows, batch_size: int, seed: int, progress=None):
+  """Runs `fn(params, rows [batch_size, ...], rng) -> tuple of [batch_size, ...]` over `rows` (tokens, or
+  a tuple of arrays with the rows on their first axis, e.g. (tokens, scored): `split_rows`), padding the last batch with copies of its first row; returns the
+  outputs for the real rows, concatenated."""
+  rows = tuple(np.asarray(a) for a in rows) if isinstance(rows, (tuple, list)) else np.asarray(rows, np.int32)
+  total = num_rows(rows)
   outs = []
-  for c, start in enumerate(range(0, len(rows), batch_size)):
-    chunk = rows[start:start + batch_size]
-    n = len(chunk)
+  for c, start in enumerate(range(0, total, batch_size)):
+    chunk = jax.tree.map(lambda a: a[start:start + batch_size], rows)
+    n = num_rows(chunk)
     if n < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
+      chunk = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], batch_size - n, axis=0)]), chunk)
     out = fn(params, chunk, jax.random.fold_in(jax.random.key(seed), c))
     outs.append(tuple(np.asarray(o, np.float64)[:n] for o in out))
     if progress is not None:
@@ -284,7 +351,7 @@ def select_endpoint(run_pilot: Callable, params, selection_rows, *, lambda_min: 
   selection_rows = np.asarray(selection_rows)
   n, length = selection_rows.shape
   edges, index = pilot_edges(lambda_min, candidates, width)
-  out = _batched(run_pilot, params, selection_rows, batch_size, seed, progress)
+  out = batched(run_pilot, params, selection_rows, batch_size, seed, progress)
   f, ce = out[:2]
   prior = out[2][:, None] if len(out) > 2 else prior_term(length, lambda_min)
   partial = np.concatenate([np.zeros((n, 1)), np.cumsum(f * np.diff(edges), axis=1)], axis=1)  # ∫ up to edge
@@ -332,13 +399,9 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
   proposal = selection.pop("proposal")
   lambda_max = selection["lambda_max"]
 
-  def report_fn(p, tokens, rng):
-    total, parts = bound_terms(functools.partial(terms_fn, p), tokens, rng, num_points=num_points,
-                               lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
-                               points_per_call=points_per_call, prior_fn=_bind(prior_fn, p))
-    return total, parts["diffusion"], parts["reconstruction"]
-
-  total, diffusion, reconstruction = _batched(compile_fn(report_fn), params, report_rows, batch_size, seed, tick)
+  run_report = compile_fn(report_fn(terms_fn, prior_fn, lambda_min=lambda_min, lambda_max=lambda_max,
+                                     proposal=proposal, num_points=num_points, points_per_call=points_per_call))
+  total, diffusion, reconstruction = batched(run_report, params, report_rows, batch_size, seed, tick)
   length = np.asarray(report_rows).shape[1]
   record = summarize(total, length)
   record.update(lambda_min=lambda_min, lambda_max=lambda_max, num_points=num_points,
@@ -349,6 +412,20 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
                                proposal_edges=[float(e) for e in proposal[0]],
                                proposal_masses=[float(m) for m in proposal[1]]))
   return record
+
+
+def report_fn(terms_fn, prior_fn, *, lambda_min: float, lambda_max: float, proposal, num_points: int,
+              points_per_call: int):
+  """f(params, rows, rng) -> (bound, diffusion, reconstruction) per row [B], at a fixed λ1 and proposal
+  (`select_endpoint`'s): what a report split, or any rows scored after the selection, is run through."""
+
+  def report(params, rows, rng):
+    total, parts = bound_terms(functools.partial(terms_fn, params), rows, rng, num_points=num_points,
+                               lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
+                               points_per_call=points_per_call, prior_fn=_bind(prior_fn, params))
+    return total, parts["diffusion"], parts["reconstruction"]
+
+  return report
 
 
 def _bind(prior_fn, params):

@@ -7,10 +7,18 @@
 Requests, on a workdir or an export (`export.load_any`):
   loglikelihood          AR baseline: exact, log p(continuation | context) from one causal pass over
                          the row [context, continuation] (the last seq_len tokens when longer), with
-                         is_greedy. Flows: refused: their conditional likelihood bound (context clean,
-                         continuation bounded) is not built yet.
-  loglikelihood_rolling  AR baseline: the string cut into consecutive windows of seq_len tokens, each
-                         scored exactly from its own start (no context carried across windows).
+                         is_greedy. Flows: minus the conditional likelihood bound (SPEC §5; likelihood.py,
+                         "Conditional bounds"): the row is right-aligned so the continuation ends the
+                         row, every other position is clean context (left padding: the end-of-document
+                         token, or token 0 without one), and only the continuation is diffused and
+                         bounded, at bound_points stratified λ per row with a fixed seed, λ1 and the
+                         proposal fitted once on the workdir's held-out selection rows
+                         (`evaluate.bound_endpoint`). A lower bound on log p, so is_greedy is False.
+                         bound_repeats > 1 averages independent estimates; `last_stderr` then holds
+                         each request's standard error from the last call.
+  loglikelihood_rolling  the string cut into consecutive windows of seq_len tokens, each scored from its
+                         own start (no context carried across windows): exactly for the AR baseline, by
+                         the bound of the whole window for flows.
   generate_until         both: prompted block generation (`inference.generate_blocks`): blocks of
                          gen_kwargs max_gen_toks (default 16) tokens after the context, cut at the first
                          `until` string. Flows use `steps` network evaluations per block.
@@ -24,13 +32,14 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from cfmjax import ar, export, inference
+from cfmjax.evaluate import bound_endpoint, conditional_bounds
 
 
 @register_model("cfmjax")
 class CfmjaxLM(LM):
 
   def __init__(self, workdir: str, checkpoint_step=None, batch_size: int = 16, steps: int = 4, seed: int = 0,
-               sampler: str | None = None, **_):
+               sampler: str | None = None, bound_points: int = 128, bound_repeats: int = 1, **_):
     super().__init__()
     step = None if checkpoint_step in (None, "") else (checkpoint_step if checkpoint_step == "best"
                                                         else int(checkpoint_step))
@@ -40,6 +49,9 @@ class CfmjaxLM(LM):
     self.batch_size, self.steps, self.seed = int(batch_size), int(steps), int(seed)
     self.sampler = sampler or ("ar" if self.causal else ("flowmap" if self.exp.config.stage == "distill" else "euler"))
     self.length = self.exp.config.data.seq_len
+    self.bound_points, self.bound_repeats = int(bound_points), int(bound_repeats)
+    self.endpoint = None  # flows: λ1 and the λ proposal, fitted on first use
+    self.last_stderr = None
 
   # --- scoring -----------------------------------------------------------------------------------
 
@@ -52,30 +64,41 @@ class CfmjaxLM(LM):
     return ctx, self.tokenizer.encode(continuation)
 
   def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    for _, cont in pairs:
+      if not cont:
+        raise ValueError("an empty continuation has no likelihood to score")
+    return self._score_ar(pairs) if self.causal else self._score_flow(pairs)
+
+  def _score_flow(self, pairs):
+    pad = self.tokenizer.eod_id if getattr(self.tokenizer, "eod_id", None) is not None else 0
+    rows = np.full((len(pairs), self.length), pad, np.int32)
+    scored = np.zeros((len(pairs), self.length), np.float32)
+    for i, (ctx, cont) in enumerate(pairs):
+      ids = (ctx + cont)[-self.length:]
+      rows[i, self.length - len(ids):] = ids
+      scored[i, self.length - min(len(cont), len(ids)):] = 1.0
+    if self.endpoint is None:
+      self.endpoint = bound_endpoint(self.exp, self.params, batch_size=self.batch_size, seed=self.seed)
+    bounds = np.stack([conditional_bounds(self.exp, self.params, rows, scored, self.endpoint,
+                                                   num_points=self.bound_points, batch_size=self.batch_size,
+                                                   seed=self.seed + r) for r in range(self.bound_repeats)])
+    self.last_stderr = (bounds.std(axis=0, ddof=1) / np.sqrt(len(bounds))).tolist() if len(bounds) > 1 else None
+    return [(-float(b), False) for b in bounds.mean(axis=0)]
+
+  def _score_ar(self, pairs):
     rows = np.zeros((len(pairs), self.length), np.int32)
     mask = np.zeros((len(pairs), self.length), np.float32)
     for i, (ctx, cont) in enumerate(pairs):
-      if not cont:
-        raise ValueError("an empty continuation has no likelihood to score")
       ids = (ctx + cont)[-self.length:]
       rows[i, :len(ids)] = ids
       mask[i, len(ids) - min(len(cont), len(ids)):len(ids)] = 1.0
     nll, greedy = ar.score_rows(self.exp, self.params, rows, mask, self.batch_size, with_greedy=True)
     return [(-float(n), bool(g)) for n, g in zip(nll, greedy)]
 
-  def _require_causal(self, what: str):
-    if not self.causal:
-      raise NotImplementedError(
-          f"{what} of a flow needs its conditional likelihood bound (context clean, continuation bounded), "
-          "which cfmjax does not compute yet; score with an autoregressive workdir (model.causal=True), or "
-          "use generative tasks (generate_until)")
-
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-    self._require_causal("loglikelihood")
     return self._score([self._split(*r.args) for r in requests])
 
   def loglikelihood_rolling(self, requests) -> list[float]:
-    self._require_causal("loglikelihood_rolling")
     out = []
     for r in requests:
       ids = self.tokenizer.encode(r.args[0])

@@ -1,5 +1,6 @@
 """The lm-eval-harness adapter (cfmjax/lm_eval_adapter.py), offline, on the repository's tiny
-multiple-choice task: the harness's accuracy for the AR baseline equals a direct computation."""
+multiple-choice task: the harness's accuracy for the AR baseline and for a flow equals a direct
+computation."""
 
 import json
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from cfmjax import ar, export, lm_eval_adapter
+from cfmjax import ar, evaluate, export, lm_eval_adapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "cfmjax", "lm_eval_tasks")
@@ -34,17 +35,56 @@ def test_ar_accuracy_through_the_harness_equals_a_direct_computation(markov_ar, 
   assert acc == pytest.approx(np.mean(correct), abs=1e-12)
 
 
-def test_generation_works_for_both_and_flow_likelihoods_are_refused_with_the_reason(markov_base, markov_ar):
-  class Request:
-    def __init__(self, *args):
-      self.args = args
+class Request:
+  def __init__(self, *args):
+    self.args = args
 
+
+def test_flow_accuracy_through_the_harness_equals_a_direct_computation_with_the_conditional_bound(
+    markov_base, monkeypatch):
+  """A flow's loglikelihood is minus the conditional bound (evaluate.conditional_bounds; its math is
+  checked against a Markov chain's exact conditional NLL in test_likelihood.py): the harness's
+  accuracy equals the argmin of bounds computed here on rows built here, whatever order and batches
+  the harness scores the requests in."""
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  kwargs = dict(batch_size=8, bound_points=16)
+  results = lm_eval_adapter.evaluate(str(markov_base[0]), ["cfmjax_tiny_mc"], include_path=TASKS, **kwargs)
+  acc = results["results"]["cfmjax_tiny_mc"]["acc,none"]
+
+  exp, params, _ = export.load_any(str(markov_base[0]))
+  endpoint = evaluate.bound_endpoint(exp, params, batch_size=8, seed=0)
+  docs = [json.loads(line) for line in open(os.path.join(TASKS, "cfmjax_tiny_mc.json"))]
+  length = exp.config.data.seq_len
+  rows, scored, first = [], [], []
+  for d in docs:
+    first.append(len(rows))
+    ctx = [int(t) for t in d["context"].split()]
+    for choice in d["choices"]:
+      row = np.zeros(length, np.int32)  # Markov rows have no end-of-document token: left padding is 0
+      row[length - len(ctx) - 1:] = ctx + [int(choice)]
+      mask = np.zeros(length, np.float32)
+      mask[-1] = 1.0
+      rows.append(row)
+      scored.append(mask)
+  bounds = evaluate.conditional_bounds(exp, params, np.stack(rows), np.stack(scored), endpoint, num_points=16,
+                                       batch_size=8, seed=0)
+  assert np.all(np.isfinite(bounds)) and np.all(bounds > 0)
+  correct = [int(np.argmin(bounds[i:i + len(d["choices"])])) == d["label"] for i, d in zip(first, docs)]
+  assert acc == pytest.approx(np.mean(correct), abs=1e-12)
+
+  # A request's score does not depend on its batch: one request alone gets the same number.
+  model = lm_eval_adapter.CfmjaxLM(str(markov_base[0]), **kwargs)
+  d = docs[0]
+  ((logp, greedy),) = model.loglikelihood([Request(d["context"], " " + d["choices"][1])])
+  assert logp == pytest.approx(-bounds[1], rel=1e-5) and greedy is False
+
+
+def test_generation_works_for_both_and_the_ar_scores_exactly(markov_base, markov_ar):
   for workdir in (markov_ar, markov_base[0]):
     model = lm_eval_adapter.CfmjaxLM(str(workdir), batch_size=8, steps=2)
     (text,) = model.generate_until([Request("1 2 3", {"until": ["\n"], "max_gen_toks": 4})])
     assert len(text.split()) == 4 and all(0 <= int(t) < 12 for t in text.split())
-  with pytest.raises(NotImplementedError, match="conditional likelihood bound"):
-    model.loglikelihood([Request("1 2", " 3")])
   ar_model = lm_eval_adapter.CfmjaxLM(str(markov_ar), batch_size=8)
   # AR decoding keeps a prompt's prefix and samples the rest (ar.decode's prompt).
   from cfmjax import inference  # noqa: PLC0415
