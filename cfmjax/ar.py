@@ -134,9 +134,8 @@ def score_rows(exp, params, rows: np.ndarray, mask: np.ndarray, batch_size: int,
     for i in range(0, len(rows), batch_size):
       chunk, chunk_mask = rows[i:i + batch_size], mask[i:i + batch_size]
       # Every process holds the same rows; each device takes its slice of them.
-      tokens = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk[idx])
-      weights = jax.make_array_from_callback(chunk.shape, exp.batch_sharding, lambda idx: chunk_mask[idx])
-      n, g = jax.device_get(fn(params, tokens, weights))
+      tokens, weights = sharding.global_rows((chunk, chunk_mask), exp.batch_sharding)
+      n, g = sharding.to_host(fn(params, tokens, weights))
       nll.append(np.asarray(n, np.float64))
       greedy.append(np.asarray(g) > 0.5)
   nll = np.concatenate(nll)[:len(rows) - pad]

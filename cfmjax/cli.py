@@ -376,14 +376,15 @@ def cmd_eval():
                                    num_bins=_DENOISER_GAP_BINS.value, seed=_SEED.value, lambda_range=lambda_range,
                                    batch_size=_BATCH_SIZE.value or cfg.batch_size)
     gap["checkpoint_step"] = step
-    gap_json = os.path.join(workdir, "eval", "denoiser_gap.json")
-    os.makedirs(os.path.dirname(gap_json), exist_ok=True)
-    with open(gap_json, "w") as f:
-      json.dump(gap, f, indent=2)
-    gap_png = diagnostics.plot_gap(gap, os.path.join(workdir, "eval", "denoiser_gap.png"),
-                                   title=f"{os.path.basename(os.path.abspath(workdir))}, step {step}")
     print(diagnostics.gap_table(gap))
-    print(f"denoiser gap: {gap_json}, {gap_png}")
+    if evaluate.writes_files():  # process 0 of several; the others hold the same numbers
+      gap_json = os.path.join(workdir, "eval", "denoiser_gap.json")
+      os.makedirs(os.path.dirname(gap_json), exist_ok=True)
+      with open(gap_json, "w") as f:
+        json.dump(gap, f, indent=2)
+      gap_png = diagnostics.plot_gap(gap, os.path.join(workdir, "eval", "denoiser_gap.png"),
+                                     title=f"{os.path.basename(os.path.abspath(workdir))}, step {step}")
+      print(f"denoiser gap: {gap_json}, {gap_png}")
   if exp.model_config.causal:  # the AR model's exact held-out NLL (it needs no bound: --likelihood is moot)
     rows = exp.data.eval_rows(_LIKELIHOOD_ROWS.value)
     record = ar.heldout_nll(exp, params, rows, _BATCH_SIZE.value or cfg.batch_size)
@@ -409,6 +410,8 @@ def cmd_eval():
   if not records:
     if not _DENOISER_GAP.value:
       print("--steps=0 and nothing else asked for (--denoiser_gap, --likelihood): nothing to do")
+    return
+  if not evaluate.writes_files():
     return
   path = os.path.join(workdir, "eval", "results.json")
   all_records = evaluate.write_results(path, records)

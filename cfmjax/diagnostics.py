@@ -192,14 +192,13 @@ def model_ce_fn(exp, params_sharding=None):
                                  None, None, x_sharding))
 
   def to_global(a):
-    a = np.asarray(a)
-    return jax.make_array_from_callback(a.shape, exp.batch_sharding, lambda idx: a[idx])
+    return sharding.global_rows(np.asarray(a), exp.batch_sharding)
 
   def bind(params):
     def model_ce(tokens, gamma, x, rng):
       with exp.activate():
-        return np.asarray(fn(params, to_global(tokens), jnp.asarray(gamma), rng,
-                             None if x is None else to_global(x)))
+        return np.asarray(sharding.to_host(fn(params, to_global(tokens), jnp.asarray(gamma), rng,
+                                              None if x is None else to_global(x))))
     return model_ce
 
   return bind, not space.embedded
@@ -259,7 +258,7 @@ def training_diagnostics(exp):
     if generator is not None:
       fn, batch = generator
       with exp.activate():
-        tokens = np.concatenate([np.asarray(jax.device_get(fn(params, jax.random.key(i))))
+        tokens = np.concatenate([np.asarray(sharding.to_host(fn(params, jax.random.key(i))))
                                  for i in range(0, num_samples, batch)])[:num_samples]
       out.update(gen_nll_per_token=scores.exact_markov_nll(markov, tokens),
                  gen_entropy=scores.unigram_entropy(tokens),

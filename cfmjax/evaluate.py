@@ -153,9 +153,7 @@ def _bound_setup(exp, batch_size: int, bound_space: str) -> _BoundSetup:
     def call(params, chunk, rng):
       with exp.activate():
         # Every process holds the same rows; each device takes its slice of them.
-        rows = jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, exp.batch_sharding, lambda idx: a[idx]),
-                            chunk)
-        return jax.device_get(jitted(params, rows, rng))
+        return sharding.to_host(jitted(params, sharding.global_rows(chunk, exp.batch_sharding), rng))
 
     return call
 
@@ -200,6 +198,12 @@ def conditional_bounds(exp, params, tokens, scored, endpoint: dict, *, num_point
       jax.random.key(seed), zlib.crc32(t.tobytes() + s.tobytes()) & 0x7FFFFFFF))) for t, s in zip(tokens, scored)])
   (total,) = likelihood.batched(setup.compile_fn(per_row), params, (tokens, scored, keys), setup.batch_size, seed)
   return total
+
+
+def writes_files() -> bool:
+  """Whether this process writes eval outputs: process 0 of a multi-process job (the others computed
+  their share and hold the same gathered numbers)."""
+  return jax.process_index() == 0
 
 
 def write_results(path: str, new_records: list[dict]) -> list[dict]:

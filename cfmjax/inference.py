@@ -136,8 +136,9 @@ def generate(exp, params, sampler: str, steps: int, num_samples: int, batch_size
     for i in range(0, num_samples, batch_size):
       args = ()
       if prompts is not None:  # pad the last chunk by repeating its first row
-        args = tuple(_pad_rows(np.asarray(a[i:i + batch_size]), batch_size) for a in prompts)
-      out.append(np.asarray(jax.device_get(fn(params, jax.random.key(seed + i), *args))))
+        args = sharding.global_rows(tuple(_pad_rows(np.asarray(a[i:i + batch_size]), batch_size) for a in prompts),
+                                    exp.batch_sharding)
+      out.append(np.asarray(sharding.to_host(fn(params, jax.random.key(seed + i), *args))))
       if progress is not None:
         progress(min(i + batch_size, num_samples), num_samples)
   return np.concatenate(out)[:num_samples]

@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -104,3 +105,17 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
     return 1
   axes = (axes,) if isinstance(axes, str) else axes
   return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def global_rows(rows, batch_sharding):
+  """Host rows (an array or a tuple of arrays, the same on every process) as global arrays split by
+  `batch_sharding`: each device, on whichever process, takes its own slice."""
+  return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, batch_sharding, lambda idx: a[idx]), rows)
+
+
+def to_host(tree):
+  """The whole value of (possibly multi-process) arrays on every process, as numpy: `jax.device_get`
+  in one process; with several, an all-gather, since each process holds only its devices' slices."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -164,3 +164,42 @@ def test_launch_local_two_processes_run_the_real_cfmjax_train_on_a_token_store(t
   two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
   assert sorted(two) == [1, 2, 3]
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_eval_gives_the_one_process_numbers(tmp_path, markov_base):
+  """`cfmjax eval` (samples + exact judge, the exact-denoiser reference, the denoiser gap and the
+  likelihood bound) in 2 processes x 4 CPU devices writes the numbers 1 process x 8 devices writes:
+  generation, held-out rows and bound calls are split over all 8 devices and gathered (sharding.to_host),
+  and only process 0 writes the results."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count")))
+  args = ["eval", f"--checkpoint={markov_base[0]}", "--steps=2,4", "--num_samples=24", "--batch_size=8",
+          "--judge=exact", "--denoiser_gap", "--denoiser_gap_rows=16", "--denoiser_gap_bins=4", "--likelihood",
+          "--likelihood_rows=8", "--likelihood_selection_rows=8", "--likelihood_points=8",
+          "--likelihood_endpoints=2,4"]
+  port = _free_port()
+  runs = {"one": [dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")]}
+  runs["two"] = [dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
+                      CFMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", CFMJAX_NUM_PROCESSES="2",
+                      CFMJAX_PROCESS_ID=str(p)) for p in range(2)]
+  results = {}
+  for name, envs in runs.items():
+    workdir = tmp_path / name
+    procs = [subprocess.Popen([sys.executable, "-m", "cfmjax", *args, f"--workdir={workdir}"], cwd=REPO, env=e,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for e in envs]
+    outs = [p.communicate(timeout=540)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-4000:]
+    results[name] = {(r.get("sampler"), r.get("steps"), r.get("metric")): r
+                     for r in json.loads((workdir / "eval" / "results.json").read_text())}
+    results[name + "_gap"] = json.loads((workdir / "eval" / "denoiser_gap.json").read_text())
+  assert "process 1 of 2, 4 local / 8 global devices" in outs[1]
+  one, two = results["one"], results["two"]
+  assert sorted(one, key=str) == sorted(two, key=str) and len(one) >= 5  # euler 2/4, exact 2/4, bound
+  for key, r in one.items():
+    for field in ("gen_nll_per_token", "entropy", "value", "stderr"):
+      if field in r:
+        np.testing.assert_allclose(two[key][field], r[field], rtol=1e-5, err_msg=f"{key} {field}")
+  np.testing.assert_allclose(results["two_gap"]["denoiser_ce"], results["one_gap"]["denoiser_ce"], rtol=1e-5)
