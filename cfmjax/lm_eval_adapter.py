@@ -22,16 +22,21 @@ Requests, on a workdir or an export (`export.load_any`):
   generate_until         both: prompted block generation (`inference.generate_blocks`): blocks of
                          gen_kwargs max_gen_toks (default 16) tokens after the context, cut at the first
                          `until` string. Flows use `steps` network evaluations per block.
-One process runs the harness; requests are batched onto this process's devices.
+Multi-host (`evaluate`, in every process of a multi-process job, e.g. under launch/local.sh's
+variables): process 0 runs the harness; every network call is a collective op (`_everywhere`) that
+process 0 broadcasts (op, rows, mask) to the others, which wait in `serve`, so each request batch is
+scored on the whole mesh, every process's devices taking their share.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from cfmjax import ar, export, inference
+from cfmjax import ar, distributed, export, inference
 from cfmjax.evaluate import bound_endpoint, conditional_bounds
 
 
@@ -67,9 +72,12 @@ class CfmjaxLM(LM):
     for _, cont in pairs:
       if not cont:
         raise ValueError("an empty continuation has no likelihood to score")
-    return self._score_ar(pairs) if self.causal else self._score_flow(pairs)
+    rows, mask = self._ar_rows(pairs) if self.causal else self._flow_rows(pairs)
+    return self._everywhere("score", rows, mask)
 
-  def _score_flow(self, pairs):
+  def _flow_rows(self, pairs):
+    """Right-aligned rows (the continuation ends the row; left padding: end-of-document or 0) and the
+    scored mask (1 on the continuation, 0 on the clean context)."""
     pad = self.tokenizer.eod_id if getattr(self.tokenizer, "eod_id", None) is not None else 0
     rows = np.full((len(pairs), self.length), pad, np.int32)
     scored = np.zeros((len(pairs), self.length), np.float32)
@@ -77,6 +85,9 @@ class CfmjaxLM(LM):
       ids = (ctx + cont)[-self.length:]
       rows[i, self.length - len(ids):] = ids
       scored[i, self.length - min(len(cont), len(ids)):] = 1.0
+    return rows, scored
+
+  def _score_flow(self, rows, scored):
     if self.endpoint is None:
       self.endpoint = bound_endpoint(self.exp, self.params, batch_size=self.batch_size, seed=self.seed)
     bounds = np.stack([conditional_bounds(self.exp, self.params, rows, scored, self.endpoint,
@@ -85,13 +96,17 @@ class CfmjaxLM(LM):
     self.last_stderr = (bounds.std(axis=0, ddof=1) / np.sqrt(len(bounds))).tolist() if len(bounds) > 1 else None
     return [(-float(b), False) for b in bounds.mean(axis=0)]
 
-  def _score_ar(self, pairs):
+  def _ar_rows(self, pairs):
+    """Left-aligned rows [context, continuation] and the mask of the continuation's positions."""
     rows = np.zeros((len(pairs), self.length), np.int32)
     mask = np.zeros((len(pairs), self.length), np.float32)
     for i, (ctx, cont) in enumerate(pairs):
       ids = (ctx + cont)[-self.length:]
       rows[i, :len(ids)] = ids
       mask[i, len(ids) - min(len(cont), len(ids)):len(ids)] = 1.0
+    return rows, mask
+
+  def _score_ar(self, rows, mask):
     nll, greedy = ar.score_rows(self.exp, self.params, rows, mask, self.batch_size, with_greedy=True)
     return [(-float(n), bool(g)) for n, g in zip(nll, greedy)]
 
@@ -116,20 +131,78 @@ class CfmjaxLM(LM):
       until = [until] if isinstance(until, str) else list(until)
       block = max(1, min(int(kwargs.get("max_gen_toks", 16)), self.length - 1))
       ctx = self.tokenizer.encode(context)[-(self.length - block):] if context else []
-      (ids,) = inference.generate_blocks(self.exp, self.params, [ctx], self.sampler, self.steps, block, 1,
-                                         self.batch_size, self.seed)
-      text = self.tokenizer.decode(ids)
+      rows = np.zeros((1, self.length), np.int32)
+      rows[0, :len(ctx)] = ctx
+      mask = np.zeros((1, self.length), np.float32)
+      mask[0, :len(ctx)] = 1.0  # the context's positions
+      text = self.tokenizer.decode(self._everywhere("generate", rows, mask, block))
       cuts = [text.find(u) for u in until if u and u in text]
       out.append(text[:min(cuts)] if cuts else text)
     return out
 
 
-def evaluate(workdir: str, tasks: list[str], include_path: str | None = None, **model_args) -> dict:
-  """lm_eval.simple_evaluate on a cfmjax workdir (tasks from `include_path` too); returns its results."""
+  # --- collective ops: the harness runs on process 0, the network on every process -----------------
+
+  OPS = ("stop", "score", "generate")
+
+  def _run(self, op: str, rows, mask, block: int):
+    if op == "score":
+      return self._score_ar(rows, mask) if self.causal else self._score_flow(rows, mask)
+    context_len = int(mask[0].sum())
+    (ids,) = inference.generate_blocks(self.exp, self.params, [rows[0, :context_len].tolist()], self.sampler,
+                                       self.steps, block, 1, self.batch_size, self.seed)
+    return ids
+
+  def _everywhere(self, op: str, rows, mask, block: int = 0):
+    """`op` on (rows, mask) [N, L] (and a generated block's length), run by every process: process 0
+    (the harness's) sends it first."""
+    if jax.process_count() > 1:
+      _broadcast(self.OPS.index(op), rows, mask, block)
+    return self._run(op, rows, mask, block)
+
+  def serve(self):
+    """Processes other than 0: run the ops process 0 sends until it sends "stop" (`evaluate`)."""
+    while True:
+      op, rows, mask, block = _broadcast(0, None, None)
+      if self.OPS[op] == "stop":
+        return
+      self._run(self.OPS[op], rows, mask, block)
+
+  def stop_followers(self):
+    if jax.process_count() > 1 and jax.process_index() == 0:
+      _broadcast(0, np.zeros((0, self.length), np.int32), np.zeros((0, self.length), np.float32))
+
+
+def _broadcast(op: int, rows, mask, block: int = 0):
+  """(op, rows int32 [N, L], mask float32 [N, L], block) from process 0 to every process: a header
+  with the shape first, so the others can post buffers of the right size. Others pass rows=None."""
+  source = jax.process_index() == 0
+  header = np.asarray([op, *rows.shape, block] if source else [0, 0, 0, 0], np.int64)
+  op, n, length, block = (int(v) for v in multihost_utils.broadcast_one_to_all(header))
+  if not source:
+    rows, mask = np.zeros((n, length), np.int32), np.zeros((n, length), np.float32)
+  if n:
+    rows, mask = (np.asarray(a) for a in multihost_utils.broadcast_one_to_all((rows, mask)))
+  return op, rows, mask, block
+
+
+def evaluate(workdir: str, tasks: list[str], include_path: str | None = None, **model_args) -> dict | None:
+  """lm_eval.simple_evaluate on a cfmjax workdir (tasks from `include_path` too); returns its results.
+
+  In a multi-process job every process calls this: process 0 runs the harness and returns its
+  results, the others serve its network calls and return None."""
   import lm_eval  # noqa: PLC0415
   from lm_eval.tasks import TaskManager  # noqa: PLC0415
 
+  if not jax.distributed.is_initialized():
+    distributed.maybe_initialize()  # a multi-process job's variables (launch/), else nothing
   model = CfmjaxLM(workdir, **model_args)
+  if jax.process_index() != 0:
+    model.serve()
+    return None
   manager = TaskManager(include_path=include_path) if include_path else None
-  return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, log_samples=False,
-                                 bootstrap_iters=0)
+  try:
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, log_samples=False,
+                                   bootstrap_iters=0)
+  finally:
+    model.stop_followers()

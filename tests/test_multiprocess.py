@@ -203,3 +203,29 @@ def test_two_process_eval_gives_the_one_process_numbers(tmp_path, markov_base):
       if field in r:
         np.testing.assert_allclose(two[key][field], r[field], rtol=1e-5, err_msg=f"{key} {field}")
   np.testing.assert_allclose(results["two_gap"]["denoiser_ce"], results["one_gap"]["denoiser_ce"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_lm_eval_scores_on_the_whole_mesh_like_one_process(markov_base):
+  """The lm-eval adapter on a flow, 2 processes x 4 devices (process 0 runs the harness, process 1
+  serves its network calls) against 1 process x 8: the same conditional-bound log-likelihoods, the
+  same generated text and the same harness accuracy."""
+  driver = os.path.join(REPO, "tests", "lm_eval_driver.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_DATASETS_OFFLINE="1")
+  port = _free_port()
+  runs = {"one": [dict(env, CFMJAX_TEST_DEVICES="8")],
+          "two": [dict(env, CFMJAX_TEST_DEVICES="4", CFMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       CFMJAX_NUM_PROCESSES="2", CFMJAX_PROCESS_ID=str(p)) for p in range(2)]}
+  results = {}
+  for name, envs in runs.items():
+    procs = [subprocess.Popen([sys.executable, driver, str(markov_base[0])], cwd=REPO, env=e,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for e in envs]
+    outs = [p.communicate(timeout=540)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-4000:]
+    (line,) = [x for x in outs[0].splitlines() if x.startswith("RESULT ")]
+    results[name] = json.loads(line[len("RESULT "):])
+  one, two = results["one"], results["two"]
+  assert len(one["loglikelihoods"]) >= 6 and all(v < 0 for v in one["loglikelihoods"])
+  np.testing.assert_allclose(two["loglikelihoods"], one["loglikelihoods"], rtol=1e-5)
+  assert two["texts"] == one["texts"] and two["acc"] == one["acc"]
