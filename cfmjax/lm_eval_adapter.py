@@ -12,7 +12,7 @@ Requests, on a workdir or an export (`export.load_any`):
                          row, every other position is clean context (left padding: the end-of-document
                          token, or token 0 without one), and only the continuation is diffused and
                          bounded, at bound_points stratified λ per row with a fixed seed, λ1 and the
-                         proposal fitted once on the workdir's held-out selection rows
+                         proposal fitted once on bound_selection_rows of the workdir's held-out rows
                          (`evaluate.bound_endpoint`). A lower bound on log p, so is_greedy is False.
                          bound_repeats > 1 averages independent estimates; `last_stderr` then holds
                          each request's standard error from the last call.
@@ -44,7 +44,8 @@ from cfmjax.evaluate import bound_endpoint, conditional_bounds
 class CfmjaxLM(LM):
 
   def __init__(self, workdir: str, checkpoint_step=None, batch_size: int = 16, steps: int = 4, seed: int = 0,
-               sampler: str | None = None, bound_points: int = 128, bound_repeats: int = 1, **_):
+               sampler: str | None = None, bound_points: int = 128, bound_repeats: int = 1,
+               bound_selection_rows: int = 64, **_):
     super().__init__()
     step = None if checkpoint_step in (None, "") else (checkpoint_step if checkpoint_step == "best"
                                                         else int(checkpoint_step))
@@ -55,6 +56,7 @@ class CfmjaxLM(LM):
     self.sampler = sampler or ("ar" if self.causal else ("flowmap" if self.exp.config.stage == "distill" else "euler"))
     self.length = self.exp.config.data.seq_len
     self.bound_points, self.bound_repeats = int(bound_points), int(bound_repeats)
+    self.bound_selection_rows = int(bound_selection_rows)
     self.endpoint = None  # flows: λ1 and the λ proposal, fitted on first use
     self.last_stderr = None
 
@@ -89,7 +91,8 @@ class CfmjaxLM(LM):
 
   def _score_flow(self, rows, scored):
     if self.endpoint is None:
-      self.endpoint = bound_endpoint(self.exp, self.params, batch_size=self.batch_size, seed=self.seed)
+      self.endpoint = bound_endpoint(self.exp, self.params, self.bound_selection_rows, batch_size=self.batch_size,
+                                     seed=self.seed)
     bounds = np.stack([conditional_bounds(self.exp, self.params, rows, scored, self.endpoint,
                                                    num_points=self.bound_points, batch_size=self.batch_size,
                                                    seed=self.seed + r) for r in range(self.bound_repeats)])

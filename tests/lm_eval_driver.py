@@ -34,7 +34,7 @@ class Request:
 def main():
   workdir = sys.argv[1]
   distributed.maybe_initialize()
-  kwargs = dict(batch_size=8, bound_points=16, steps=2)
+  kwargs = dict(batch_size=8, bound_points=16, bound_selection_rows=16, steps=2)
   model = lm_eval_adapter.CfmjaxLM(workdir, **kwargs)
   if jax.process_index() == 0:
     docs = [json.loads(line) for line in open(os.path.join(TASKS, "cfmjax_tiny_mc.json"))]

@@ -48,12 +48,12 @@ def test_flow_accuracy_through_the_harness_equals_a_direct_computation_with_the_
   the harness scores the requests in."""
   monkeypatch.chdir(REPO)
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-  kwargs = dict(batch_size=8, bound_points=16)
+  kwargs = dict(batch_size=8, bound_points=16, bound_selection_rows=16)
   results = lm_eval_adapter.evaluate(str(markov_base[0]), ["cfmjax_tiny_mc"], include_path=TASKS, **kwargs)
   acc = results["results"]["cfmjax_tiny_mc"]["acc,none"]
 
   exp, params, _ = export.load_any(str(markov_base[0]))
-  endpoint = evaluate.bound_endpoint(exp, params, batch_size=8, seed=0)
+  endpoint = evaluate.bound_endpoint(exp, params, 16, batch_size=8, seed=0)
   docs = [json.loads(line) for line in open(os.path.join(TASKS, "cfmjax_tiny_mc.json"))]
   length = exp.config.data.seq_len
   rows, scored, first = [], [], []
