@@ -40,23 +40,32 @@ from cfmjax import ar, distributed, export, inference
 from cfmjax.evaluate import bound_endpoint, conditional_bounds
 
 
+# Model args (`--model_args k=v,...`; the CLI passes strings) and their defaults.
+MODEL_ARGS = {"checkpoint_step": None, "batch_size": 16, "steps": 4, "seed": 0, "sampler": None,
+              "bound_points": 128, "bound_repeats": 1, "bound_selection_rows": 64}
+HARNESS_ARGS = ("max_batch_size", "device")  # what lm-eval passes to every model; not used here
+
+
 @register_model("cfmjax")
 class CfmjaxLM(LM):
 
-  def __init__(self, workdir: str, checkpoint_step=None, batch_size: int = 16, steps: int = 4, seed: int = 0,
-               sampler: str | None = None, bound_points: int = 128, bound_repeats: int = 1,
-               bound_selection_rows: int = 64, **_):
+  def __init__(self, workdir: str, **model_args):
     super().__init__()
-    step = None if checkpoint_step in (None, "") else (checkpoint_step if checkpoint_step == "best"
-                                                        else int(checkpoint_step))
+    unknown = sorted(set(model_args) - set(MODEL_ARGS) - set(HARNESS_ARGS))
+    if unknown:
+      raise ValueError(f"unknown cfmjax model_args {unknown}; the adapter takes workdir and {sorted(MODEL_ARGS)}")
+    args = {**MODEL_ARGS, **{k: v for k, v in model_args.items() if k in MODEL_ARGS and v not in (None, "")}}
+    step = args["checkpoint_step"]
+    step = None if step is None else (step if step == "best" else int(step))
     self.exp, self.params, self.checkpoint_step = export.load_any(workdir, step)
     self.tokenizer = self.exp.data.tokenizer
     self.causal = bool(self.exp.model_config.causal)
-    self.batch_size, self.steps, self.seed = int(batch_size), int(steps), int(seed)
-    self.sampler = sampler or ("ar" if self.causal else ("flowmap" if self.exp.config.stage == "distill" else "euler"))
+    self.batch_size, self.steps, self.seed = int(args["batch_size"]), int(args["steps"]), int(args["seed"])
+    self.sampler = args["sampler"] or ("ar" if self.causal else
+                                       ("flowmap" if self.exp.config.stage == "distill" else "euler"))
     self.length = self.exp.config.data.seq_len
-    self.bound_points, self.bound_repeats = int(bound_points), int(bound_repeats)
-    self.bound_selection_rows = int(bound_selection_rows)
+    self.bound_points, self.bound_repeats = int(args["bound_points"]), int(args["bound_repeats"])
+    self.bound_selection_rows = int(args["bound_selection_rows"])
     self.endpoint = None  # flows: λ1 and the λ proposal, fitted on first use
     self.last_stderr = None
 

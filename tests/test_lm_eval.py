@@ -81,6 +81,8 @@ def test_flow_accuracy_through_the_harness_equals_a_direct_computation_with_the_
 
 
 def test_generation_works_for_both_and_the_ar_scores_exactly(markov_base, markov_ar):
+  with pytest.raises(ValueError, match="unknown cfmjax model_args.*bound_point"):  # a typo is not ignored
+    lm_eval_adapter.CfmjaxLM(str(markov_ar), bound_point=16)
   for workdir in (markov_ar, markov_base[0]):
     model = lm_eval_adapter.CfmjaxLM(str(workdir), batch_size=8, steps=2)
     (text,) = model.generate_until([Request("1 2 3", {"until": ["\n"], "max_gen_toks": 4})])
