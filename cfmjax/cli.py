@@ -115,9 +115,9 @@ _SWEEP_LAUNCH = flags.DEFINE_enum("sweep_launch", "local", ["local", "slurm", "t
                                   "TPU job list under the sweep's root.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "jsonl"], "sample: print every sample as readable text "
                             "(a prompt highlighted) or as the JSON lines written to samples/.")
-_BASE_STEPS = flags.DEFINE_integer("base_steps", 400, "pipeline: base-flow training steps.")
-_JUDGE_STEPS = flags.DEFINE_integer("judge_steps", 400, "pipeline: AR judge training steps.")
-_DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 150, "pipeline: flow-map distillation steps.")
+_BASE_STEPS = flags.DEFINE_integer("base_steps", 340, "pipeline: base-flow training steps.")
+_JUDGE_STEPS = flags.DEFINE_integer("judge_steps", 340, "pipeline: AR judge training steps.")
+_DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 130, "pipeline: flow-map distillation steps.")
 _STAGE_ARGS = flags.DEFINE_string("stage_args", "", "pipeline: extra flags for both trainings (e.g. a smaller "
                                   "model: '--config.model.d_model=64').")
 _JUDGE = flags.DEFINE_string("judge", "", "eval: exact | ar:<AR workdir> | gpt2:<HF directory> | none "

@@ -1,6 +1,6 @@
 """`cfmjax pipeline`: the README's main job, the whole pipeline on the embedded corpus in a few minutes.
 
-    cfmjax pipeline --workdir=runs/main [--base_steps=400 --judge_steps=400 --distill_steps=150]
+    cfmjax pipeline --workdir=runs/main [--base_steps=340 --judge_steps=340 --distill_steps=130]
 
 Stages, each the command a user would type (printed before it runs), handing off through the
 workdirs' Orbax checkpoints, so any stage can be rerun alone:
@@ -14,7 +14,9 @@ workdirs' Orbax checkpoints, so any stage can be rerun alone:
   8. report         cfmjax report W/ar_judge W/base W/psd --out=W/report
 and ends with a summary on the terminal. The step budgets are far below the tiny configs' own runs
 (those are the longer, better runs: the configs' docstrings give their commands): this job shows the
-pipeline and honest numbers in about ten minutes on 2 CPU cores, not a good language model.
+pipeline and honest numbers in under ten minutes on 2 CPU cores, not a good language model. (Budgets
+cut from 400 / 400 / 150 steps and 64 bound rows on 2026-12-04: the job took 10.4 and 11.5 minutes,
+install included, on a day this machine ran 15-40% slower; the 10 minutes are the target.)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def stages(workdir: str, base_steps: int, judge_steps: int, distill_steps: int, 
       ("judge's held-out perplexity", ["eval", f"--workdir={w['ar_judge']}", "--steps=0", "--num_samples=64"]),
       ("base flow: Euler 4 / 128 steps, likelihood bound",
        ["eval", f"--workdir={w['base']}", "--sampler=euler", "--steps=4,128", n, judge, "--likelihood",
-        "--likelihood_rows=64", "--likelihood_points=64"]),
+        "--likelihood_rows=32", "--likelihood_selection_rows=32", "--likelihood_points=64"]),
       ("flow map: 1 / 2 / 4 steps", ["eval", f"--workdir={w['psd']}", "--sampler=flowmap", "--steps=1,2,4", n, judge]),
       ("samples: flow map, 4 steps", ["sample", f"--workdir={w['psd']}", "--sampler=flowmap", "--steps=4",
                                       "--num_samples=2"]),
@@ -59,7 +61,7 @@ def stages(workdir: str, base_steps: int, judge_steps: int, distill_steps: int, 
   ]
 
 
-def run(workdir: str, base_steps: int = 400, judge_steps: int = 400, distill_steps: int = 150,
+def run(workdir: str, base_steps: int = 340, judge_steps: int = 340, distill_steps: int = 130,
         num_samples: int = 64, extra: list[str] | None = None) -> str:
   """Runs every stage in order (stopping at the first failure) and returns the summary it prints."""
   plan = stages(workdir, base_steps, judge_steps, distill_steps, num_samples, list(extra or []))
