@@ -17,7 +17,6 @@ samples, seed) with the exact posterior (SPEC §9) in place of the network, judg
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import jax
 import numpy as np
 
 from cfmjax import diagnostics, judges, likelihood, oracles, sharding, state_space
-from cfmjax.scores import exact_markov_conditional_nll, exact_markov_nll, unigram_entropy
+from cfmjax.scores import exact_markov_conditional_nll, unigram_entropy
 
 EXACT_SAMPLER = "euler_exact"  # the Euler sampler run with the exact Markov posterior (SPEC §9)
 
@@ -166,18 +165,18 @@ def bound_endpoint(exp, params, selection_rows: int = 64, *, batch_size: int = 6
   bound's selection split: what `conditional_bounds` scores any other rows with."""
   setup = _bound_setup(exp, batch_size, bound_space)
   _, selection, _ = exp.data.bound_rows(2, selection_rows)
-  run_pilot = setup.compile_fn(lambda p, t, r: likelihood.pilot_terms(
-      functools.partial(setup.terms, p), t, r, lambda_min=likelihood.LAMBDA_MIN, candidates=likelihood.CANDIDATES,
-      width=likelihood.PILOT_WIDTH, points_per_call=setup.points_per_call, prior_fn=functools.partial(setup.prior, p)))
+  run_pilot = setup.compile_fn(likelihood.pilot_fn(setup.terms, setup.prior, lambda_min=likelihood.LAMBDA_MIN,
+                                                   candidates=likelihood.CANDIDATES, width=likelihood.PILOT_WIDTH,
+                                                   points_per_call=setup.points_per_call))
   record = likelihood.select_endpoint(run_pilot, params, selection, batch_size=setup.batch_size, seed=seed + 1)
   return dict(record, bound_space=setup.bound_space)
 
 
-def conditional_bounds(exp, params, tokens, scored, endpoint: dict, *, num_points: int = 128, batch_size: int = 64,
-                       seed: int = 0) -> np.ndarray:
-  """Per row, a bound in nats on −log p(tokens at scored positions | the rest, clean) (SPEC §5; the
-  conditional form of `likelihood`'s module docstring), at `endpoint`'s λ1 and proposal. tokens [N, L]
-  int, scored [N, L] (1: bounded, 0: clean context).
+def conditional_scorer(exp, endpoint: dict, *, num_points: int = 128, batch_size: int = 64):
+  """score(params, tokens [N, L] int, scored [N, L], seed) -> per row, a bound in nats on
+  −log p(tokens at scored positions | the rest, clean) (SPEC §5; the conditional form of
+  `likelihood`'s module docstring), at `endpoint`'s λ1 and proposal; scored 1: bounded, 0: clean
+  context. Compiled once: build it once and call it for every batch of requests.
 
   Each row draws its λ points and noise from a key made of `seed` and the row's own content, so a
   row's bound does not depend on which rows share its batch or in which order they come (lm-eval
@@ -193,11 +192,23 @@ def conditional_bounds(exp, params, tokens, scored, endpoint: dict, *, num_point
       return total[0]
     return (jax.vmap(one)(*rows),)
 
-  tokens, scored = np.asarray(tokens, np.int32), np.asarray(scored, np.float32)
-  keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(
-      jax.random.key(seed), zlib.crc32(t.tobytes() + s.tobytes()) & 0x7FFFFFFF))) for t, s in zip(tokens, scored)])
-  (total,) = likelihood.batched(setup.compile_fn(per_row), params, (tokens, scored, keys), setup.batch_size, seed)
-  return total
+  run = setup.compile_fn(per_row)
+
+  def score(params, tokens, scored, seed: int = 0) -> np.ndarray:
+    tokens, scored = np.asarray(tokens, np.int32), np.asarray(scored, np.float32)
+    hashes = np.asarray([zlib.crc32(t.tobytes() + s.tobytes()) & 0x7FFFFFFF for t, s in zip(tokens, scored)],
+                        np.uint32)
+    keys = np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), hashes)))
+    (total,) = likelihood.batched(run, params, (tokens, scored, keys), setup.batch_size, seed)
+    return total
+
+  return score
+
+
+def conditional_bounds(exp, params, tokens, scored, endpoint: dict, *, num_points: int = 128, batch_size: int = 64,
+                       seed: int = 0) -> np.ndarray:
+  """`conditional_scorer`'s bounds of these rows, compiled for this one call."""
+  return conditional_scorer(exp, endpoint, num_points=num_points, batch_size=batch_size)(params, tokens, scored, seed)
 
 
 def writes_files() -> bool:

@@ -321,9 +321,10 @@ def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequenc
 
 
 def batched(fn, params, rows, batch_size: int, seed: int, progress=None):
-  """Runs `fn(params, rows [batch_size, ...], rng) -> tuple of [batch_size, ...]` over `rows` (tokens, or
-  a tuple of arrays with the rows on their first axis, e.g. (tokens, scored): `split_rows`), padding the last batch with copies of its first row; returns the
-  outputs for the real rows, concatenated."""
+  """Runs `fn(params, rows [batch_size, ...], rng) -> tuple of [batch_size, ...]` over `rows` (tokens,
+  or a tuple of arrays with the rows on their first axis, e.g. (tokens, scored): `split_rows`),
+  padding the last batch with copies of its first row; returns the outputs for the real rows,
+  concatenated."""
   rows = tuple(np.asarray(a) for a in rows) if isinstance(rows, (tuple, list)) else np.asarray(rows, np.int32)
   total = num_rows(rows)
   outs = []
@@ -390,9 +391,8 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
     if progress is not None:
       progress(done[0], total_rows)
 
-  run_pilot = compile_fn(lambda p, t, r: pilot_terms(
-      functools.partial(terms_fn, p), t, r, lambda_min=lambda_min, candidates=candidates, width=width,
-      points_per_call=points_per_call, prior_fn=_bind(prior_fn, p)))
+  run_pilot = compile_fn(pilot_fn(terms_fn, prior_fn, lambda_min=lambda_min, candidates=candidates, width=width,
+                                  points_per_call=points_per_call))
   selection = select_endpoint(run_pilot, params, selection_rows, lambda_min=lambda_min, candidates=candidates,
                               width=width, defensive=defensive, batch_size=batch_size, seed=seed + 1,
                               progress=tick)
@@ -412,6 +412,14 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
                                proposal_edges=[float(e) for e in proposal[0]],
                                proposal_masses=[float(m) for m in proposal[1]]))
   return record
+
+
+def pilot_fn(terms_fn, prior_fn, *, lambda_min: float, candidates: Sequence[float], width: float,
+             points_per_call: int):
+  """f(params, rows, rng) -> `pilot_terms`' (f, CE, prior) per row: what `select_endpoint` runs."""
+  return lambda params, rows, rng: pilot_terms(
+      functools.partial(terms_fn, params), rows, rng, lambda_min=lambda_min, candidates=candidates, width=width,
+      points_per_call=points_per_call, prior_fn=_bind(prior_fn, params))
 
 
 def report_fn(terms_fn, prior_fn, *, lambda_min: float, lambda_max: float, proposal, num_points: int,

@@ -37,7 +37,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from cfmjax import ar, distributed, export, inference
-from cfmjax.evaluate import bound_endpoint, conditional_bounds
+from cfmjax.evaluate import bound_endpoint, conditional_scorer
 
 
 # Model args (`--model_args k=v,...`; the CLI passes strings) and their defaults.
@@ -66,7 +66,7 @@ class CfmjaxLM(LM):
     self.length = self.exp.config.data.seq_len
     self.bound_points, self.bound_repeats = int(args["bound_points"]), int(args["bound_repeats"])
     self.bound_selection_rows = int(args["bound_selection_rows"])
-    self.endpoint = None  # flows: λ1 and the λ proposal, fitted on first use
+    self.scorer = None  # flows: the conditional bound at a fitted λ1 and proposal, built on first use
     self.last_stderr = None
 
   # --- scoring -----------------------------------------------------------------------------------
@@ -99,12 +99,11 @@ class CfmjaxLM(LM):
     return rows, scored
 
   def _score_flow(self, rows, scored):
-    if self.endpoint is None:
-      self.endpoint = bound_endpoint(self.exp, self.params, self.bound_selection_rows, batch_size=self.batch_size,
-                                     seed=self.seed)
-    bounds = np.stack([conditional_bounds(self.exp, self.params, rows, scored, self.endpoint,
-                                                   num_points=self.bound_points, batch_size=self.batch_size,
-                                                   seed=self.seed + r) for r in range(self.bound_repeats)])
+    if self.scorer is None:  # λ1 and the proposal fitted once, the bound compiled once
+      endpoint = bound_endpoint(self.exp, self.params, self.bound_selection_rows, batch_size=self.batch_size,
+                                seed=self.seed)
+      self.scorer = conditional_scorer(self.exp, endpoint, num_points=self.bound_points, batch_size=self.batch_size)
+    bounds = np.stack([self.scorer(self.params, rows, scored, self.seed + r) for r in range(self.bound_repeats)])
     self.last_stderr = (bounds.std(axis=0, ddof=1) / np.sqrt(len(bounds))).tolist() if len(bounds) > 1 else None
     return [(-float(b), False) for b in bounds.mean(axis=0)]
 
