@@ -326,7 +326,7 @@ def _point_latest_at(path: str):
 
 
 def cmd_eval():
-  from cfmjax import ar, diagnostics, evaluate, inference, judges  # noqa: PLC0415
+  from cfmjax import ar, diagnostics, evaluate, inference, judges, likelihood  # noqa: PLC0415
 
   workdir, exp, params, step = _load_for_inference()
   cfg = exp.config.eval
@@ -399,10 +399,11 @@ def cmd_eval():
     if not endpoints:
       raise app.UsageError(f"--likelihood_endpoints must be numbers separated by commas, got "
                            f"{_LIKELIHOOD_ENDPOINTS.value!r}")
-    record = evaluate.likelihood_bound(exp, params, _LIKELIHOOD_ROWS.value, _LIKELIHOOD_POINTS.value,
-                                       _BATCH_SIZE.value or cfg.batch_size, _SEED.value,
+    settings = likelihood.BoundSettings(num_points=_LIKELIHOOD_POINTS.value, candidates=tuple(endpoints),
+                                        batch_size=_BATCH_SIZE.value or cfg.batch_size)
+    record = evaluate.likelihood_bound(exp, params, _LIKELIHOOD_ROWS.value, _SEED.value,
                                        progress=_progress_bar("likelihood bound"),
-                                       selection_rows=_LIKELIHOOD_SELECTION_ROWS.value, candidates=endpoints,
+                                       selection_rows=_LIKELIHOOD_SELECTION_ROWS.value, settings=settings,
                                        bound_space=_LIKELIHOOD_SPACE.value)
     record["checkpoint_step"] = step
     records.append(record)

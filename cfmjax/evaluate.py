@@ -84,9 +84,8 @@ def exact_reference_record(exp, steps: int, num_samples: int, batch_size: int, s
 LIKELIHOOD_ELEMENTS_PER_CALL = 2**25  # rows × L × V per network call of the bound (logits and V-space x)
 
 
-def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size: int, seed: int, progress=None,
-                     *, selection_rows: int = 64, candidates=likelihood.CANDIDATES,
-                     lambda_min: float = likelihood.LAMBDA_MIN, bound_space: str = "auto") -> dict:
+def likelihood_bound(exp, params, report_rows: int, seed: int, progress=None, *, selection_rows: int = 64,
+                     settings: likelihood.BoundSettings = likelihood.BoundSettings(), bound_space: str = "auto") -> dict:
   """The SPEC §5 bound under the model's denoiser (EMA parameters), λ1 chosen on held-out rows that
   are not reported (SPEC §9).
 
@@ -94,28 +93,25 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
   for Markov, of the single held-out split for text; a fixed prefix whatever N). The report split is
   rows [0, report_rows) (the same rows a plain `eval_rows(report_rows)` gives), the selection split
   rows [report_rows, report_rows + selection_rows); the record names both ranges. λ1 (among
-  `candidates`) and the λ proposal are fitted on the selection split only (`likelihood.bound_with_selection`).
+  `settings.candidates`) and the λ proposal are fitted on the selection split only (`likelihood.bound_with_selection`).
 
   The network is called through the experiment's state space (`state_space.from_config`): V-space
   x_γ, or h_γ = x_γW for an embedding-space model, with the output reduced per vocabulary chunk when
-  model.vocab_chunk > 0. Rows per network call are capped so that rows × L × V stays under
-  LIKELIHOOD_ELEMENTS_PER_CALL (points per call shrink first, then the batch).
+  model.vocab_chunk > 0. Rows per network call (settings.batch_size) are capped so that rows × L × V stays
+  under LIKELIHOOD_ELEMENTS_PER_CALL (points per call shrink first, then the batch).
 
   `bound_space` (recorded as the record's bound_space): "vocab" is the V-space bound (Brier ‖e_x1 − μ‖²);
   "embedding" the ELBO of the diffusion of h itself (whitened Brier ‖C⁻¹(W_x1 − μW)ᵀ‖², prior from the
   tokens' leverages; likelihood.py), the tight one when the network sees only h = xW with V > D;
   "auto" picks "embedding" exactly then (embedding state and V > D), "vocab" otherwise.
   """
-  setup = _bound_setup(exp, batch_size, bound_space)
+  setup = _bound_setup(exp, settings, bound_space)
   if report_rows < 2 or selection_rows < 2:
     raise ValueError(f"the likelihood bound needs at least 2 report and 2 selection rows, got "
                      f"{report_rows} and {selection_rows}")
   report, selection, split = exp.data.bound_rows(report_rows, selection_rows)
   record = likelihood.bound_with_selection(setup.compile_fn, setup.terms, params, report, selection,
-                                           num_points=num_points, lambda_min=lambda_min,
-                                           candidates=tuple(candidates), points_per_call=setup.points_per_call,
-                                           batch_size=setup.batch_size, seed=seed, progress=progress,
-                                           prior_fn=setup.prior)
+                                           settings=setup.settings, seed=seed, progress=progress)
   record.update(split, state_space="embedding" if setup.space.embedded else "vocab", bound_space=setup.bound_space)
   return record
 
@@ -123,14 +119,12 @@ def likelihood_bound(exp, params, report_rows: int, num_points: int, batch_size:
 class _BoundSetup(NamedTuple):
   space: state_space.StateSpace
   bound_space: str  # "vocab" | "embedding", resolved
-  terms: Callable  # likelihood.state_space_terms
-  prior: Callable
+  terms: likelihood.Terms  # likelihood.state_space_terms
   compile_fn: Callable  # f(params, rows, rng) -> a sharded jitted call on numpy rows
-  batch_size: int  # rows per call, a multiple of the data-parallel size
-  points_per_call: int
+  settings: likelihood.BoundSettings  # batch_size (a multiple of the data-parallel size) and points per call capped
 
 
-def _bound_setup(exp, batch_size: int, bound_space: str) -> _BoundSetup:
+def _bound_setup(exp, settings: likelihood.BoundSettings, bound_space: str) -> _BoundSetup:
   """The network's bound terms and their sharded compilation (see `likelihood_bound`)."""
   space = state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config)
   if bound_space not in ("auto", "vocab", "embedding"):
@@ -141,10 +135,11 @@ def _bound_setup(exp, batch_size: int, bound_space: str) -> _BoundSetup:
     raise ValueError("the embedding-space bound needs an embedding-space model (model.state_space)")
   dp = sharding.data_parallel_size(exp.mesh, exp.rules)
   per_row = exp.config.data.seq_len * exp.vocab_size
-  batch_size = max(1, min(batch_size, LIKELIHOOD_ELEMENTS_PER_CALL // per_row))
+  batch_size = max(1, min(settings.batch_size, LIKELIHOOD_ELEMENTS_PER_CALL // per_row))
   batch_size = max(dp, batch_size // dp * dp)
-  points_per_call = int(np.clip(LIKELIHOOD_ELEMENTS_PER_CALL // (batch_size * per_row), 1, 16))
-  terms, prior = likelihood.state_space_terms(space, exp.schedule, bound_space)
+  points_per_call = int(np.clip(LIKELIHOOD_ELEMENTS_PER_CALL // (batch_size * per_row), 1, settings.points_per_call))
+  settings = settings._replace(batch_size=batch_size, points_per_call=points_per_call)
+  terms = likelihood.state_space_terms(space, exp.schedule, bound_space)
 
   def compile_fn(fn):
     jitted = jax.jit(fn, in_shardings=(exp.state_shardings["ema_params"], exp.batch_sharding, None))
@@ -156,19 +151,17 @@ def _bound_setup(exp, batch_size: int, bound_space: str) -> _BoundSetup:
 
     return call
 
-  return _BoundSetup(space, bound_space, terms, prior, compile_fn, batch_size, points_per_call)
+  return _BoundSetup(space, bound_space, terms, compile_fn, settings)
 
 
 def bound_endpoint(exp, params, selection_rows: int = 64, *, batch_size: int = 64, seed: int = 0,
                    bound_space: str = "auto") -> dict:
   """λ1 and the λ proposal (`likelihood.select_endpoint`) fitted on the first `selection_rows` of the
   bound's selection split: what `conditional_bounds` scores any other rows with."""
-  setup = _bound_setup(exp, batch_size, bound_space)
+  setup = _bound_setup(exp, likelihood.BoundSettings(batch_size=batch_size), bound_space)
   _, selection, _ = exp.data.bound_rows(2, selection_rows)
-  run_pilot = setup.compile_fn(likelihood.pilot_fn(setup.terms, setup.prior, lambda_min=likelihood.LAMBDA_MIN,
-                                                   candidates=likelihood.CANDIDATES, width=likelihood.PILOT_WIDTH,
-                                                   points_per_call=setup.points_per_call))
-  record = likelihood.select_endpoint(run_pilot, params, selection, batch_size=setup.batch_size, seed=seed + 1)
+  run_pilot = setup.compile_fn(likelihood.pilot_fn(setup.terms, setup.settings))
+  record = likelihood.select_endpoint(run_pilot, params, selection, settings=setup.settings, seed=seed + 1)
   return dict(record, bound_space=setup.bound_space)
 
 
@@ -181,10 +174,10 @@ def conditional_scorer(exp, endpoint: dict, *, num_points: int = 128, batch_size
   Each row draws its λ points and noise from a key made of `seed` and the row's own content, so a
   row's bound does not depend on which rows share its batch or in which order they come (lm-eval
   reorders requests)."""
-  setup = _bound_setup(exp, batch_size, endpoint["bound_space"])
-  report = likelihood.report_fn(setup.terms, setup.prior, lambda_min=likelihood.LAMBDA_MIN,
-                                lambda_max=endpoint["lambda_max"], proposal=endpoint["proposal"],
-                                num_points=num_points, points_per_call=setup.points_per_call)
+  setup = _bound_setup(exp, likelihood.BoundSettings(num_points=num_points, batch_size=batch_size),
+                       endpoint["bound_space"])
+  report = likelihood.report_fn(setup.terms, setup.settings, lambda_max=endpoint["lambda_max"],
+                                proposal=endpoint["proposal"])
 
   def per_row(params, rows, _):
     def one(tok, sc, key_data):
@@ -199,7 +192,7 @@ def conditional_scorer(exp, endpoint: dict, *, num_points: int = 128, batch_size
     hashes = np.asarray([zlib.crc32(t.tobytes() + s.tobytes()) & 0x7FFFFFFF for t, s in zip(tokens, scored)],
                         np.uint32)
     keys = np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), hashes)))
-    (total,) = likelihood.batched(run, params, (tokens, scored, keys), setup.batch_size, seed)
+    (total,) = likelihood.batched(run, params, (tokens, scored, keys), setup.settings.batch_size, seed)
     return total
 
   return score

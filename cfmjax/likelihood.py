@@ -55,7 +55,7 @@ scored positions are diffused; it is tight when the denoiser is the exact poster
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,26 @@ LAMBDA_MIN = -12.0  # λ0: the prior term there is L e^λ0 / 2 ≈ 3e-6 L nats
 CANDIDATES = tuple(float(c) for c in range(-4, 13))
 PILOT_WIDTH = 0.25  # pilot strata width in λ (96 strata over [-12, 12])
 DEFENSIVE = 0.1  # weight of the uniform density in the proposal mixture
+
+
+class BoundSettings(NamedTuple):
+  """How a bound is estimated: the pilot that picks λ1 and the proposal (`select_endpoint`), the
+  points of the reported integral (`bound_terms`), and how much goes through the network per call."""
+  num_points: int = 128  # λ points per row in the reported integral
+  lambda_min: float = LAMBDA_MIN  # λ0
+  candidates: tuple = CANDIDATES  # λ1 candidates, on the pilot grid λ0 + k·width
+  width: float = PILOT_WIDTH  # pilot strata width in λ
+  defensive: float = DEFENSIVE  # weight of the uniform density in the fitted proposal
+  points_per_call: int = 16  # λ points per row in one network call
+  batch_size: int = 64  # rows per network call
+
+
+class Terms(NamedTuple):
+  """A network's bound terms: `terms_fn(params, rows, gamma, rng) -> (Brier [R], CE [R])` (sums over
+  the bounded positions) and `prior_fn(params, rows) -> [R]` (Σ ‖clean point‖²; None: V-space, 1 per
+  position)."""
+  terms_fn: Callable
+  prior_fn: Callable | None = None
 
 
 def gamma_of_lambda(lam):
@@ -146,8 +166,8 @@ def num_rows(rows) -> int:
   return jax.tree.leaves(rows)[0].shape[0]
 
 
-def state_space_terms(space: state_space.StateSpace, schedule, bound_space: str = "vocab"):
-  """(terms_fn(params, rows, gamma, rng) -> (Brier [R], CE [R]), prior_fn(params, rows) -> [R]) of a
+def state_space_terms(space: state_space.StateSpace, schedule, bound_space: str = "vocab") -> Terms:
+  """The `Terms` of a
   network seen through its state space (V-space x_γ or h_γ = x_γW; `output_stats`), summed over the
   scored positions of the rows (`split_rows`). `bound_space` "embedding": the whitened Brier and the
   tokens' leverages of the h-diffusion's ELBO; "vocab": ‖e_x1 − μ‖² and ‖e_x1‖² = 1."""
@@ -185,7 +205,7 @@ def state_space_terms(space: state_space.StateSpace, schedule, bound_space: str 
       norms = jnp.ones(tokens.shape, jnp.float32)
     return jnp.sum(norms if scored is None else norms * scored, axis=-1)
 
-  return terms, prior
+  return Terms(terms, prior)
 
 
 def point_terms(terms_fn, tokens, rng, lam, points_per_call: int):
@@ -222,17 +242,18 @@ def _prior(prior_fn, tokens, lambda_min: float):
   return 0.5 * float(np.exp(lambda_min)) * prior_fn(tokens).astype(jnp.float32)
 
 
-def bound_terms(terms_fn, tokens, rng, *, num_points: int, lambda_min: float, lambda_max: float,
-                proposal=None, points_per_call: int = 16, prior_fn=None):
+def bound_terms(terms_fn, tokens, rng, *, lambda_max: float, proposal=None, settings: BoundSettings = BoundSettings(),
+                prior_fn=None):
   """One estimate of the bound per sequence, (total [B], parts dict of [B]: prior, diffusion,
-  reconstruction). `proposal` = (edges, masses) on [λ0, λ1]; None: uniform (plain stratified).
+  reconstruction), with `settings.num_points` λ points on [λ0 = settings.lambda_min, λ1 = `lambda_max`].
+  `proposal` = (edges, masses) on [λ0, λ1]; None: uniform (plain stratified).
   `prior_fn(tokens) -> [B]`: Σ_positions ‖clean point‖² (embedding space: the leverages of the tokens,
   `embedding_prior_norms`); None: L (V-space)."""
-  batch = num_rows(tokens)
+  batch, lambda_min = num_rows(tokens), settings.lambda_min
   edges, masses = proposal if proposal is not None else uniform_proposal(lambda_min, lambda_max)
   rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
-  lam, weight = proposal_points(rng_lam, batch, num_points, edges, masses)
-  brier, _ = point_terms(terms_fn, tokens, rng_points, lam, points_per_call)
+  lam, weight = proposal_points(rng_lam, batch, settings.num_points, edges, masses)
+  brier, _ = point_terms(terms_fn, tokens, rng_points, lam, settings.points_per_call)
   diffusion = jnp.sum(0.5 * jnp.exp(lam) * brier * weight, axis=1)
   _, reconstruction = terms_fn(tokens, jnp.full((batch,), gamma_of_lambda(jnp.float32(lambda_max))), rng_recon)
   prior = _prior(prior_fn, tokens, lambda_min)
@@ -279,21 +300,19 @@ def embedded_prior_fn(w):
   return lambda _, tokens: embedding_prior_norms(leverage, tokens)
 
 
-def sequence_bounds(denoise_fn, tokens, rng, vocab_size: int, num_points: int = 128,
-                    lambda_min: float = LAMBDA_MIN, lambda_max: float = 12.0, points_per_call: int = 16,
-                    proposal=None, embedding=None):
+def sequence_bounds(denoise_fn, tokens, rng, vocab_size: int, *, lambda_max: float = 12.0, proposal=None,
+                    embedding=None, settings: BoundSettings = BoundSettings()):
   """`bound_terms` for a V-space `denoise_fn(x, gamma) -> logits` ([B, L, V] and [B]); with `embedding`
   W [V, D] the embedding-space bound of a `denoise_fn(h, gamma)` that sees h_γ = x_γW only."""
   if embedding is None:
     terms, prior_fn = denoiser_terms(denoise_fn, vocab_size), None
   else:
     terms, prior_fn = embedded_denoiser_terms(denoise_fn, embedding), embedded_prior_fn(embedding)
-  return bound_terms(functools.partial(terms, None), tokens, rng, num_points=num_points,
-                     lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
-                     points_per_call=points_per_call, prior_fn=_bind(prior_fn, None))
+  return bound_terms(functools.partial(terms, None), tokens, rng, lambda_max=lambda_max, proposal=proposal,
+                     settings=settings, prior_fn=_bind(prior_fn, None))
 
 
-def pilot_edges(lambda_min: float, candidates: Sequence[float], width: float):
+def pilot_edges(lambda_min: float, candidates, width: float):
   """The pilot strata edges on [λ0, max candidate] and each candidate's edge index (candidates must
   lie on the grid λ0 + k·width)."""
   top = max(candidates)
@@ -306,18 +325,17 @@ def pilot_edges(lambda_min: float, candidates: Sequence[float], width: float):
   return edges, np.asarray(index)
 
 
-def pilot_terms(terms_fn, tokens, rng, *, lambda_min: float, candidates: Sequence[float], width: float,
-                points_per_call: int = 16, prior_fn=None):
+def pilot_terms(terms_fn, tokens, rng, *, settings: BoundSettings = BoundSettings(), prior_fn=None):
   """(f [B, K] = ½ e^λ Brier at one uniform point in each pilot stratum, CE [B, C] at each candidate,
   prior term [B])."""
-  batch = num_rows(tokens)
-  edges, _ = pilot_edges(lambda_min, candidates, width)
+  batch, candidates, points_per_call = num_rows(tokens), settings.candidates, settings.points_per_call
+  edges, _ = pilot_edges(settings.lambda_min, candidates, settings.width)
   rng_lam, rng_points, rng_recon = jax.random.split(rng, 3)
   lam, _ = proposal_points(rng_lam, batch, len(edges) - 1, edges, np.diff(edges))
   brier, _ = point_terms(terms_fn, tokens, rng_points, lam, points_per_call)
   lam_c = jnp.broadcast_to(jnp.asarray(candidates, jnp.float32), (batch, len(candidates)))
   _, ce = point_terms(terms_fn, tokens, rng_recon, lam_c, points_per_call)
-  return 0.5 * jnp.exp(lam) * brier, ce, _prior(prior_fn, tokens, lambda_min)
+  return 0.5 * jnp.exp(lam) * brier, ce, _prior(prior_fn, tokens, settings.lambda_min)
 
 
 def batched(fn, params, rows, batch_size: int, seed: int, progress=None):
@@ -340,21 +358,20 @@ def batched(fn, params, rows, batch_size: int, seed: int, progress=None):
   return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
-def select_endpoint(run_pilot: Callable, params, selection_rows, *, lambda_min: float = LAMBDA_MIN,
-                    candidates: Sequence[float] = CANDIDATES, width: float = PILOT_WIDTH,
-                    defensive: float = DEFENSIVE, batch_size: int = 64, seed: int = 0, progress=None) -> dict:
+def select_endpoint(run_pilot: Callable, params, selection_rows, *, settings: BoundSettings = BoundSettings(),
+                    seed: int = 0, progress=None) -> dict:
   """λ1 and the proposal from the selection rows alone (see the module docstring).
 
-  `run_pilot(params, tokens [batch_size, L], rng)` returns `pilot_terms`' (f, CE[, prior]). Only
+  `run_pilot(params, tokens [settings.batch_size, L], rng)` returns `pilot_terms`' (f, CE[, prior]). Only
   `selection_rows` are given to it. Returns lambda_max, the candidates with their mean per-token bound and standard
   error on the selection rows, and proposal = (edges, masses) on [λ0, λ1].
   """
-  selection_rows = np.asarray(selection_rows)
+  selection_rows, candidates = np.asarray(selection_rows), settings.candidates
   n, length = selection_rows.shape
-  edges, index = pilot_edges(lambda_min, candidates, width)
-  out = batched(run_pilot, params, selection_rows, batch_size, seed, progress)
+  edges, index = pilot_edges(settings.lambda_min, candidates, settings.width)
+  out = batched(run_pilot, params, selection_rows, settings.batch_size, seed, progress)
   f, ce = out[:2]
-  prior = out[2][:, None] if len(out) > 2 else prior_term(length, lambda_min)
+  prior = out[2][:, None] if len(out) > 2 else prior_term(length, settings.lambda_min)
   partial = np.concatenate([np.zeros((n, 1)), np.cumsum(f * np.diff(edges), axis=1)], axis=1)  # ∫ up to edge
   per_row = prior + partial[:, index] + ce  # [n, C]
   values = per_row.mean(axis=0) / length
@@ -363,26 +380,21 @@ def select_endpoint(run_pilot: Callable, params, selection_rows, *, lambda_min: 
   best = int(np.argmin(finite))
   top = index[best]
   rms = np.sqrt(np.mean(np.square(f[:, :top]), axis=0))
-  proposal = fitted_proposal(edges[:top + 1], rms, defensive)
+  proposal = fitted_proposal(edges[:top + 1], rms, settings.defensive)
   return {"lambda_max": float(candidates[best]), "candidates": [float(c) for c in candidates],
           "candidate_values": [float(v) for v in values], "candidate_stderr": [float(s) for s in stderr],
           "proposal": proposal}
 
 
-def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, report_rows, selection_rows, *,
-                         num_points: int = 128, lambda_min: float = LAMBDA_MIN,
-                         candidates: Sequence[float] = CANDIDATES, width: float = PILOT_WIDTH,
-                         defensive: float = DEFENSIVE, points_per_call: int = 16, batch_size: int = 64,
-                         seed: int = 0, progress=None, prior_fn=None) -> dict:
+def bound_with_selection(compile_fn: Callable, terms: Terms, params, report_rows, selection_rows, *,
+                         settings: BoundSettings = BoundSettings(), seed: int = 0, progress=None) -> dict:
   """The §5 bound with λ1 and the λ proposal chosen on `selection_rows`, reported on `report_rows`.
 
-  `terms_fn(params, tokens, gamma, rng) -> (brier [R], ce [R])` (traceable); `compile_fn(f)` turns a
-  traceable `f(params, tokens, rng)` into a callable on (params, numpy tokens [batch_size, L], rng)
-  (jax.jit, or a sharded jit). The selection pass sees the selection rows only; the report pass uses
-  the fixed λ1 and proposal. `progress(done, total)` counts selection then report rows.
-  `prior_fn(params, tokens) -> [B]` (traceable): Σ_positions ‖clean point‖² for the prior term (the
-  embedding-space bound: the tokens' leverages); None: L (V-space). Returns
-  `summarize`'s record of the report rows plus the selection's record.
+  `terms` (traceable; `Terms`): the network's Brier and CE at (params, tokens, gamma, rng), and its
+  prior norms; `compile_fn(f)` turns a traceable `f(params, tokens, rng)` into a callable on (params,
+  numpy tokens [settings.batch_size, L], rng) (jax.jit, or a sharded jit). The selection pass sees the
+  selection rows only; the report pass uses the fixed λ1 and proposal. `progress(done, total)` counts
+  selection then report rows. Returns `summarize`'s record of the report rows plus the selection's record.
   """
   total_rows, done = len(selection_rows) + len(report_rows), [0]
 
@@ -391,46 +403,38 @@ def bound_with_selection(compile_fn: Callable, terms_fn: Callable, params, repor
     if progress is not None:
       progress(done[0], total_rows)
 
-  run_pilot = compile_fn(pilot_fn(terms_fn, prior_fn, lambda_min=lambda_min, candidates=candidates, width=width,
-                                  points_per_call=points_per_call))
-  selection = select_endpoint(run_pilot, params, selection_rows, lambda_min=lambda_min, candidates=candidates,
-                              width=width, defensive=defensive, batch_size=batch_size, seed=seed + 1,
-                              progress=tick)
+  selection = select_endpoint(compile_fn(pilot_fn(terms, settings)), params, selection_rows, settings=settings,
+                              seed=seed + 1, progress=tick)
   proposal = selection.pop("proposal")
   lambda_max = selection["lambda_max"]
 
-  run_report = compile_fn(report_fn(terms_fn, prior_fn, lambda_min=lambda_min, lambda_max=lambda_max,
-                                     proposal=proposal, num_points=num_points, points_per_call=points_per_call))
-  total, diffusion, reconstruction = batched(run_report, params, report_rows, batch_size, seed, tick)
+  run_report = compile_fn(report_fn(terms, settings, lambda_max=lambda_max, proposal=proposal))
+  total, diffusion, reconstruction = batched(run_report, params, report_rows, settings.batch_size, seed, tick)
   length = np.asarray(report_rows).shape[1]
   record = summarize(total, length)
-  record.update(lambda_min=lambda_min, lambda_max=lambda_max, num_points=num_points,
+  record.update(lambda_min=settings.lambda_min, lambda_max=lambda_max, num_points=settings.num_points,
                 diffusion_per_token=float(diffusion.mean() / length),
                 reconstruction_per_token=float(reconstruction.mean() / length),
-                selection=dict(selection, num_rows=int(len(selection_rows)), pilot_width=width,
-                               defensive=defensive,
+                selection=dict(selection, num_rows=int(len(selection_rows)), pilot_width=settings.width,
+                               defensive=settings.defensive,
                                proposal_edges=[float(e) for e in proposal[0]],
                                proposal_masses=[float(m) for m in proposal[1]]))
   return record
 
 
-def pilot_fn(terms_fn, prior_fn, *, lambda_min: float, candidates: Sequence[float], width: float,
-             points_per_call: int):
+def pilot_fn(terms: Terms, settings: BoundSettings):
   """f(params, rows, rng) -> `pilot_terms`' (f, CE, prior) per row: what `select_endpoint` runs."""
-  return lambda params, rows, rng: pilot_terms(
-      functools.partial(terms_fn, params), rows, rng, lambda_min=lambda_min, candidates=candidates, width=width,
-      points_per_call=points_per_call, prior_fn=_bind(prior_fn, params))
+  return lambda params, rows, rng: pilot_terms(functools.partial(terms.terms_fn, params), rows, rng,
+                                               settings=settings, prior_fn=_bind(terms.prior_fn, params))
 
 
-def report_fn(terms_fn, prior_fn, *, lambda_min: float, lambda_max: float, proposal, num_points: int,
-              points_per_call: int):
+def report_fn(terms: Terms, settings: BoundSettings, *, lambda_max: float, proposal):
   """f(params, rows, rng) -> (bound, diffusion, reconstruction) per row [B], at a fixed λ1 and proposal
   (`select_endpoint`'s): what a report split, or any rows scored after the selection, is run through."""
 
   def report(params, rows, rng):
-    total, parts = bound_terms(functools.partial(terms_fn, params), rows, rng, num_points=num_points,
-                               lambda_min=lambda_min, lambda_max=lambda_max, proposal=proposal,
-                               points_per_call=points_per_call, prior_fn=_bind(prior_fn, params))
+    total, parts = bound_terms(functools.partial(terms.terms_fn, params), rows, rng, lambda_max=lambda_max,
+                               proposal=proposal, settings=settings, prior_fn=_bind(terms.prior_fn, params))
     return total, parts["diffusion"], parts["reconstruction"]
 
   return report

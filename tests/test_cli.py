@@ -130,7 +130,7 @@ def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(mark
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import evaluate, inference  # noqa: PLC0415
+  from cfmjax import evaluate, inference, likelihood  # noqa: PLC0415
 
   exp, params, _ = inference.load(str(markov_base[0]))
   chain = exp.data.markov
@@ -144,8 +144,9 @@ def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(mark
     return jnp.log(jnp.maximum(probs, 1e-30))
 
   rows = exp.data.eval_rows(64)  # the report split: the first 64 held-out rows
-  record = evaluate.likelihood_bound(dataclasses.replace(exp, apply_fn=exact_logits), params, len(rows), 64, 16, 0,
-                                     selection_rows=16)
+  settings = likelihood.BoundSettings(num_points=64, batch_size=16)
+  record = evaluate.likelihood_bound(dataclasses.replace(exp, apply_fn=exact_logits), params, len(rows), 0,
+                                     selection_rows=16, settings=settings)
   exact = -chain.log_likelihood(rows).sum() / rows.size
   assert record["num_tokens"] == rows.size
   assert abs(record["value"] - exact) < 4 * record["stderr"] + 0.02 * exact, (record, exact)
@@ -154,7 +155,7 @@ def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(mark
 def test_likelihood_bound_of_a_context_free_denoiser_is_looser(markov_base):
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import evaluate, inference  # noqa: PLC0415
+  from cfmjax import evaluate, inference, likelihood  # noqa: PLC0415
 
   exp, params, _ = inference.load(str(markov_base[0]))
   chain = exp.data.markov
@@ -168,8 +169,8 @@ def test_likelihood_bound_of_a_context_free_denoiser_is_looser(markov_base):
     gamma = exp.schedule.gamma(tau_s)[:, None, None]
     return jnp.log(jnp.asarray(pi, jnp.float32)) + gamma * x / jnp.square(1.0 - gamma)
 
-  loose = evaluate.likelihood_bound(dataclasses.replace(exp, apply_fn=context_free), params, len(rows), 64, 16, 0,
-                                    selection_rows=16)
+  loose = evaluate.likelihood_bound(dataclasses.replace(exp, apply_fn=context_free), params, len(rows), 0,
+                                    selection_rows=16, settings=likelihood.BoundSettings(num_points=64, batch_size=16))
   assert loose["value"] > exact + 4 * loose["stderr"], (loose, exact)
   # It is the exact posterior of the i.i.d. model with marginal π, for which the bound is tight: it
   # must match that model's NLL of the rows (a negative or e^λ-inflated bound fails here).

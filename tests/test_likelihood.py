@@ -11,8 +11,8 @@ from cfmjax.data.markov import MarkovSource
 
 
 def _estimate(denoise_fn, toy, tokens, seed):
-  fn = jax.jit(lambda t, r: likelihood.sequence_bounds(denoise_fn, t, r, toy.vocab_size, num_points=256,
-                                                       points_per_call=32)[0])
+  settings = likelihood.BoundSettings(num_points=256, points_per_call=32)
+  fn = jax.jit(lambda t, r: likelihood.sequence_bounds(denoise_fn, t, r, toy.vocab_size, settings=settings)[0])
   return np.asarray(fn(jnp.asarray(tokens), jax.random.key(seed)), np.float64)
 
 
@@ -66,9 +66,9 @@ def test_importance_sampled_bound_is_unbiased_and_selected_on_its_own_split():
   report, selection = _toy_rows(toy, 768, 0), _toy_rows(toy, 128, 1)
   true_nll = toy.nll(report)
   exact = lambda x, gamma: toy.denoiser_logits(x, gamma)
-  terms = likelihood.denoiser_terms(exact, toy.vocab_size)
-  record = likelihood.bound_with_selection(_compile, terms, None, report, selection, num_points=64, batch_size=256,
-                                           points_per_call=16, seed=3)
+  terms = likelihood.Terms(likelihood.denoiser_terms(exact, toy.vocab_size))
+  settings = likelihood.BoundSettings(num_points=64, batch_size=256, points_per_call=16)
+  record = likelihood.bound_with_selection(_compile, terms, None, report, selection, settings=settings, seed=3)
   length = report.shape[1]
   sel = record["selection"]
   assert sel["num_rows"] == 128 and sel["lambda_max"] in sel["candidates"]
@@ -80,15 +80,15 @@ def test_importance_sampled_bound_is_unbiased_and_selected_on_its_own_split():
 
   # The plain stratified estimator at the same λ1 on the same rows agrees with it.
   plain = np.asarray(jax.jit(lambda t, r: likelihood.sequence_bounds(
-      exact, t, r, toy.vocab_size, num_points=64, lambda_max=record["lambda_max"])[0])(
+      exact, t, r, toy.vocab_size, lambda_max=record["lambda_max"], settings=settings)[0])(
           jnp.asarray(report), jax.random.key(5)), np.float64)
   plain_se = plain.std(ddof=1) / np.sqrt(len(plain)) / length
   assert abs(plain.mean() / length - truth) < 4 * plain_se + 1e-3
   assert abs(plain.mean() / length - record["value"]) < 4 * np.hypot(plain_se, record["stderr"]) + 1e-3
 
   flat = lambda x, gamma: 0.6 * jnp.maximum(toy.denoiser_logits(x, gamma), -30.0)
-  loose = likelihood.bound_with_selection(_compile, likelihood.denoiser_terms(flat, toy.vocab_size), None, report,
-                                          selection, num_points=64, batch_size=256, seed=3)
+  loose = likelihood.bound_with_selection(_compile, likelihood.Terms(likelihood.denoiser_terms(flat, toy.vocab_size)),
+                                          None, report, selection, settings=settings, seed=3)
   print(f"perturbed, λ1={loose['lambda_max']}: {loose['value']:.4f} +- {loose['stderr']:.4f}")
   assert loose["value"] - truth > 5 * loose["stderr"] and loose["value"] > 1.05 * truth
 
@@ -97,7 +97,7 @@ def test_endpoint_selection_never_reads_the_report_split():
   toy = oracles.random_finite_support(seed=2, num_sequences=5, length=3, vocab_size=4, concentration=1.0)
   report, selection = _toy_rows(toy, 64, 0), _toy_rows(toy, 64, 1)
   flat = lambda x, gamma: 0.7 * jnp.maximum(toy.denoiser_logits(x, gamma), -30.0)
-  terms = likelihood.denoiser_terms(flat, toy.vocab_size)
+  terms = likelihood.Terms(likelihood.denoiser_terms(flat, toy.vocab_size))
   seen = []
 
   def spying_compile(fn):  # the first compiled function is the pilot: record what it is fed
@@ -110,7 +110,7 @@ def test_endpoint_selection_never_reads_the_report_split():
       return run(params, tokens, rng)
     return call
 
-  kw = dict(num_points=16, batch_size=32, seed=0)
+  kw = dict(settings=likelihood.BoundSettings(num_points=16, batch_size=32), seed=0)
   clean = likelihood.bound_with_selection(spying_compile, terms, None, report, selection, **kw)
   pilot_rows = np.concatenate(seen[0])
   assert {tuple(r) for r in pilot_rows} <= {tuple(r) for r in selection}
@@ -148,6 +148,7 @@ def test_network_bound_is_the_same_through_either_state_space():
 
   records = {}
   params = None
+  settings = likelihood.BoundSettings(num_points=16, batch_size=16, candidates=(-2.0, 1.0))
   for name, overrides in (("vocab", {"model.state_space": "vocab"}),
                           ("project", {"model.state_space": "embedding", "model.embedded_noise": "project"}),
                           ("chunked", {"model.state_space": "embedding", "model.embedded_noise": "project",
@@ -156,13 +157,13 @@ def test_network_bound_is_the_same_through_either_state_space():
     config = tiny_config(**{"data.seq_len": 8, "data.markov.vocab_size": 40, **overrides})  # V > D = 32
     exp = experiment.build(config, None, devices=jax.devices()[:1])
     params = params if params is not None else experiment.init_state(exp, 0)["ema_params"]
-    records[name] = evaluate.likelihood_bound(exp, params, 16, 16, batch_size=16, seed=0, selection_rows=8,
-                                              candidates=(-2.0, 1.0), bound_space="vocab")
+    records[name] = evaluate.likelihood_bound(exp, params, 16, seed=0, selection_rows=8, settings=settings,
+                                              bound_space="vocab")
     assert records[name]["report_rows"] == [0, 16] and records[name]["selection_rows"] == [16, 24]
     assert records[name]["bound_space"] == "vocab"
     if name in ("project", "chunked"):  # V = 40 > D = 32 in embedding space: auto is the h-diffusion's bound
-      records[name + "_auto"] = evaluate.likelihood_bound(exp, params, 16, 16, batch_size=16, seed=0,
-                                                          selection_rows=8, candidates=(-2.0, 1.0))
+      records[name + "_auto"] = evaluate.likelihood_bound(exp, params, 16, seed=0, selection_rows=8,
+                                                          settings=settings)
       assert records[name + "_auto"]["bound_space"] == "embedding"
   assert records["vocab"]["state_space"] == "vocab" and records["project"]["state_space"] == "embedding"
   np.testing.assert_allclose(records["chunked_auto"]["value"], records["project_auto"]["value"], rtol=1e-4)
@@ -206,8 +207,9 @@ def _h_posterior_logits(toy, w):
 
 
 def _embedded_estimate(denoise_fn, toy, tokens, seed, embedding=None, num_points=256):
-  fn = jax.jit(lambda t, r: likelihood.sequence_bounds(denoise_fn, t, r, toy.vocab_size, num_points=num_points,
-                                                       points_per_call=32, embedding=embedding)[0])
+  settings = likelihood.BoundSettings(num_points=num_points, points_per_call=32)
+  fn = jax.jit(lambda t, r: likelihood.sequence_bounds(denoise_fn, t, r, toy.vocab_size, embedding=embedding,
+                                                       settings=settings)[0])
   return np.asarray(fn(jnp.asarray(tokens), jax.random.key(seed)), np.float64)
 
 
@@ -236,9 +238,9 @@ def test_embedding_bound_is_tight_at_the_exact_posterior_given_h():
   assert loose.mean() > 1.05 * true_nll.mean()
 
   report, selection = tokens[:768], _toy_rows(toy, 128, 1)
-  record = likelihood.bound_with_selection(_compile, likelihood.embedded_denoiser_terms(exact, w), None, report,
-                                           selection, num_points=64, batch_size=256, seed=3,
-                                           prior_fn=likelihood.embedded_prior_fn(w))
+  terms = likelihood.Terms(likelihood.embedded_denoiser_terms(exact, w), likelihood.embedded_prior_fn(w))
+  record = likelihood.bound_with_selection(_compile, terms, None, report, selection, seed=3,
+                                           settings=likelihood.BoundSettings(num_points=64, batch_size=256))
   truth = toy.nll(report).mean() / report.shape[1]
   print(f"embedding IS, λ1={record['lambda_max']}: {record['value']:.4f} +- {record['stderr']:.4f} vs {truth:.4f}")
   assert abs(record["value"] - truth) < 4 * record["stderr"] + 1e-3
@@ -289,19 +291,17 @@ def test_conditional_bound_is_tight_at_the_exact_posterior_given_the_context():
   source = MarkovSource(vocab, order=2, concentration=0.5, seed=3)
   posterior = oracles.MarkovPosterior.from_source(source)
   schedule = schedules.get_schedule("linear", vocab)
-  terms, prior = likelihood.state_space_terms(_markov_posterior_space(posterior, schedule, vocab), schedule)
+  terms = likelihood.state_space_terms(_markov_posterior_space(posterior, schedule, vocab), schedule)
   tokens = source.sample(np.random.default_rng(0), n, length).astype(np.int32)
   scored = np.ones((n, length), np.float32)
   scored[:, :prefix] = 0.0
   # λ1 and an importance proposal from other rows (lower variance than uniform λ)
   selection = source.sample(np.random.default_rng(1), 128, length).astype(np.int32)
+  settings = likelihood.BoundSettings(num_points=128, points_per_call=16, batch_size=128)
   run_pilot = jax.jit(lambda p, t, r: likelihood.pilot_terms(
-      functools.partial(terms, p), t, r, lambda_min=likelihood.LAMBDA_MIN, candidates=likelihood.CANDIDATES,
-      width=likelihood.PILOT_WIDTH, prior_fn=functools.partial(prior, p)))
-  fitted = likelihood.select_endpoint(run_pilot, None, selection, batch_size=128)
-  report = jax.jit(likelihood.report_fn(terms, prior, lambda_min=likelihood.LAMBDA_MIN,
-                                        lambda_max=fitted["lambda_max"], proposal=fitted["proposal"],
-                                        num_points=128, points_per_call=16))
+      functools.partial(terms.terms_fn, p), t, r, settings=settings, prior_fn=functools.partial(terms.prior_fn, p)))
+  fitted = likelihood.select_endpoint(run_pilot, None, selection, settings=settings)
+  report = jax.jit(likelihood.report_fn(terms, settings, lambda_max=fitted["lambda_max"], proposal=fitted["proposal"]))
   key = jax.random.key(5)
   bound = np.asarray(report(None, (jnp.asarray(tokens), jnp.asarray(scored)), key)[0], np.float64)
   exact = -(source.log_likelihood(tokens) - source.log_likelihood(tokens[:, :prefix]))
