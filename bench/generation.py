@@ -28,11 +28,11 @@ def time_generation(config, sampler: str, steps: int, batch: int, repeats: int) 
   best = float("inf")
   with exp.activate():
     try:  # compiled once, ahead of the timed calls (inference.generate re-jits on every call)
-      fn = inference.make_generator(exp, sampler, steps, batch)
+      fn = inference.make_generator(exp, inference.Sampling(sampler, steps, batch))
       fn = fn.lower(params, jax.random.key(0)).compile()
       run = lambda seed: jax.block_until_ready(fn(params, jax.random.key(seed)))
     except ValueError:  # a sampler only `inference.generate` knows (the AR decoder)
-      run = lambda seed: inference.generate(exp, params, sampler, steps, batch, batch, seed)
+      run = lambda seed: inference.generate(exp, params, inference.Sampling(sampler, steps, batch), batch, seed)
       run(0)  # compile (and a first run)
     for i in range(repeats):
       t = time.perf_counter()

@@ -21,6 +21,13 @@ import os
 import re
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cfmjax import experiment, flops, model as model_lib, train
+from cfmjax.data import pipeline
+
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -29,7 +36,6 @@ def use_fake_cpu_devices(num_devices: int):
   flags = re.sub(rf"{FAKE_DEVICES_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", ""))
   os.environ["XLA_FLAGS"] = f"{flags} {FAKE_DEVICES_FLAG}={num_devices}".strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax  # noqa: PLC0415 (after the flags)
 
   jax.config.update("jax_platforms", "cpu")
   if jax.device_count() < num_devices:
@@ -62,8 +68,6 @@ def vocab_size_of(config) -> int:
 
 def abstract_experiment(config, devices):
   """An Experiment whose data is a stand-in carrying only the vocabulary size (nothing is read)."""
-  from cfmjax import experiment  # noqa: PLC0415
-  from cfmjax.data import pipeline  # noqa: PLC0415
 
   data = pipeline.Data(source_name=config.data.source, seq_len=config.data.seq_len,
                        vocab_size=vocab_size_of(config), tokenizer=None, markov=None,
@@ -73,8 +77,6 @@ def abstract_experiment(config, devices):
 
 def _bytes_per_device(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
 
   total = 0
   for leaf in jax.tree_util.tree_leaves(tree):
@@ -87,7 +89,6 @@ def sharding_table(config, mesh_sizes, devices=None) -> dict:
   """{"params/<path>": "shape dtype PartitionSpec", "opt_state/<path>": ...} for every leaf of the
   train state on a (data, fsdp, tensor) mesh, from shapes only (nothing is compiled or allocated).
   Committed for owt_1p7b on 4x8x2 (tests/golden/): a change of sharding shows up in review."""
-  import jax  # noqa: PLC0415
 
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -105,10 +106,7 @@ def sharding_table(config, mesh_sizes, devices=None) -> dict:
 
 def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -> dict:
   """Lowers and compiles `config`'s train step on a (data, fsdp, tensor) mesh; returns the report."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import flops, model as model_lib, train  # noqa: PLC0415
 
   config = config.copy_and_resolve_references()
   stage = stage or config.stage

@@ -30,7 +30,9 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from cfmjax import main_job, sweep  # stdlib-only drivers: they keep `cfmjax --help` fast
+from cfmjax import aot, ar, diagnostics, distributed, evaluate, export, inference, judges, likelihood, main_job
+from cfmjax import report, sweep, train
+from cfmjax.data import pipeline
 
 COMMANDS = ("pipeline", "prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
 
@@ -169,8 +171,6 @@ def _progress_bar(label: str):
 
 
 def _run_stage(stage: str):
-  from cfmjax import train  # noqa: PLC0415 (keeps `cfmjax --help` fast)
-
   command = "train" if stage == "base" else "distill"
   if _CONFIG.value is None:
     raise app.UsageError(f"{command} needs --config=experiments/....py")
@@ -186,8 +186,6 @@ def _run_stage(stage: str):
 
 
 def cmd_prepare():
-  from cfmjax.data import pipeline  # noqa: PLC0415
-
   out = _OUT.value or (_CONFIG.value.data.prepared.path if _CONFIG.value is not None else "")
   if _CONFIG.value is None or not out:
     raise app.UsageError("prepare needs --config=experiments/....py (its data section) and --out=DIR "
@@ -209,8 +207,6 @@ def cmd_distill():
 
 
 def _load_for_inference():
-  from cfmjax import export  # noqa: PLC0415
-
   # --checkpoint: an export (or a workdir); results go to --workdir if given, else next to it.
   source = _CHECKPOINT.value or _require_workdir()
   try:
@@ -262,33 +258,28 @@ def _sample_precision(sample_cfg) -> str:
 
 
 def cmd_sample():
-  from cfmjax import inference  # noqa: PLC0415
-
   workdir, exp, params, step = _load_for_inference()
   cfg = exp.config.sample
   sampler = _sampler_for(exp)
   (steps,) = _steps_for(exp, sampler, cfg.steps)[:1]
   guidance, renoise = _guidance_and_renoise(cfg)
   contexts = _read_prompts(exp.data.tokenizer)
-  batch_size = _BATCH_SIZE.value or cfg.batch_size
+  sampling = inference.Sampling(sampler, steps, _BATCH_SIZE.value or cfg.batch_size, guidance, renoise,
+                                _sample_precision(cfg))
   label = f"{sampler} {steps} steps"
   if contexts is None:
     if _BLOCK_SIZE.value is not None or _NUM_BLOCKS.value != 1:
       raise app.UsageError("--block_size / --num_blocks continue a prompt: give --prompt or --prompts_file")
     num = _NUM_SAMPLES.value or cfg.num_samples
-    tokens = inference.generate(exp, params, sampler, steps, num, batch_size, _SEED.value,
-                                progress=_progress_bar(label), guidance=guidance, renoise=renoise,
-                                precision=_sample_precision(cfg))
+    tokens = inference.generate(exp, params, sampling, num, _SEED.value, progress=_progress_bar(label))
     rows = [dict(tokens=row.tolist()) for row in tokens]
   else:
     length = exp.config.data.seq_len
     longest = max(len(c) for c in contexts)
     block = _BLOCK_SIZE.value or max(length - longest, 1)
     contexts = [c for c in contexts for _ in range(_NUM_SAMPLES.value or 1)]  # N continuations each
-    continuations = inference.generate_blocks(exp, params, contexts, sampler, steps, block,
-                                              _NUM_BLOCKS.value, batch_size, _SEED.value,
-                                              guidance=guidance, renoise=renoise,
-                                              precision=_sample_precision(cfg))
+    continuations = inference.generate_blocks(exp, params, contexts, sampling, block, _NUM_BLOCKS.value,
+                                              _SEED.value)
     rows = [dict(prompt=c, tokens=c + g, continuation=g) for c, g in zip(contexts, continuations)]
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
@@ -326,8 +317,6 @@ def _point_latest_at(path: str):
 
 
 def cmd_eval():
-  from cfmjax import ar, diagnostics, evaluate, inference, judges, likelihood  # noqa: PLC0415
-
   workdir, exp, params, step = _load_for_inference()
   cfg = exp.config.eval
   num = _NUM_SAMPLES.value or cfg.num_samples
@@ -345,9 +334,9 @@ def cmd_eval():
                      and not prompt_len and guidance is None)
   for steps in _steps_for(exp, sampler, cfg.steps, allow_none=True):
     started = time.perf_counter()
-    tokens = inference.generate(exp, params, sampler, steps, num, _BATCH_SIZE.value or cfg.batch_size,
-                                _SEED.value, progress=_progress_bar(f"{sampler} {steps} steps"),
-                                prompts=prompts, guidance=guidance, renoise=renoise, precision=precision)
+    sampling = inference.Sampling(sampler, steps, _BATCH_SIZE.value or cfg.batch_size, guidance, renoise, precision)
+    tokens = inference.generate(exp, params, sampling, num, _SEED.value,
+                                progress=_progress_bar(f"{sampler} {steps} steps"), prompts=prompts)
     # Wall time of the whole generate call over the samples, its compilation included.
     record = {"sampler": sampler, "steps": steps, "checkpoint_step": step,
               "seconds_per_sample": (time.perf_counter() - started) / num}
@@ -416,8 +405,6 @@ def cmd_eval():
     return
   path = os.path.join(workdir, "eval", "results.json")
   all_records = evaluate.write_results(path, records)
-  from cfmjax import report  # noqa: PLC0415
-
   table_path, plot_path = report.write_eval_report(os.path.dirname(path), all_records,
                                                    os.path.basename(os.path.abspath(workdir)))
   print(report.eval_table(all_records))
@@ -425,8 +412,6 @@ def cmd_eval():
 
 
 def cmd_export():
-  from cfmjax import export  # noqa: PLC0415
-
   if not _OUT.value:
     raise app.UsageError("export needs --out=DIR (the directory to write)")
   info = export.export(_require_workdir(), _OUT.value, _DTYPE.value, _checkpoint_step())
@@ -435,8 +420,6 @@ def cmd_export():
 
 
 def cmd_report(paths):
-  from cfmjax import report  # noqa: PLC0415
-
   if not paths:
     raise app.UsageError("usage: cfmjax report W1 [W2 ...] [--out=DIR] [--names=a,b,...]")
   planned = sweep.read_plan(paths[0]) if len(paths) == 1 else None
@@ -481,8 +464,6 @@ def cmd_sweep():
 
 
 def cmd_compile():
-  from cfmjax import aot  # noqa: PLC0415
-
   if _CONFIG.value is None or not _MESH.value:
     raise app.UsageError("compile needs --config=FILE --mesh=data,fsdp,tensor")
   try:
@@ -527,8 +508,6 @@ def main(argv):
   if argv[1] == "pipeline":  # a driver of other cfmjax processes: it touches no device itself
     cmd_pipeline()
     return
-  from cfmjax import distributed  # noqa: PLC0415
-
   distributed.maybe_initialize()  # before anything asks JAX for devices
   if argv[1] == "report":  # the only command with positional arguments (the workdirs)
     return cmd_report(argv[2:])

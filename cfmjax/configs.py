@@ -7,6 +7,7 @@ lists the complete run.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections
@@ -208,8 +209,6 @@ def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
 
 def from_file(path: str, *args):
   """Calls `get_config(*args)` of the config file at `path` (so one config can build on another)."""
-  import importlib.util  # noqa: PLC0415
-
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -245,7 +245,7 @@ def training_diagnostics(exp):
   if markov is not None and num_samples > 0 and steps > 0:
     sampler = "ar" if exp.model_config.causal else ("flowmap" if exp.config.stage == "distill" else "euler")
     batch = inference._padded_batch_size(exp, exp.config.eval.batch_size, num_samples)  # noqa: SLF001
-    generator = (inference.make_generator(exp, sampler, steps, batch), batch)
+    generator = (inference.make_generator(exp, inference.Sampling(sampler, steps, batch)), batch)
 
   def diagnose(params) -> dict:
     out = {}

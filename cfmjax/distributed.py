@@ -17,6 +17,8 @@ import logging
 import os
 
 import jax
+import orbax.checkpoint  # noqa: F401 (defines the flag set below)
+from absl import flags
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ def maybe_initialize():
   jax.distributed.initialize(**kwargs)
   # Orbax's barriers through the coordination service (with timeouts) rather than device
   # collectives, which on CPU (gloo) fail after 30 s when one process is still busy (compiling).
-  from absl import flags  # noqa: PLC0415
-  import orbax.checkpoint  # noqa: F401, PLC0415 (defines the flag)
 
   flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),

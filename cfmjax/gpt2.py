@@ -28,6 +28,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,6 @@ def load_config(directory: str) -> dict:
 
 
 def _read_tensors(directory: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # noqa: PLC0415
-
   index = os.path.join(directory, "model.safetensors.index.json")
   if os.path.exists(index):
     with open(index) as f:
@@ -120,8 +120,6 @@ def _tensor(tensors, name, directory):
 
 def load_tokenizer(directory: str):
   """The byte-level BPE tokenizer (`tokenizers` package): tokenizer.json, else vocab.json + merges.txt."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
-
   if os.path.exists(os.path.join(directory, "tokenizer.json")):
     return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
   _require(directory, "vocab.json", "merges.txt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -14,6 +15,18 @@ from cfmjax import ar, checkpointing, configs, experiment, flow_map, samplers, s
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("euler", "flowmap", "ar")  # ar: KV-cached ancestral sampling of a causal model
+
+
+class Sampling(NamedTuple):
+  """How to sample, as `cfmjax sample`'s flags say it: the sampler (one of SAMPLERS), its steps (the
+  AR decoder ignores them), rows per sampler call, and the flow samplers' options (SPEC §8): guidance
+  ω (Euler), renoise η (flow map), and the state's precision (samplers.py)."""
+  sampler: str
+  steps: int
+  batch_size: int = 64
+  guidance: float | None = None
+  renoise: float = 0.0
+  precision: str = "float32"
 
 
 def load_config(workdir: str):
@@ -60,10 +73,8 @@ def load(workdir: str, step: int | str | None = None):
   return exp, params, step
 
 
-def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_size: int, *,
-                   conditional: bool = False, guidance: float | None = None, renoise: float = 0.0,
-                   precision: str = "float32"):
-  """A jitted function (params, rng[, prompt_tokens, prompt_mask]) -> tokens [batch_size, L].
+def make_generator(exp: experiment.Experiment, sampling: Sampling, *, conditional: bool = False):
+  """A jitted function (params, rng[, prompt_tokens, prompt_mask]) -> tokens [sampling.batch_size, L].
 
   `conditional`: the function also takes a prompt (tokens, mask [batch_size, L]) whose positions
   the sampler keeps fixed. `guidance` = ω (Euler only) and `renoise` = η (flow map only), SPEC §8.
@@ -71,6 +82,7 @@ def make_generator(exp: experiment.Experiment, sampler: str, steps: int, batch_s
   `precision` = "float64" keeps the flow samplers' state in float64: call the result inside
   `samplers.x64_scope("float64")` (as `generate` does).
   """
+  sampler, steps, batch_size, guidance, renoise, precision = sampling
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
   if (sampler == "ar") != exp.model_config.causal:
@@ -120,19 +132,19 @@ def _padded_batch_size(exp, batch_size: int, num_samples: int) -> int:
   return max(dp, (min(batch_size, num_samples) + dp - 1) // dp * dp)
 
 
-def generate(exp, params, sampler: str, steps: int, num_samples: int, batch_size: int, seed: int,
-             progress=None, *, prompts=None, guidance: float | None = None,
-             renoise: float = 0.0, precision: str = "float32") -> np.ndarray:
-  """`num_samples` sequences as int32 [num_samples, L], generated `batch_size` at a time.
+def generate(exp, params, sampling: Sampling, num_samples: int, seed: int, progress=None, *,
+             prompts=None) -> np.ndarray:
+  """`num_samples` sequences as int32 [num_samples, L], generated `sampling.batch_size` at a time
+  (rounded up to a multiple of the data-parallel size).
 
   `prompts`: None, or (tokens, mask) numpy arrays [num_samples, L] to condition on (SPEC §8).
-  `precision`: the flow samplers' state dtype (samplers.py); float64 runs under a scoped x64.
+  `sampling.precision`: the flow samplers' state dtype (samplers.py); float64 runs under a scoped x64.
   """
-  batch_size = _padded_batch_size(exp, batch_size, num_samples)
-  fn = make_generator(exp, sampler, steps, batch_size, conditional=prompts is not None,
-                      guidance=guidance, renoise=renoise, precision=precision)
+  batch_size = _padded_batch_size(exp, sampling.batch_size, num_samples)
+  sampling = sampling._replace(batch_size=batch_size)
+  fn = make_generator(exp, sampling, conditional=prompts is not None)
   out = []
-  with exp.activate(), samplers.x64_scope(precision if sampler != "ar" else "float32"):
+  with exp.activate(), samplers.x64_scope(sampling.precision if sampling.sampler != "ar" else "float32"):
     for i in range(0, num_samples, batch_size):
       args = ()
       if prompts is not None:  # pad the last chunk by repeating its first row
@@ -160,9 +172,8 @@ def prefix_prompts(contexts: list[list[int]], length: int):
   return tokens, mask
 
 
-def generate_blocks(exp, params, contexts: list[list[int]], sampler: str, steps: int, block_size: int,
-                    num_blocks: int, batch_size: int, seed: int, *, guidance: float | None = None,
-                    renoise: float = 0.0, progress=None, precision: str = "float32") -> list[list[int]]:
+def generate_blocks(exp, params, contexts: list[list[int]], sampling: Sampling, block_size: int, num_blocks: int,
+                    seed: int, progress=None) -> list[list[int]]:
   """Continues each context by `num_blocks` blocks of `block_size` tokens; returns the new tokens.
 
   Window: the model sees at most seq_len = L positions. Each block is generated from the last
@@ -180,9 +191,7 @@ def generate_blocks(exp, params, contexts: list[list[int]], sampler: str, steps:
   generated = [[] for _ in contexts]
   for k in range(num_blocks):
     window = [t[max(0, len(t) - (length - block_size)):] for t in texts]
-    tokens = generate(exp, params, sampler, steps, len(texts), batch_size, seed + 7919 * k,
-                      prompts=prefix_prompts(window, length), guidance=guidance, renoise=renoise,
-                      precision=precision)
+    tokens = generate(exp, params, sampling, len(texts), seed + 7919 * k, prompts=prefix_prompts(window, length))
     for i, w in enumerate(window):
       block = tokens[i, len(w):len(w) + block_size].tolist()
       texts[i] += block

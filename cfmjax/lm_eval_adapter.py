@@ -160,8 +160,9 @@ class CfmjaxLM(LM):
     if op == "score":
       return self._score_ar(rows, mask) if self.causal else self._score_flow(rows, mask)
     context_len = int(mask[0].sum())
-    (ids,) = inference.generate_blocks(self.exp, self.params, [rows[0, :context_len].tolist()], self.sampler,
-                                       self.steps, block, 1, self.batch_size, self.seed)
+    sampling = inference.Sampling(self.sampler, self.steps, self.batch_size)
+    (ids,) = inference.generate_blocks(self.exp, self.params, [rows[0, :context_len].tolist()], sampling, block, 1,
+                                       self.seed)
     return ids
 
   def _everywhere(self, op: str, rows, mask, block: int = 0):

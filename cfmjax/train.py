@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax._src import distributed as jax_distributed  # the coordination-service client (a barrier before step 1)
 
 from cfmjax import ar, checkpointing, diagnostics, distill, experiment, handoff, losses, metrics as metrics_lib
 from cfmjax import preflight
@@ -265,8 +266,6 @@ def compiled_in_step(step_fn):
   A single process gets `step_fn` back unchanged."""
   if jax.process_count() == 1:
     return step_fn
-  from jax._src import distributed as jax_distributed  # noqa: PLC0415 (the coordination-service client)
-
   compiled = []
 
   def step(state, batch):

@@ -113,13 +113,13 @@ def test_ar_trains_and_judges_text_exactly_also_across_tokenizers(tmp_path, cach
   assert total == pytest.approx(reference, rel=1e-5)
 
   # Sampling through inference.generate: in the vocabulary, reproducible, and judged in a record.
-  a = inference.generate(exp, params, "ar", 0, 8, 8, seed=1)
-  np.testing.assert_array_equal(a, inference.generate(exp, params, "ar", 0, 8, 8, seed=1))
+  a = inference.generate(exp, params, inference.Sampling("ar", 0, 8), 8, seed=1)
+  np.testing.assert_array_equal(a, inference.generate(exp, params, inference.Sampling("ar", 0, 8), 8, seed=1))
   assert a.shape == (8, config.data.seq_len) and 0 <= a.min() and a.max() < exp.vocab_size
   record = evaluate.score(exp.data, a, rows, judge)
   assert record["judge"] == "ar:ar" and record["gen_ppl"] == pytest.approx(math.exp(record["gen_nll_per_token"]))
   with pytest.raises(ValueError, match="sampler"):
-    inference.generate(exp, params, "euler", 4, 8, 8, seed=1)
+    inference.generate(exp, params, inference.Sampling("euler", 4, 8), 8, seed=1)
 
 
 def test_exact_judge_is_the_chains_likelihood_and_reads_text():

@@ -57,7 +57,7 @@ def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
   assert not np.array_equal(logits_h, logits_w)  # the weights really were rounded...
   np.testing.assert_allclose(logits_h, logits_w, atol=0.05 * np.abs(logits_w).max())  # ...to bf16
 
-  sample = lambda exp, params: inference.generate(exp, params, "euler", 4, 8, 8, seed=3)
+  sample = lambda exp, params: inference.generate(exp, params, inference.Sampling("euler", 4, 8), 8, seed=3)
   np.testing.assert_array_equal(sample(exp_e, params_e), sample(exp_w, params_w))
 
   # A distillation seeded from the export starts from exactly the workdir's EMA weights.

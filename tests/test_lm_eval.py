@@ -92,7 +92,7 @@ def test_generation_works_for_both_and_the_ar_scores_exactly(markov_base, markov
   from cfmjax import inference  # noqa: PLC0415
 
   prompts = tuple(np.asarray(a) for a in inference.prefix_prompts([[1, 2, 3], [4]], 16))
-  tokens = inference.generate(ar_model.exp, ar_model.params, "ar", 16, 2, 8, 0, prompts=prompts)
+  tokens = inference.generate(ar_model.exp, ar_model.params, inference.Sampling("ar", 16, 8), 2, 0, prompts=prompts)
   assert tokens[0, :3].tolist() == [1, 2, 3] and tokens[1, 0] == 4
   (rolling,) = ar_model.loglikelihood_rolling([Request(" ".join(["3"] * 20))])  # two windows of 16 and 4
   exp, params = ar_model.exp, ar_model.params
