@@ -216,12 +216,13 @@ def from_file(path: str, *args):
 
 
 def as_distillation(c: ml_collections.ConfigDict, loss: str, *, num_steps: int, lr: float,
-                    warmup_steps: int, ema_decay: float, gap_warmup_steps: int, boundary_prob: float = 0.1,
-                    gradient_surgery: bool = False) -> ml_collections.ConfigDict:
+                    warmup_steps: int, ema_decay: float, gap_warmup_steps: int,
+                    boundary_prob: float = 0.1) -> ml_collections.ConfigDict:
   """Turns a base-flow config into the two-stage distillation config that starts from its run.
 
   The model, data and schedule are taken from the base workdir at run time (`handoff.py`); what is
-  set here is the distillation itself and a fresh optimizer.
+  set here is the distillation itself and a fresh optimizer (distill.gradient_surgery off: a config
+  that wants it sets it after this call).
   """
   c.stage = "distill"
   c.init_from = ""  # set on the command line: --config.init_from=<base workdir>
@@ -230,7 +231,7 @@ def as_distillation(c: ml_collections.ConfigDict, loss: str, *, num_steps: int, 
   c.distill.diag_fraction = 0.25
   c.distill.boundary_prob = boundary_prob
   c.distill.teacher = "ema"
-  c.distill.gradient_surgery = gradient_surgery
+  c.distill.gradient_surgery = False
   # Short jumps first: at the start the network's long-jump outputs are untrained extrapolations of
   # the diagonal, and teachers built from them (LSD, ESD especially) are noise. On markov_tiny this
   # turned LSD from worse-than-Euler into better-than-Euler at 2 and 4 steps.

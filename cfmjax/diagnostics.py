@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,15 @@ from cfmjax import corruption, inference, oracles, samplers, scores, sharding, s
 
 LAMBDA_RANGE = (-9.0, 9.0)
 DEFAULT_BINS = 12
+
+
+class GapSettings(NamedTuple):
+  """How the denoiser gap is measured: equal bins over a λ range, the seed of the λ draws and noise,
+  and rows per network call."""
+  num_bins: int = DEFAULT_BINS
+  lambda_range: tuple = LAMBDA_RANGE
+  seed: int = 0
+  batch_size: int = 64
 
 
 def gamma_of_lambda(lam):
@@ -100,9 +110,8 @@ def _oracle_ce(posterior: oracles.MarkovPosterior, x, gamma, tokens):
     return np.asarray(exact), np.asarray(context_free)
 
 
-def gap_per_bin(model_ce, rows, vocab_size: int, *, num_bins: int = DEFAULT_BINS, seed: int = 0,
-                lambda_range=LAMBDA_RANGE, batch_size: int = 64, posterior=None, needs_x: bool = True,
-                tau_of_gamma=None) -> dict:
+def gap_per_bin(model_ce, rows, vocab_size: int, *, settings: GapSettings = GapSettings(), posterior=None,
+                needs_x: bool = True, tau_of_gamma=None) -> dict:
   """The denoiser-gap record for any `model_ce(tokens, gamma, x, rng) -> per-row CE [B]` (numpy).
 
   `tokens` [B, L] int32, `gamma` [B] float32, `x` the V-space x_γ [B, L, V] (None when `needs_x` is
@@ -112,6 +121,7 @@ def gap_per_bin(model_ce, rows, vocab_size: int, *, num_bins: int = DEFAULT_BINS
   """
   rows = np.asarray(rows, np.int32)
   num_rows = len(rows)
+  num_bins, lambda_range, seed, batch_size = settings
   if num_rows == 0 or num_bins < 1:
     raise ValueError(f"the denoiser gap needs rows and bins, got {num_rows} rows and {num_bins} bins")
   lo, hi = float(lambda_range[0]), float(lambda_range[1])
@@ -215,8 +225,8 @@ def denoiser_gap(exp, params, rows, num_bins: int = DEFAULT_BINS, seed: int = 0,
   dp = sharding.data_parallel_size(exp.mesh, exp.rules)
   batch_size = max(dp, min(batch_size, -(-len(rows) // dp) * dp) // dp * dp)
   posterior = oracles.MarkovPosterior.from_source(exp.data.markov) if exp.data.markov is not None else None
-  record = gap_per_bin(bind(params), rows, exp.vocab_size, num_bins=num_bins, seed=seed,
-                       lambda_range=lambda_range, batch_size=batch_size, posterior=posterior, needs_x=needs_x,
+  settings = GapSettings(num_bins, lambda_range, seed, batch_size)
+  record = gap_per_bin(bind(params), rows, exp.vocab_size, settings=settings, posterior=posterior, needs_x=needs_x,
                        tau_of_gamma=lambda g: np.asarray(exp.schedule.tau(jnp.asarray(g))))
   record["state_space"] = "vocab" if needs_x else "embedding"
   return record

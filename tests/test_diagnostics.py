@@ -47,12 +47,13 @@ def test_denoiser_gap_of_the_exact_posterior_is_zero_and_the_bounds_hold():
   posterior = oracles.MarkovPosterior.from_source(source)
   rows = source.rows(range(48), 10, "validation")
   logits = diagnostics.exact_logits_fn(posterior)
+  settings = diagnostics.GapSettings(num_bins=10, seed=3, batch_size=32)
   # The exact posterior as a "model", through the same StateSpace path as the network (linear: τ = γ).
   space = state_space.StateSpace(lambda _, x, tau_s, tau_t: logits(x, tau_t), 5)
   with jax.enable_x64(True):
     ce = jax.jit(diagnostics.space_ce(space, schedules.get_schedule("linear", 5)))
     model_ce = lambda tokens, gamma, x, rng: ce(None, jnp.asarray(tokens), jnp.asarray(gamma), rng, jnp.asarray(x))
-    record = diagnostics.gap_per_bin(model_ce, rows, 5, num_bins=10, seed=3, batch_size=32, posterior=posterior)
+    record = diagnostics.gap_per_bin(model_ce, rows, 5, settings=settings, posterior=posterior)
   assert len(record["bins"]) == 10 and record["lambda_range"] == [-9.0, 9.0]
   assert abs(record["gap"]) < 1e-5
   for e in record["bins"]:
@@ -63,7 +64,7 @@ def test_denoiser_gap_of_the_exact_posterior_is_zero_and_the_bounds_hold():
   assert record["bins"][-1]["exact_ce"] < 0.05
   # Deterministic in the seed.
   with jax.enable_x64(True):
-    again = diagnostics.gap_per_bin(model_ce, rows, 5, num_bins=10, seed=3, batch_size=32, posterior=posterior)
+    again = diagnostics.gap_per_bin(model_ce, rows, 5, settings=settings, posterior=posterior)
   assert again == record
 
 

@@ -17,6 +17,7 @@ from cfmjax.configs import as_distillation, from_file
 
 def get_config():
   base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "lm1b_170m.py"))
-  return as_distillation(base, "psd", num_steps=150_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
-                         gap_warmup_steps=10_000,
-                         boundary_prob=0.05, gradient_surgery=True)
+  c = as_distillation(base, "psd", num_steps=150_000, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
+                      gap_warmup_steps=10_000, boundary_prob=0.05)
+  c.distill.gradient_surgery = True
+  return c
