@@ -55,11 +55,11 @@ def main():
   def sample(steps, guidance, renoise, self_condition):
     if args.sampler == "flowmap":
       jump = lambda x, s, t, **kw: exp.apply_fn(params, x, s, t, **kw)
-      return flow_map.flowmap_sample(jump, jax.random.key(args.seed), n, length, vocab, exp.schedule,
-                                     steps, prompt=prompt, renoise=renoise)[0]
+      return flow_map.flowmap_sample(jump, jax.random.key(args.seed), (n, length, vocab), exp.schedule, steps,
+                                     conditioning=samplers.Conditioning(prompt), renoise=renoise)[0]
     denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
-    return samplers.euler_sample(denoise, jax.random.key(args.seed), n, length, vocab, exp.schedule, steps,
-                                 prompt=prompt, guidance=guidance, self_condition=self_condition)[0]
+    return samplers.euler_sample(denoise, jax.random.key(args.seed), (n, length, vocab), exp.schedule, steps,
+                                 conditioning=samplers.Conditioning(prompt, guidance, self_condition))[0]
 
   records = []
   with exp.activate():

@@ -78,8 +78,8 @@ def exact_euler_sample(posterior: oracles.MarkovPosterior, schedule, steps: int,
   with jax.enable_x64(True):
     logits = exact_logits_fn(posterior)
     denoise = lambda x, tau: logits(x, schedule.gamma(tau))
-    fn = jax.jit(lambda rng: samplers.euler_sample(denoise, rng, batch_size, length, posterior.vocab_size,
-                                                   schedule, steps)[0])
+    shape = (batch_size, length, posterior.vocab_size)
+    fn = jax.jit(lambda rng: samplers.euler_sample(denoise, rng, shape, schedule, steps)[0])
     out = [np.asarray(fn(jax.random.key(seed + i))) for i in range(0, num_samples, batch_size)]
   return np.concatenate(out)[:num_samples].astype(np.int32)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption, samplers, state_space
+from cfmjax import samplers, state_space
 
 
 def broadcast_time(gamma, like):
@@ -70,19 +70,22 @@ def renoise_to(rng, x_star, gamma_star, gamma_t, noise=None):
   return ratio * x_star + sigma * noise
 
 
-def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: int, schedule,
-                   steps: int, *, space=None, prompt=None, renoise: float = 0.0, precision: str = "float32"):
+def flowmap_sample(network, rng, shape, schedule, steps: int, *,
+                   conditioning: samplers.Conditioning = samplers.Conditioning(), renoise: float = 0.0,
+                   precision: str = "float32"):
   """k-step flow-map sampler (SPEC §3). Returns (tokens [N, L] int32, last ψ [N, L, V]).
 
-  `flowmap_fn(x, tau_s, tau_t) -> logits` takes model times; the grid is uniform in τ and the
-  updates use γ = g(τ). The state is float32, or float64 when the network answers in float64
-  (exact oracles in tests), so that a bfloat16 network never degrades the state. Runs as one
-  `lax.scan`, so the network is compiled once whatever `steps` is. `space` (a
-  `state_space.BoundStateSpace`) replaces `flowmap_fn` and the V-space state, as in
-  `samplers.euler_sample`: the state is then h = xW and the second output ψW.
+  `network`: a `state_space.BoundStateSpace` (the state is then h = xW in embedding space and the
+  second output ψW, as in `samplers.euler_sample`), or a plain `flowmap_fn(x, tau_s, tau_t) -> logits`
+  on the V-space state; `shape` = (N, L, V). The grid is uniform in τ and the updates use γ = g(τ).
+  The state is float32, or float64 when the network answers in float64 (exact oracles in tests), so
+  that a bfloat16 network never degrades the state. Runs as one `lax.scan`, so the network is
+  compiled once whatever `steps` is.
 
-  `prompt` = (tokens, mask) keeps those positions fixed, in either space (`StateSpace.readout`;
-  a plain `flowmap_fn` must then accept the model's `prompt_mask=`). `renoise` = η ∈ [0, 1] is
+  `conditioning.prompt` = (tokens, mask) keeps those positions fixed, in either space
+  (`StateSpace.readout`; a plain `flowmap_fn` must then accept the model's `prompt_mask=`); guidance
+  and self-conditioning are not the flow map's (a map distilled with distill.guidance has its ω built
+  in). `renoise` = η ∈ [0, 1] is
   CTM-style stochastic sampling: each step jumps past its end time t to t* (`renoise_target`) and
   adds fresh noise back down to t (drawn by `space.prior` when given: εW in embedding space); η = 0
   is the deterministic sampler, and the last step (t = 1) is always deterministic.
@@ -90,14 +93,20 @@ def flowmap_sample(flowmap_fn, rng, num_samples: int, length: int, vocab_size: i
   `precision` = "float64" keeps the state, the γ grid and the updates in float64 while the network
   runs in its own dtype on the state rounded to float32 (traced under x64: `samplers.x64_scope`).
   """
+  num_samples, length, vocab_size = shape
+  prompt = conditioning.prompt
+  if conditioning.guidance is not None or conditioning.self_condition:
+    raise ValueError("the flow-map sampler takes a prompt only: guidance is built into a map distilled with "
+                     "distill.guidance, and self-conditioning is the base flow's")
   wide = samplers.state_dtype(precision) == jnp.float64
   net_scope = lambda: samplers.network_scope(precision)
   if steps < 1:
     raise ValueError(f"the flow-map sampler needs steps >= 1, got {steps}")
   if not 0.0 <= renoise <= 1.0:
     raise ValueError(f"renoise must lie in [0, 1] (0 = deterministic), got {renoise}")
-  draw_noise = None if space is None else space.prior  # None: renoise_to's own N(0, I) in the state's dtype
-  space = space or state_space.logits_readout(flowmap_fn, vocab_size)
+  # A plain function's renoising draws renoise_to's own N(0, I) in the state's dtype.
+  draw_noise = network.prior if isinstance(network, state_space.BoundStateSpace) else None
+  space = samplers.as_space(network, vocab_size, sees_both_times=True)
   with net_scope():
     x0 = space.prior(rng, (num_samples, length))  # the same draw as without renoising, at any precision
   net_dtype = x0.dtype

@@ -113,12 +113,13 @@ def make_generator(exp: experiment.Experiment, sampling: Sampling, *, conditiona
     # for its readout (StateSpace.readout), in either space.
     bound = space.bind(params)
     if sampler == "flowmap":  # k jumps of the flow map ψ(x, s, t) (SPEC §3)
-      tokens, _ = flow_map.flowmap_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
-                                          space=bound, prompt=prompt, renoise=renoise, precision=precision)
+      tokens, _ = flow_map.flowmap_sample(bound, rng, (batch_size, length, vocab), exp.schedule, steps,
+                                          conditioning=samplers.Conditioning(prompt), renoise=renoise,
+                                          precision=precision)
     else:  # Euler steps of the base flow's denoiser, the diagonal s = t (SPEC §2)
-      tokens, _ = samplers.euler_sample(None, rng, batch_size, length, vocab, exp.schedule, steps,
-                                        space=bound, prompt=prompt, guidance=guidance,
-                                        self_condition=self_condition, precision=precision)
+      tokens, _ = samplers.euler_sample(bound, rng, (batch_size, length, vocab), exp.schedule, steps,
+                                        conditioning=samplers.Conditioning(prompt, guidance, self_condition),
+                                        precision=precision)
     return tokens
 
   in_shardings = (exp.state_shardings["ema_params"], None)

@@ -14,6 +14,7 @@ dtypes at trace time, so the whole sampler must be traced and run under `jax.ena
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,26 @@ from cfmjax import state_space
 
 
 PRECISIONS = ("float32", "float64")
+
+
+class Conditioning(NamedTuple):
+  """What a sampler's denoiser is conditioned on (SPEC §8), the same in either state space:
+  `prompt` = (tokens [N, L], mask [N, L]) fixes the masked positions; `guidance` = ω mixes in the
+  unconditional denoiser (needs a prompt); `self_condition` feeds the last estimate μ̂ back (0 at
+  the first step)."""
+  prompt: tuple | None = None
+  guidance: float | None = None
+  self_condition: bool = False
+
+
+def as_space(network, vocab_size: int, sees_both_times: bool):
+  """A sampler's network as a `state_space.BoundStateSpace`: itself, or the V-space readout of a plain
+  function of the state (`logits_fn(x, tau_s, tau_t, **kw)`, or `denoise_fn(x, tau, **kw)` when not
+  `sees_both_times`)."""
+  if isinstance(network, state_space.BoundStateSpace):
+    return network
+  fn = network if sees_both_times else (lambda x, tau_s, tau_t, **kw: network(x, tau_t, **kw))
+  return state_space.logits_readout(fn, vocab_size)
 
 
 def state_dtype(precision: str):
@@ -52,24 +73,24 @@ def euler_step(x, mu, gamma_now, gamma_next):
   return keep * x + (1.0 - keep) * mu
 
 
-def euler_sample(denoise_fn, rng, num_samples: int, length: int, vocab_size: int, schedule,
-                 steps: int, *, space=None, prompt=None, guidance=None, self_condition: bool = False,
+def euler_sample(network, rng, shape, schedule, steps: int, *, conditioning: Conditioning = Conditioning(),
                  precision: str = "float32"):
   """Many-step Euler sampler of the base flow. Returns (tokens [N, L] int32, last μ [N, L, V]).
 
-  Runs as one `lax.scan` over the grid, so the network is compiled once whatever `steps` is.
-  `space` (a `state_space.BoundStateSpace`) replaces `denoise_fn` and the V-space state: the state
-  is then whatever it draws (h = xW in embedding space) and the second output is μ in that space (μW).
-  Conditioning (SPEC §8) is data for the state space's readout, the same in either space:
-  `prompt` = (tokens [N, L], mask [N, L]) fixes the masked positions; `guidance` = ω mixes in the
-  unconditional denoiser (needs a prompt); `self_condition` feeds the last estimate μ̂ back (0 at
-  the first step). A plain `denoise_fn(x, tau, **kw)` must then accept the model's `prompt_mask=` /
-  `self_cond=` keywords. `precision`: the state's dtype, "float32" or "float64" (module docstring).
+  `network`: a `state_space.BoundStateSpace` (the state is then whatever it draws, h = xW in
+  embedding space, and the second output is μ in that space, μW), or a plain `denoise_fn(x, tau,
+  **kw) -> logits` on the V-space state. `shape` = (N, L, V). Runs as one `lax.scan` over the grid, so
+  the network is compiled once whatever `steps` is. `conditioning` is data for the state space's
+  readout, the same in either space (a plain `denoise_fn` must then accept the model's
+  `prompt_mask=` / `self_cond=` keywords). `precision`: the state's dtype, "float32" or "float64"
+  (module docstring).
   """
+  num_samples, length, vocab_size = shape
+  prompt, guidance, self_condition = conditioning
   dtype = state_dtype(precision)
   if steps < 1:
     raise ValueError(f"the Euler sampler needs steps >= 1, got {steps}")
-  space = space or state_space.logits_readout(lambda x, tau_s, tau_t, **kw: denoise_fn(x, tau_t, **kw), vocab_size)
+  space = as_space(network, vocab_size, sees_both_times=False)
   tau_grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
   gamma_grid = schedule.gamma(tau_grid.astype(dtype))
   with network_scope(precision):

@@ -52,12 +52,11 @@ def test_prompt_positions_never_change_in_any_sampler(kind):
   net = recording(toy_net, seen)
   rng = jax.random.key(3)
   if kind.startswith("euler"):
-    kw = {"guidance": 2.5} if kind == "euler_guided" else {}
+    conditioning = samplers.Conditioning(PROMPT, 2.5 if kind == "euler_guided" else None, kind == "euler_selfcond")
     denoise = lambda x, tau, **k: net(x, tau, tau, **k)
-    tokens, mu = samplers.euler_sample(denoise, rng, N, L, V, SCHEDULE, steps=5, prompt=PROMPT,
-                                       self_condition=kind == "euler_selfcond", **kw)
+    tokens, mu = samplers.euler_sample(denoise, rng, (N, L, V), SCHEDULE, steps=5, conditioning=conditioning)
   else:
-    tokens, mu = flow_map.flowmap_sample(net, rng, N, L, V, SCHEDULE, steps=3, prompt=PROMPT,
+    tokens, mu = flow_map.flowmap_sample(net, rng, (N, L, V), SCHEDULE, steps=3, conditioning=samplers.Conditioning(PROMPT),
                                          renoise=0.7 if kind == "flowmap_renoise" else 0.0)
   jax.effects_barrier()
   _check_prompt_held(seen, allow_unconditional=kind == "euler_guided")
@@ -91,7 +90,8 @@ def test_distillation_teachers_keep_the_prompt(teacher):
 def test_guidance_at_0_and_1_is_the_unconditional_and_conditional_sampler():
   rng = jax.random.key(5)
   denoise = lambda x, tau, **k: toy_net(x, tau, tau, **k)
-  run = lambda fn, **kw: samplers.euler_sample(fn, rng, N, L, V, SCHEDULE, steps=6, prompt=PROMPT, **kw)
+  run = lambda fn, guidance=None: samplers.euler_sample(fn, rng, (N, L, V), SCHEDULE, steps=6,
+                                                       conditioning=samplers.Conditioning(PROMPT, guidance))
   conditional = run(denoise)
   # The unconditional sampler: the same network never told the prompt (zeros there, no flag).
   blind = lambda x, tau, prompt_mask=None: toy_net(prompting.unconditional_input(x, PROMPT_MASK), tau, tau)
@@ -171,7 +171,7 @@ def test_renoise_zero_is_the_deterministic_sampler_and_positive_renoise_is_not()
   rng = jax.random.key(6)
   tau_table = np.linspace(0.0, 1.0, 101)
   schedule = schedules.Schedule("square", tau_table, tau_table**2)
-  tokens, psi = flow_map.flowmap_sample(toy_net, rng, N, L, V, schedule, steps=4, renoise=0.0)
+  tokens, psi = flow_map.flowmap_sample(toy_net, rng, (N, L, V), schedule, steps=4, renoise=0.0)
   # The deterministic k-step sampler, composed by hand (SPEC §3).
   x = jax.random.normal(rng, (N, L, V))
   taus = [jnp.full((N,), v, jnp.float32) for v in (0.0, 0.25, 0.5, 0.75, 1.0)]
@@ -181,10 +181,10 @@ def test_renoise_zero_is_the_deterministic_sampler_and_positive_renoise_is_not()
   # Equal up to float rounding (the sampler runs under lax.scan, the reference op by op).
   np.testing.assert_allclose(psi, expected, atol=1e-6)
   np.testing.assert_array_equal(tokens, jnp.argmax(expected, -1))
-  _, psi_noisy = flow_map.flowmap_sample(toy_net, rng, N, L, V, schedule, steps=4, renoise=0.5)
+  _, psi_noisy = flow_map.flowmap_sample(toy_net, rng, (N, L, V), schedule, steps=4, renoise=0.5)
   assert np.max(np.abs(psi_noisy - expected)) > 1e-2
   with pytest.raises(ValueError, match="renoise"):
-    flow_map.flowmap_sample(toy_net, rng, N, L, V, schedule, steps=2, renoise=1.5)
+    flow_map.flowmap_sample(toy_net, rng, (N, L, V), schedule, steps=2, renoise=1.5)
 
 
 def test_renoising_preserves_the_marginal_of_the_interpolant():

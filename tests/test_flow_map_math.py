@@ -270,7 +270,7 @@ def test_one_step_exact_flow_map_reproduces_the_toy_distribution():
   exact = make_exact_net(SAMPLER_RK4_STEPS)
   as_flowmap_fn = lambda net: (lambda x, tau_s, tau_t: net(x.astype(jnp.float64), tau_s, tau_t))
   num = 3000
-  sample = lambda net: flow_map.flowmap_sample(as_flowmap_fn(net), jax.random.key(0), num, 2, 3,
+  sample = lambda net: flow_map.flowmap_sample(as_flowmap_fn(net), jax.random.key(0), (num, 2, 3),
                                                schedule, steps=1)
   tokens, psi = sample(exact)
   assert tokens.shape == (num, 2) and tokens.dtype == jnp.int32 and psi.dtype == jnp.float64
@@ -297,7 +297,7 @@ def test_sampler_steps_on_the_tau_grid_and_updates_in_gamma():
   def flowmap_fn(x, tau_s, tau_t):
     return smooth_net(x, tau_s, tau_t) + 2.0 * tau_t[:, None, None] * x
   rng = jax.random.key(5)
-  tokens, psi = flow_map.flowmap_sample(flowmap_fn, rng, 4, 2, 3, schedule, steps=4)
+  tokens, psi = flow_map.flowmap_sample(flowmap_fn, rng, (4, 2, 3), schedule, steps=4)
   assert psi.dtype == jnp.float32
   x = corruption.prior_sample(rng, (4, 2), 3)
   taus = [jnp.full((4,), v, jnp.float32) for v in (0.0, 0.25, 0.5, 0.75, 1.0)]

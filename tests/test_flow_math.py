@@ -91,7 +91,7 @@ def test_euler_sampler_with_exact_denoiser_reproduces_the_toy_distribution():
   schedule = schedules.get_schedule("linear", toy.vocab_size)
   denoise = lambda x, tau: toy.denoiser_logits(x, schedule.gamma(tau))
   num = 4000
-  tokens, mu = samplers.euler_sample(denoise, jax.random.key(0), num, 2, 3, schedule, steps=200)
+  tokens, mu = samplers.euler_sample(denoise, jax.random.key(0), (num, 2, 3), schedule, steps=200)
   tokens = np.asarray(tokens)
   freq = np.array([np.mean(np.all(tokens == s[None], axis=1)) for s in toy.sequences])
   assert freq.sum() > 0.99, "samples left the support"
@@ -99,7 +99,7 @@ def test_euler_sampler_with_exact_denoiser_reproduces_the_toy_distribution():
   assert tv < 0.04, (freq, toy.probs)
   # And a deliberately wrong denoiser (too cold) is detectably off, so the check has teeth.
   cold = lambda x, tau: 3.0 * jnp.maximum(toy.denoiser_logits(x, schedule.gamma(tau)), -30.0)
-  bad, _ = samplers.euler_sample(cold, jax.random.key(0), num, 2, 3, schedule, steps=200)
+  bad, _ = samplers.euler_sample(cold, jax.random.key(0), (num, 2, 3), schedule, steps=200)
   bad_freq = np.array([np.mean(np.all(np.asarray(bad) == s[None], axis=1)) for s in toy.sequences])
   assert 0.5 * np.abs(bad_freq - toy.probs).sum() > 2 * tv
 

@@ -34,11 +34,11 @@ def test_float64_state_keeps_the_network_in_float32_and_does_not_leak(kind):
   toy, schedule, denoise, seen = _setup()
   num, steps = 512, 64
   if kind == "euler":
-    sampler = lambda rng, p: samplers.euler_sample(denoise, rng, num, 2, 3, schedule, steps, precision=p)
+    sampler = lambda rng, p: samplers.euler_sample(denoise, rng, (num, 2, 3), schedule, steps, precision=p)
   else:
     eta = 0.5 if kind == "flowmap_renoise" else 0.0
     jump = lambda x, tau_s, tau_t: denoise(x, tau_s)  # ψ(x, s, t) = μ(x, s): Euler as a flow map
-    sampler = lambda rng, p: flow_map.flowmap_sample(jump, rng, num, 2, 3, schedule, steps, renoise=eta, precision=p)
+    sampler = lambda rng, p: flow_map.flowmap_sample(jump, rng, (num, 2, 3), schedule, steps, renoise=eta, precision=p)
   narrow, jaxpr32 = _run(sampler, "float32")
   seen.clear()
   wide, jaxpr64 = _run(sampler, "float64")
@@ -53,15 +53,15 @@ def test_float64_state_keeps_the_network_in_float32_and_does_not_leak(kind):
 
 def test_float64_euler_matches_float64_flowmap_of_the_denoiser():
   _, schedule, denoise, _ = _setup()
-  euler = lambda rng, p: samplers.euler_sample(denoise, rng, 256, 2, 3, schedule, 16, precision=p)
+  euler = lambda rng, p: samplers.euler_sample(denoise, rng, (256, 2, 3), schedule, 16, precision=p)
   jump = lambda x, tau_s, tau_t: denoise(x, tau_s)
-  fm = lambda rng, p: flow_map.flowmap_sample(jump, rng, 256, 2, 3, schedule, 16, precision=p)
+  fm = lambda rng, p: flow_map.flowmap_sample(jump, rng, (256, 2, 3), schedule, 16, precision=p)
   np.testing.assert_array_equal(_run(euler, "float64")[0], _run(fm, "float64")[0])
 
 
 def test_float64_needs_the_x64_scope():
   _, schedule, denoise, _ = _setup()
   with pytest.raises(ValueError, match="x64"):
-    samplers.euler_sample(denoise, jax.random.key(0), 4, 2, 3, schedule, 4, precision="float64")
+    samplers.euler_sample(denoise, jax.random.key(0), (4, 2, 3), schedule, 4, precision="float64")
   with pytest.raises(ValueError, match="precision"):
-    samplers.euler_sample(denoise, jax.random.key(0), 4, 2, 3, schedule, 4, precision="bfloat16")
+    samplers.euler_sample(denoise, jax.random.key(0), (4, 2, 3), schedule, 4, precision="bfloat16")

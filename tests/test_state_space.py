@@ -89,22 +89,20 @@ def test_conditioning_is_the_same_in_either_space(conditioned_net):
     vocab = state_space.StateSpace(apply_fn, VOCAB, prompt_flag=flag)
     embedded = state_space.StateSpace(apply_fn, VOCAB, embedded=True, vocab_chunk=16, noise="project",
                                       prompt_flag=flag)
-    runs = [functools.partial(samplers.euler_sample, self_condition=True),
-            functools.partial(flow_map.flowmap_sample, renoise=0.5)]
+    runs = [functools.partial(samplers.euler_sample, conditioning=samplers.Conditioning(prompt, self_condition=True)),
+            functools.partial(flow_map.flowmap_sample, conditioning=samplers.Conditioning(prompt), renoise=0.5)]
     if flag:  # guidance needs a prompt-trained model
-      runs.append(functools.partial(samplers.euler_sample, guidance=1.5, self_condition=True))
+      runs.append(functools.partial(samplers.euler_sample, conditioning=samplers.Conditioning(prompt, 1.5, True)))
     for run in runs:
-      ref_tokens, ref_mu = run(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, 5,
-                               space=vocab.bind(params), prompt=prompt)
-      tokens, mu_w = run(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, 5,
-                         space=embedded.bind(params), prompt=prompt)
+      ref_tokens, ref_mu = run(vocab.bind(params), jax.random.key(3), (BATCH, LENGTH, VOCAB), schedule, 5)
+      tokens, mu_w = run(embedded.bind(params), jax.random.key(3), (BATCH, LENGTH, VOCAB), schedule, 5)
       np.testing.assert_array_equal(tokens, ref_tokens)
       np.testing.assert_array_equal(np.asarray(tokens)[np.asarray(mask)], np.asarray(prompt_tokens)[np.asarray(mask)])
       _close(mu_w, np.asarray(ref_mu) @ w, atol=1e-5)
     if not flag:
       with pytest.raises(ValueError, match="prompt_flag=False"):
-        samplers.euler_sample(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, 2,
-                              space=vocab.bind(params), prompt=prompt, guidance=1.5)
+        samplers.euler_sample(vocab.bind(params), jax.random.key(3), (BATCH, LENGTH, VOCAB), schedule, 2,
+                              conditioning=samplers.Conditioning(prompt, guidance=1.5))
   tokens = jax.random.randint(jax.random.key(8), (BATCH, LENGTH), 0, VOCAB)
   vocab = state_space.StateSpace(apply_fn, VOCAB, prompt_flag=True)
   embedded = state_space.StateSpace(apply_fn, VOCAB, embedded=True, vocab_chunk=16, noise="project", prompt_flag=True)
@@ -125,10 +123,8 @@ def test_samplers_carry_the_projected_state(net):
   w = np.asarray(model_lib.embedding_matrix(params))
   renoising = functools.partial(flow_map.flowmap_sample, renoise=0.5)  # fresh noise: εW of the same ε
   for sampler, steps in ((samplers.euler_sample, 6), (flow_map.flowmap_sample, 3), (renoising, 3)):
-    ref_tokens, ref_mu = sampler(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, steps,
-                                 space=vocab.bind(params))
-    tokens, mu_w = sampler(None, jax.random.key(3), BATCH, LENGTH, VOCAB, schedule, steps,
-                           space=embedded.bind(params))
+    ref_tokens, ref_mu = sampler(vocab.bind(params), jax.random.key(3), (BATCH, LENGTH, VOCAB), schedule, steps)
+    tokens, mu_w = sampler(embedded.bind(params), jax.random.key(3), (BATCH, LENGTH, VOCAB), schedule, steps)
     np.testing.assert_array_equal(tokens, ref_tokens)
     assert mu_w.dtype == jnp.float32 and mu_w.shape == (BATCH, LENGTH, CFG.d_model)
     _close(mu_w, np.asarray(ref_mu) @ w, atol=1e-5)
@@ -315,8 +311,8 @@ def test_bfloat16_training_keeps_float32_weights_optimizer_and_sampler_state(cac
   _, apply_fn = model_lib.build(model_lib.model_config_from(config))
   space = state_space.from_config(apply_fn, 48, config)
   assert space.embedded
-  _, mu_w = samplers.euler_sample(None, jax.random.key(0), 2, 16, 48, schedules.get_schedule("linear", 48), 3,
-                                  space=space.bind(jax.device_get(state["params"])))
+  _, mu_w = samplers.euler_sample(space.bind(jax.device_get(state["params"])), jax.random.key(0), (2, 16, 48),
+                                  schedules.get_schedule("linear", 48), 3)
   assert mu_w.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(mu_w)))
 
 
