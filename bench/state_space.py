@@ -21,7 +21,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -38,8 +37,7 @@ def make_step(cfg: model_lib.ModelConfig, embedded: bool, chunk: int, batch: int
   opt_state = optimizer.init(params)
 
   def step(params, opt_state, tokens, rng):
-    loss_fn = lambda p: losses.flow_matching_loss(p, tokens, rng, apply_fn=apply_fn, schedule=schedule,
-                                                  vocab_size=cfg.vocab_size, space=space)[0]
+    loss_fn = lambda p: losses.flow_matching_loss(p, tokens, rng, space=space, schedule=schedule)[0]
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

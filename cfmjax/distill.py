@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from cfmjax import corruption, distill_losses, fixed_point, frozen_teacher, loss_weights, losses, prompting
 from cfmjax import model as model_lib, state_space
@@ -91,17 +90,15 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   t_max = 1.0 if d.loss == "psd" else d.t_max
   space = state_space.from_config(apply_fn, vocab_size, config)
 
-  p = config.flow.prompt
-  prompt_settings = (p.min_len, p.max_len, p.drop_prob) if prompting.enabled(config) else None
+  prompt_settings = losses.prompt_settings(config)
 
   def diagonal_loss(params, teacher_params, tokens, rng, step):
     del teacher_params, step
     if d.guidance >= 0:
       return guided_diagonal_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
                                   vocab_size=vocab_size, guidance=d.guidance, prompt=prompt_settings)
-    return losses.flow_matching_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
-                                     vocab_size=vocab_size, weighting=losses.adaptive_weight(config.flow),
-                                     space=space, prompt=prompt_settings)
+    options = losses.FlowOptions(losses.adaptive_weight(config.flow), prompt_settings)
+    return losses.flow_matching_loss(params, tokens, rng, space=space, schedule=schedule, options=options)
 
   def consistency_loss(params, teacher_params, tokens, rng, step):
     rng_time, rng_noise = jax.random.split(rng)
@@ -120,7 +117,7 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
     prompt, conditioning, keep = None, {}, jnp.ones(tokens.shape, jnp.float32)
     if prompt_settings is not None:  # a conditional flow map (V-space): the prompt is always given here
       lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0],
-                                                 p.min_len, p.max_len, 0.0)
+                                                 prompt_settings[0], prompt_settings[1], 0.0)
       prompt = (tokens, prompting.prefix_mask(lengths, tokens.shape[1]))
       x, x_teacher = prompting.clamp_state(x, *prompt), prompting.clamp_state(x_teacher, *prompt)
       conditioning, keep = {"prompt_mask": prompt[1]}, (~prompt[1]).astype(jnp.float32)

@@ -17,6 +17,7 @@ posterior input read, and is conditioned on their mean.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,18 +60,37 @@ def adaptive_weight(flow_config) -> AdaptiveWeight | None:
   return AdaptiveWeight(flow_config.weight_power, flow_config.weight_offset)
 
 
-def flow_matching_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int,
-                       weighting: AdaptiveWeight | None = None, space=None, prompt=None,
-                       self_condition: bool = False, position_noise: float = 0.0):
+class FlowOptions(NamedTuple):
+  """What the base-flow loss adds to plain cross-entropy (module docstring; the config's flow section
+  and model.self_condition, `flow_options`)."""
+  weighting: AdaptiveWeight | None = None
+  prompt: tuple | None = None  # (min_len, max_len, drop_prob) of the clean prefixes
+  self_condition: bool = False
+  position_noise: float = 0.0  # share of rows noised per position
+
+
+def prompt_settings(config) -> tuple | None:
+  """(min_len, max_len, drop_prob) of flow.prompt, or None for an unconditional model."""
+  p = config.flow.prompt
+  return (p.min_len, p.max_len, p.drop_prob) if prompting.enabled(config) else None
+
+
+def flow_options(config) -> FlowOptions:
+  return FlowOptions(adaptive_weight(config.flow), prompt_settings(config), bool(config.model.self_condition),
+                     float(config.flow.position_noise))
+
+
+def flow_matching_loss(params, tokens, rng, *, space: state_space.StateSpace, schedule,
+                       options: FlowOptions = FlowOptions()):
   """The base-flow loss on one batch of clean token ids [B, L]. Returns (loss, metrics).
 
-  `space` (a `state_space.StateSpace`) says where the state lives and whether the output is reduced
-  in vocabulary chunks; None is the V-space reference with full logits from `apply_fn`. `prompt`
-  and `self_condition` (module docstring) are data for the network call, the same in either space:
-  the clean prefix is the state of clean tokens there (one-hot, or the row W[x] in embedding space)
-  and μ̂ is fed as the state space gives it (μ̂, or μ̂W_sc).
+  `space` says where the state lives and whether the output is reduced in vocabulary chunks
+  (`state_space.StateSpace(apply_fn, V)` is the V-space reference with full logits). The prompt and
+  self-conditioning of `options` (module docstring) are data for the network call, the same in either
+  space: the clean prefix is the state of clean tokens there (one-hot, or the row W[x] in embedding
+  space) and μ̂ is fed as the state space gives it (μ̂, or μ̂W_sc).
   """
-  space = space or state_space.StateSpace(apply_fn, vocab_size)
+  weighting, prompt, self_condition, position_noise = options
   rng_time, rng_noise = jax.random.split(rng)
   rng_prompt, rng_self = jax.random.split(jax.random.fold_in(rng, 1))
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])

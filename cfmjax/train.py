@@ -52,19 +52,9 @@ def loss_fn_for(exp: experiment.Experiment):
   """
   if exp.model_config.causal:
     return functools.partial(ar.next_token_loss, apply_fn=exp.apply_fn)
-  flow = exp.config.flow
-  return functools.partial(
-      losses.flow_matching_loss, apply_fn=exp.apply_fn, schedule=exp.schedule,
-      vocab_size=exp.vocab_size, weighting=losses.adaptive_weight(flow),
-      space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config),
-      prompt=prompt_settings(exp.config), self_condition=exp.config.model.self_condition,
-      position_noise=flow.position_noise)
-
-
-def prompt_settings(config):
-  """(min_len, max_len, drop_prob) for the losses, or None for an unconditional model."""
-  p = config.flow.prompt
-  return (p.min_len, p.max_len, p.drop_prob) if p.max_len > 0 else None
+  return functools.partial(losses.flow_matching_loss, schedule=exp.schedule,
+                           space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config),
+                           options=losses.flow_options(exp.config))
 
 
 def grad_fn_for(exp: experiment.Experiment):

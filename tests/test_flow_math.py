@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import corruption, losses, oracles, samplers, schedules
+from cfmjax import corruption, losses, oracles, samplers, schedules, state_space
 
 
 @pytest.mark.parametrize("vocab_size", [2, 8, 1000])
@@ -79,8 +79,8 @@ def test_loss_is_lowest_at_the_exact_denoiser(schedule_name):
     return logits * temperature + shift * direction
 
   tokens = _toy_batch(toy, jax.random.key(2), 8192)
-  loss = lambda p: losses.flow_matching_loss(p, tokens, jax.random.key(3), apply_fn=apply_fn,
-                                             schedule=schedule, vocab_size=3)[0]
+  space = state_space.StateSpace(apply_fn, 3)
+  loss = lambda p: losses.flow_matching_loss(p, tokens, jax.random.key(3), space=space, schedule=schedule)[0]
   exact = float(loss((1.0, 0.0)))
   for perturbation in [(0.7, 0.0), (1.4, 0.0), (1.0, 0.3), (1.0, -0.3)]:
     assert float(loss(perturbation)) > exact + 1e-3, perturbation
@@ -141,16 +141,16 @@ def test_position_noise_noises_each_position_at_the_time_it_passes_the_network()
       return jnp.maximum(post.denoiser_logits(x, gamma), -30.0)
     return apply_fn
 
-  loss = {kind: float(losses.flow_matching_loss(None, tokens, jax.random.key(1), apply_fn=make(kind),
-                                                schedule=schedule, vocab_size=6, position_noise=1.0)[0])
+  mixed = losses.FlowOptions(position_noise=1.0)
+  loss = {kind: float(losses.flow_matching_loss(None, tokens, jax.random.key(1), space=state_space.StateSpace(make(kind), 6),
+                                                schedule=schedule, options=mixed)[0])
           for kind in ("exact", "row", "context_free")}
   assert loss["exact"] < loss["context_free"] - 0.02 and loss["exact"] < loss["row"] - 0.05, loss
   # No rows mixed: the loss is the plain one, the network gets no position times.
-  plain = losses.flow_matching_loss(None, tokens, jax.random.key(1), schedule=schedule, vocab_size=6,
-                                    apply_fn=lambda _, x, ts, tt: post.context_free_logits(x, schedule.gamma(ts)))
-  mixed_none = losses.flow_matching_loss(None, tokens, jax.random.key(1), schedule=schedule, vocab_size=6,
-                                         position_noise=0.0,
-                                         apply_fn=lambda _, x, ts, tt: post.context_free_logits(x, schedule.gamma(ts)))
+  context_free = state_space.StateSpace(lambda _, x, ts, tt: post.context_free_logits(x, schedule.gamma(ts)), 6)
+  plain = losses.flow_matching_loss(None, tokens, jax.random.key(1), space=context_free, schedule=schedule)
+  mixed_none = losses.flow_matching_loss(None, tokens, jax.random.key(1), space=context_free, schedule=schedule,
+                                         options=losses.FlowOptions(position_noise=0.0))
   assert float(plain[0]) == float(mixed_none[0])
 
 
@@ -167,8 +167,8 @@ def test_adaptive_weight_is_the_detached_inverse_root_of_the_brier_score():
     return scale * x
 
   weighting = losses.AdaptiveWeight(power=0.5, offset=0.01)
-  loss_fn = lambda s: losses.flow_matching_loss(s, tokens, jax.random.key(3), apply_fn=apply_fn, schedule=schedule,
-                                                vocab_size=3, weighting=weighting)[0]
+  loss_fn = lambda s: losses.flow_matching_loss(s, tokens, jax.random.key(3), space=state_space.StateSpace(apply_fn, 3),
+                                                schedule=schedule, options=losses.FlowOptions(weighting))[0]
   loss = float(loss_fn(2.0))
   logits = np.asarray(seen["logits"], np.float64)
   p = np.exp(logits - logits.max(-1, keepdims=True))

@@ -106,8 +106,8 @@ def test_conditioning_is_the_same_in_either_space(conditioned_net):
   tokens = jax.random.randint(jax.random.key(8), (BATCH, LENGTH), 0, VOCAB)
   vocab = state_space.StateSpace(apply_fn, VOCAB, prompt_flag=True)
   embedded = state_space.StateSpace(apply_fn, VOCAB, embedded=True, vocab_chunk=16, noise="project", prompt_flag=True)
-  loss = functools.partial(losses.flow_matching_loss, tokens=tokens, rng=jax.random.key(9), apply_fn=apply_fn,
-                           schedule=schedule, vocab_size=VOCAB, prompt=(1, 4, 0.3), self_condition=True)
+  loss = functools.partial(losses.flow_matching_loss, tokens=tokens, rng=jax.random.key(9), schedule=schedule,
+                           options=losses.FlowOptions(prompt=(1, 4, 0.3), self_condition=True))
   (ref, _), ref_grad = jax.value_and_grad(lambda p: loss(p, space=vocab), has_aux=True)(params)
   (val, _), grad = jax.value_and_grad(lambda p: loss(p, space=embedded), has_aux=True)(params)
   _close(val, ref, atol=1e-5)
