@@ -183,7 +183,8 @@ def state_space_terms(space: state_space.StateSpace, schedule, bound_space: str 
       state = jnp.where(context[..., None], space.clean_state(params, tokens).astype(state.dtype), state)
       if space.prompt_flag:
         conditioning["prompt_mask"] = context
-    stats = space.output_stats(params, state, tau, tau, tokens=tokens, with_embedding=embedded_bound,
+    stats = space.output_stats(params, state, tau, tau, tokens=tokens,
+                               embedding=model_lib.embedding_matrix(params) if embedded_bound else None,
                                **conditioning)
     if embedded_bound:
       w = model_lib.embedding_matrix(params).astype(jnp.float32)

@@ -305,9 +305,11 @@ def _pad_skip(skip, pad: int):
   return jnp.pad(features, [(0, 0)] * (features.ndim - 1) + [(0, pad)]), None
 
 
-def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=None, teacher=None,
-                embedding=None, skip=None, tangent=None):
-  """`stats_from_logits(hidden·kernel + bias, ...)` without ever holding the [..., V] logits.
+def vocab_stats(features, head, *, chunk: int, dtype=jnp.float32, tokens=None, teacher=None, embedding=None,
+                tangent=None):
+  """`stats_from_logits(hidden·kernel + bias (+ skip), ...)` without ever holding the [..., V] logits, for
+  `features` = (hidden [..., D], skip or None) (what `StateSpace.hidden` returns) and `head` = (kernel
+  [D, V], bias [V]).
 
   A `lax.scan` over vocabulary chunks of `chunk` columns: each step computes that chunk's logits
   (the head matmul in the model's `dtype`, then float32) and folds them into running statistics
@@ -321,6 +323,7 @@ def vocab_stats(hidden, kernel, bias, *, chunk: int, dtype=jnp.float32, tokens=N
   (∂hidden, ∂skip) of a JVP: adds mean_tangent = ⟨ψ, ∂z⟩ (the head is linear, so ∂z is the tangent
   through it without the bias).
   """
+  (hidden, skip), (kernel, bias) = features, head
   vocab = kernel.shape[1]
   if isinstance(teacher, CHUNKED_TEACHERS):
     teacher = jax.tree_util.tree_map(jax.lax.stop_gradient, teacher)
@@ -547,18 +550,16 @@ class StateSpace:
     w = jax.lax.stop_gradient(model_lib.embedding_matrix(params))
     return draw_noise(rng, shape, w, mode=self.noise)[0]
 
-  def output_stats(self, params, state, tau_s, tau_t, *, tokens=None, teacher=None, with_embedding=False,
-                   embedding=None, **conditioning):
+  def output_stats(self, params, state, tau_s, tau_t, *, tokens=None, teacher=None, embedding=None,
+                   **conditioning):
     """`stats_from_logits` of the network's output, chunked over V when `vocab_chunk` > 0.
 
-    mean_embedding = ψE for `embedding` E [V, D'] (with_embedding: E = W, the state's projection)."""
-    if with_embedding:
-      embedding = model_lib.embedding_matrix(params)
+    mean_embedding = ψE for `embedding` E [V, D'] (e.g. W = model.embedding_matrix(params), the state's
+    projection)."""
     if self.chunked:
-      hidden, skip = self.hidden(params, state, tau_s, tau_t, **conditioning)  # skip: model.skip (SPEC §9)
-      kernel, bias = model_lib.head_params(params)
-      return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
-                         tokens=tokens, teacher=teacher, embedding=embedding, skip=skip)
+      features = self.hidden(params, state, tau_s, tau_t, **conditioning)  # (hidden, model.skip term: SPEC §9)
+      return vocab_stats(features, model_lib.head_params(params), chunk=self.vocab_chunk,
+                         dtype=jnp.dtype(self.dtype), tokens=tokens, teacher=teacher, embedding=embedding)
     return _full_stats(self.logits(params, state, tau_s, tau_t, **conditioning), tokens, teacher, embedding,
                        jnp.dtype(self.dtype))
 
@@ -576,13 +577,12 @@ class StateSpace:
   def hidden_stats(self, params, hidden, skip, *, with_embedding=False, tangent=None):
     """`vocab_stats` of a `hidden` call's output, chunked over V. with_embedding: stats["mean_embedding"]
     = ψ in this state space (ψW, or ψ itself in V-space); tangent: stats["mean_tangent"] = ⟨ψ, ∂z⟩."""
-    kernel, bias = model_lib.head_params(params)
     embedding = None
     if with_embedding:
       embedding = (model_lib.embedding_matrix(params) if self.embedded
                    else jnp.eye(self.vocab_size, dtype=jnp.float32))
-    return vocab_stats(hidden, kernel, bias, chunk=self.vocab_chunk, dtype=jnp.dtype(self.dtype),
-                       embedding=embedding, skip=skip, tangent=tangent)
+    return vocab_stats((hidden, skip), model_lib.head_params(params), chunk=self.vocab_chunk,
+                       dtype=jnp.dtype(self.dtype), embedding=embedding, tangent=tangent)
 
   def clean_state(self, params, tokens):
     """The state of clean tokens (γ = 1): the one-hot e_x, or its embedding W[x] (float32)."""

@@ -165,7 +165,8 @@ def test_chunked_statistics_and_gradients_match_full_logits():
   teacher = jax.nn.softmax(jnp.asarray(2 * rng.standard_normal((3, 5, 37)), jnp.float32), -1)
 
   def objective(hidden, kernel, bias, chunk):
-    s = state_space.vocab_stats(hidden, kernel, bias, chunk=chunk, tokens=tokens, teacher=teacher, embedding=w)
+    s = state_space.vocab_stats((hidden, None), (kernel, bias), chunk=chunk, tokens=tokens, teacher=teacher,
+                                embedding=w)
     return (jnp.sum(state_space.cross_entropy(s)) + jnp.sum(state_space.kl_to_teacher(s, teacher))
             + jnp.sum(state_space.brier_score(s)) + jnp.sum(state_space.squared_distance_to_teacher(s, teacher))), s
 
