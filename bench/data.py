@@ -61,10 +61,11 @@ def prepare_throughput(workdir: str, paths: str, workers: int) -> dict:
     data.cache_dir = os.path.join(workdir, "cache")
   out = os.path.join(workdir, f"prepare_w{workers}")
   shutil.rmtree(out, ignore_errors=True)
-  pipeline.prepare_store(data, out, docs_per_shard=512, progress=lambda _: None)  # warm: corpus + tokenizer
+  quiet = store.Work(docs_per_shard=512, progress=lambda _: None)
+  pipeline.prepare_store(data, out, quiet)  # warm: corpus + tokenizer
   shutil.rmtree(out)
   start = time.perf_counter()
-  manifest = pipeline.prepare_store(data, out, num_workers=workers, docs_per_shard=512, progress=lambda _: None)
+  manifest = pipeline.prepare_store(data, out, quiet._replace(num_workers=workers))
   seconds = time.perf_counter() - start
   tokens = sum(manifest["splits"][s]["tokens"] for s in store.SPLITS)
   return {"workers": workers, "tokens": tokens, "seconds": seconds, "tokens_per_sec": tokens / seconds}

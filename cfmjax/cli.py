@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from cfmjax import aot, ar, diagnostics, distributed, evaluate, export, inference, judges, likelihood, main_job
 from cfmjax import report, sweep, train
-from cfmjax.data import pipeline
+from cfmjax.data import pipeline, store
 
 COMMANDS = ("pipeline", "prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
 
@@ -190,9 +190,9 @@ def cmd_prepare():
   if _CONFIG.value is None or not out:
     raise app.UsageError("prepare needs --config=experiments/....py (its data section) and --out=DIR "
                          "(or data.prepared.path)")
-  manifest = pipeline.prepare_store(_CONFIG.value.data, out, num_workers=_WORKERS.value,
-                                    host_index=_HOST_INDEX.value, host_count=_HOST_COUNT.value,
-                                    docs_per_shard=_DOCS_PER_SHARD.value)
+  work = store.Work(docs_per_shard=_DOCS_PER_SHARD.value, num_workers=_WORKERS.value,
+                    host_index=_HOST_INDEX.value, host_count=_HOST_COUNT.value)
+  manifest = pipeline.prepare_store(_CONFIG.value.data, out, work)
   if manifest is not None:
     print(f"train on it with: --config.data.source=prepared --config.data.prepared.path={os.path.abspath(out)}"
           f" --config.data.seq_len={manifest['seq_len']}")

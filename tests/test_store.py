@@ -122,8 +122,8 @@ def corpus(tmp_path_factory):
 
 def _prepare(corpus, out, **kwargs):
   _, train, evals, tokenizer = corpus
-  return store.prepare(train, evals, tokenizer, str(out), 16, source="test", docs_per_shard=40,
-                       progress=lambda _: None, **kwargs)
+  return store.prepare(train, evals, tokenizer, str(out), 16, source="test",
+                       work=store.Work(docs_per_shard=40, progress=lambda _: None, **kwargs))
 
 
 def _shard_bytes(path):

@@ -469,11 +469,12 @@ def _describe_source(config: ml_collections.ConfigDict) -> str:
   return config.source
 
 
-def prepare_store(data_config: ml_collections.ConfigDict, out_dir: str, **kwargs) -> dict | None:
+def prepare_store(data_config: ml_collections.ConfigDict, out_dir: str,
+                  work: store_lib.Work = store_lib.Work()) -> dict | None:
   """`cfmjax prepare`: tokenizes the configured text source once into a token store (data/store.py).
 
   The tokenizer is data.tokenizer.model_path when given, else one trained on the training split (and
-  cached, as `train` would). kwargs go to `store.prepare` (workers, hosts, docs_per_shard, progress).
+  cached, as `train` would). `work`: shards, workers, hosts and progress (`store.Work`).
   """
   config = data_config
   if config.source == "prepared":
@@ -487,7 +488,7 @@ def prepare_store(data_config: ml_collections.ConfigDict, out_dir: str, **kwargs
   tokenizer = _tokenizer_for(config, train, _cached_tokenizer_path(config, tokenizer_dir))
   source_stats = {k: v for k, v in stats.items() if k != "corpus_dir"}
   return store_lib.prepare(train, evals, tokenizer.path, out_dir, config.seq_len, source=_describe_source(config),
-                           source_stats=source_stats, **kwargs)
+                           source_stats=source_stats, work=work)
 
 
 def parse_mixture(text: str) -> list[tuple[str, float]]:

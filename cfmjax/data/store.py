@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 import zlib
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -128,9 +129,18 @@ def _units(records_by_split: dict, docs_per_shard: int) -> list[tuple[str, int, 
   return units
 
 
+class Work(NamedTuple):
+  """How `prepare`'s work is cut and reported: documents per shard, worker processes on this host,
+  this host's share of the shards (host_index of host_count), and where progress lines go."""
+  docs_per_shard: int = 4096
+  num_workers: int = 1
+  host_index: int = 0
+  host_count: int = 1
+  progress: Callable = print
+
+
 def prepare(records, heldout_records, tokenizer_path: str, out_dir: str, seq_len: int, *, source: str,
-            source_stats: dict | None = None, docs_per_shard: int = 4096, num_workers: int = 1,
-            host_index: int = 0, host_count: int = 1, progress=print) -> dict | None:
+            source_stats: dict | None = None, work: Work = Work()) -> dict | None:
   """Writes (or completes) a store from random-access documents; returns the manifest, or None while
   other hosts still have shards to write (the last host to finish writes it).
 
@@ -139,6 +149,7 @@ def prepare(records, heldout_records, tokenizer_path: str, out_dir: str, seq_len
     tokenizer_path: the SentencePiece model to tokenize with; copied into the store.
     source: a description of where the documents came from (kept in the manifest).
   """
+  docs_per_shard, num_workers, host_index, host_count, progress = work
   if not 0 <= host_index < host_count:
     raise ValueError(f"--host_index={host_index} must lie in [0, --host_count={host_count})")
   os.makedirs(out_dir, exist_ok=True)
