@@ -30,8 +30,9 @@ row indices (permutation.py), and each process reads only its rows, by index,
 as Markov rows are generated only for the slice.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -123,22 +124,23 @@ def _tokens_of(packed: dict[str, np.ndarray]) -> np.ndarray:
   return packed[_TOKENS]
 
 
-class _MarkovRows:
-  """Global batch index k -> this process's slice of rows [k*G, (k+1)*G)."""
-
-  def __init__(self, markov: MarkovSource, seq_len: int, stream: int,
-               global_batch: int, first: int, count: int):
-    self._markov = markov
-    self._seq_len = seq_len
-    self._stream = stream
-    self._global_batch = global_batch
-    self._first = first
-    self._count = count
+@dataclasses.dataclass(frozen=True)
+class _BatchSlice:
+  """Global batch index k -> this process's slice of it: stream positions [k*G + first, k*G + first +
+  count), read by `read(positions)`. A batch is a pure function of k (and what `read` holds: the
+  Markov source and seed, or the store and its permutation key), so the iterator state is k alone."""
+  read: Callable
+  global_batch: int
+  first: int
+  count: int
 
   def __call__(self, batch_index: int) -> np.ndarray:
-    start = int(batch_index) * self._global_batch + self._first
-    return self._markov.rows(range(start, start + self._count), self._seq_len,
-                             "train", stream=self._stream)
+    start = int(batch_index) * self.global_batch + self.first
+    return self.read(np.arange(start, start + self.count, dtype=np.int64))
+
+
+def _markov_rows(markov: MarkovSource, seq_len: int, stream: int, positions: np.ndarray) -> np.ndarray:
+  return markov.rows(positions.tolist(), seq_len, "train", stream=stream)
 
 
 def _store_rows(token_store, seed: int, positions: np.ndarray) -> np.ndarray:
@@ -151,25 +153,6 @@ def _store_rows(token_store, seed: int, positions: np.ndarray) -> np.ndarray:
     sel = epochs == epoch
     rows[sel] = permutation.permute(offsets[sel], num_rows, permutation.epoch_key(seed, int(epoch)))
   return token_store.read("train", rows)
-
-
-class _StoreRows:
-  """Global batch index k -> this process's slice of it, read from a token store.
-
-  Global batch k is stream positions [k*G, (k+1)*G) (`_store_rows`), so a batch is a pure function
-  of (seed, k) and the iterator state is k alone.
-  """
-
-  def __init__(self, token_store, seed: int, global_batch: int, first: int, count: int):
-    self._store = token_store
-    self._seed = seed
-    self._global_batch = global_batch
-    self._first = first
-    self._count = count
-
-  def __call__(self, batch_index: int) -> np.ndarray:
-    start = int(batch_index) * self._global_batch + self._first
-    return _store_rows(self._store, self._seed, np.arange(start, start + self._count, dtype=np.int64))
 
 
 class MixtureIterator:
@@ -319,9 +302,8 @@ class Data:
     # data is a pure function of the step, whatever the process count.
     global_batch = per_host_batch * process_count
     batches = grain.MapDataset.range(0, sys.maxsize // global_batch)
-    batches = batches.map(_MarkovRows(
-        self.markov, self.seq_len, seed, global_batch,
-        first=process_index * per_host_batch, count=per_host_batch))
+    batches = batches.map(_BatchSlice(functools.partial(_markov_rows, self.markov, self.seq_len, seed), global_batch,
+                                      first=process_index * per_host_batch, count=per_host_batch))
     return iter(batches.to_iter_dataset())
 
   def _store_iterator(self, per_host_batch, process_index, process_count, seed):
@@ -330,8 +312,8 @@ class Data:
       raise ValueError(f"the token store {self.store.path} has no training rows")
     global_batch = per_host_batch * process_count
     batches = grain.MapDataset.range(0, sys.maxsize // global_batch)
-    batches = batches.map(_StoreRows(self.store, seed, global_batch,
-                                     first=process_index * per_host_batch, count=per_host_batch))
+    batches = batches.map(_BatchSlice(functools.partial(_store_rows, self.store, seed), global_batch,
+                                      first=process_index * per_host_batch, count=per_host_batch))
     return iter(batches.to_iter_dataset())
 
   def _text_iterator(self, per_host_batch, process_index, process_count, seed,
