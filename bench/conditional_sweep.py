@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import evaluate, flow_map, inference, samplers
+from cfmjax import evaluate, flow_map, inference, samplers, state_space
 
 
 def floats(text):
@@ -52,13 +52,15 @@ def main():
   self_conds = [bool(int(v)) for v in args.self_condition.split(",") if v.strip()] or [
       bool(exp.config.model.self_condition) and exp.config.sample.self_condition]
 
+  # The run's own state space, as `cfmjax sample` uses it: embedding space where configured, and a
+  # model trained without prompts is prompted by inpainting.
+  space = state_space.from_config(exp.apply_fn, vocab, exp.config).bind(params)
+
   def sample(steps, guidance, renoise, self_condition):
     if args.sampler == "flowmap":
-      jump = lambda x, s, t, **kw: exp.apply_fn(params, x, s, t, **kw)
-      return flow_map.flowmap_sample(jump, jax.random.key(args.seed), (n, length, vocab), exp.schedule, steps,
+      return flow_map.flowmap_sample(space, jax.random.key(args.seed), (n, length, vocab), exp.schedule, steps,
                                      conditioning=samplers.Conditioning(prompt), renoise=renoise)[0]
-    denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
-    return samplers.euler_sample(denoise, jax.random.key(args.seed), (n, length, vocab), exp.schedule, steps,
+    return samplers.euler_sample(space, jax.random.key(args.seed), (n, length, vocab), exp.schedule, steps,
                                  conditioning=samplers.Conditioning(prompt, guidance, self_condition))[0]
 
   records = []
