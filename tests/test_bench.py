@@ -108,3 +108,22 @@ def test_memory_matrix_script_compiles_each_cell(tmp_path):
   # A distillation step holds more than the base step of the same model.
   assert rows[1]["per_device_gib"]["temporaries"] > rows[0]["per_device_gib"]["temporaries"]
   assert proc.stdout.count("| markov_tiny |") == 3
+
+
+@pytest.mark.slow
+def test_conditional_sweep_prompts_any_flow_and_the_state_space_benchmark_runs(tmp_path, markov_base):
+  """bench/conditional_sweep.py on the shared base flow (trained without prompts: prompted by
+  inpainting, as `cfmjax sample` does), and bench/state_space.py at a toy size."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "bench/conditional_sweep.py", f"--workdir={markov_base[0]}", "--steps=2",
+                         "--prompt_len=4", "--num_samples=8"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line for line in proc.stdout.splitlines() if line.startswith("| euler | 2 |")]
+  assert len(rows) == 1 and float(rows[0].split("|")[6]) > 0  # gen NLL of the judged continuation
+  out = tmp_path / "state_space.json"
+  proc = subprocess.run([sys.executable, "bench/state_space.py", "--vocab=64", "--d_model=32", "--layers=1", "--seq=16",
+                         "--batch=4", "--chunk=16", "--steps=2", f"--out={out}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert out.stat().st_size > 0 and "embedding+chunk" in proc.stdout
