@@ -91,14 +91,14 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   space = state_space.from_config(apply_fn, vocab_size, config)
 
   prompt_settings = losses.prompt_settings(config)
+  diagonal_options = losses.FlowOptions(losses.adaptive_weight(config.flow), prompt_settings)
 
   def diagonal_loss(params, teacher_params, tokens, rng, step):
     del teacher_params, step
     if d.guidance >= 0:
       return guided_diagonal_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
                                   vocab_size=vocab_size, guidance=d.guidance, prompt=prompt_settings)
-    options = losses.FlowOptions(losses.adaptive_weight(config.flow), prompt_settings)
-    return losses.flow_matching_loss(params, tokens, rng, space=space, schedule=schedule, options=options)
+    return losses.flow_matching_loss(params, tokens, rng, space=space, schedule=schedule, options=diagonal_options)
 
   def consistency_loss(params, teacher_params, tokens, rng, step):
     rng_time, rng_noise = jax.random.split(rng)
@@ -116,8 +116,8 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
       x, x_teacher = space.noisy_states(params, teacher_params, rng_noise, tokens, gamma_s)
     prompt, conditioning, keep = None, {}, jnp.ones(tokens.shape, jnp.float32)
     if prompt_settings is not None:  # a conditional flow map (V-space): the prompt is always given here
-      lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0],
-                                                 prompt_settings[0], prompt_settings[1], 0.0)
+      min_len, max_len, _ = prompt_settings  # the prompt is never dropped here
+      lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0], min_len, max_len, 0.0)
       prompt = (tokens, prompting.prefix_mask(lengths, tokens.shape[1]))
       x, x_teacher = prompting.clamp_state(x, *prompt), prompting.clamp_state(x_teacher, *prompt)
       conditioning, keep = {"prompt_mask": prompt[1]}, (~prompt[1]).astype(jnp.float32)

@@ -183,11 +183,10 @@ def state_space_terms(space: state_space.StateSpace, schedule, bound_space: str 
       state = jnp.where(context[..., None], space.clean_state(params, tokens).astype(state.dtype), state)
       if space.prompt_flag:
         conditioning["prompt_mask"] = context
-    stats = space.output_stats(params, state, tau, tau, tokens=tokens,
-                               embedding=model_lib.embedding_matrix(params) if embedded_bound else None,
-                               **conditioning)
+    w = model_lib.embedding_matrix(params) if embedded_bound else None
+    stats = space.output_stats(params, state, tau, tau, tokens=tokens, embedding=w, **conditioning)
     if embedded_bound:
-      w = model_lib.embedding_matrix(params).astype(jnp.float32)
+      w = w.astype(jnp.float32)
       chol, _ = model_lib.whitened_embedding(w)
       brier = whitened_brier(chol, jnp.take(w, tokens, axis=0), stats["mean_embedding"])
     else:
