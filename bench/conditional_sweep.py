@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import evaluate, flow_map, inference, samplers, state_space
+from cfmjax import evaluate, flow_map, inference, loading, samplers, state_space
 
 
 def floats(text):
@@ -41,7 +41,7 @@ def main():
   ap.add_argument("--checkpoint_step", type=int, default=None, help="default: the latest")
   args = ap.parse_args()
 
-  exp, params, step = inference.load(args.workdir, args.checkpoint_step)
+  exp, params, step = loading.load(args.workdir, args.checkpoint_step)
   length, vocab, n = exp.config.data.seq_len, exp.vocab_size, args.num_samples
   held_out = exp.data.eval_rows(n)
   prompt = None

@@ -30,7 +30,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from cfmjax import aot, ar, diagnostics, distributed, evaluate, export, inference, judges, likelihood, main_job
+from cfmjax import aot, ar, diagnostics, distributed, evaluate, export, inference, judges, likelihood, loading
+from cfmjax import main_job
 from cfmjax import report, sweep, train
 from cfmjax.data import pipeline, store
 
@@ -210,10 +211,10 @@ def _load_for_inference():
   # --checkpoint: an export (or a workdir); results go to --workdir if given, else next to it.
   source = _CHECKPOINT.value or _require_workdir()
   try:
-    export.checkpoint_kind(source)
+    loading.kind(source)
   except FileNotFoundError as e:
     raise app.UsageError(str(e)) from None
-  exp, params, step = export.load_any(source, _checkpoint_step())
+  exp, params, step = loading.load(source, _checkpoint_step())
   return _WORKDIR.value or source, exp, params, step
 
 
@@ -414,7 +415,11 @@ def cmd_eval():
 def cmd_export():
   if not _OUT.value:
     raise app.UsageError("export needs --out=DIR (the directory to write)")
-  info = export.export(_require_workdir(), _OUT.value, _DTYPE.value, _checkpoint_step())
+  workdir = _require_workdir()
+  if loading.kind(workdir) != "workdir":
+    raise app.UsageError(f"{workdir} is already an exported checkpoint; export a training workdir")
+  exp, params, step = loading.load(workdir, _checkpoint_step())
+  info = export.write(exp, params, step, workdir, _OUT.value, _DTYPE.value)
   print(f"exported: {json.dumps(info)}\nto: {os.path.abspath(_OUT.value)} (params.safetensors, config.json, "
         f"export_info.json{', tokenizer.model' if os.path.exists(os.path.join(_OUT.value, 'tokenizer.model')) else ''})")
 

@@ -96,8 +96,8 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   def diagonal_loss(params, teacher_params, tokens, rng, step):
     del teacher_params, step
     if d.guidance >= 0:
-      return guided_diagonal_loss(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
-                                  vocab_size=vocab_size, guidance=d.guidance, prompt=prompt_settings)
+      return guided_diagonal_loss(params, tokens, rng, space=space, schedule=schedule, guidance=d.guidance,
+                                  prompt=prompt_settings)
     return losses.flow_matching_loss(params, tokens, rng, space=space, schedule=schedule, options=diagonal_options)
 
   def consistency_loss(params, teacher_params, tokens, rng, step):
@@ -115,12 +115,13 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
     else:  # in embedding space each network sees the one draw of ε through its own W
       x, x_teacher = space.noisy_states(params, teacher_params, rng_noise, tokens, gamma_s)
     prompt, conditioning, keep = None, {}, jnp.ones(tokens.shape, jnp.float32)
-    if prompt_settings is not None:  # a conditional flow map (V-space): the prompt is always given here
+    if prompt_settings is not None:  # a conditional flow map: the prompt is always given here
       min_len, max_len, _ = prompt_settings  # the prompt is never dropped here
       lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0], min_len, max_len, 0.0)
       prompt = (tokens, prompting.prefix_mask(lengths, tokens.shape[1]))
-      x, x_teacher = prompting.clamp_state(x, *prompt), prompting.clamp_state(x_teacher, *prompt)
-      conditioning, keep = {"prompt_mask": prompt[1]}, (~prompt[1]).astype(jnp.float32)
+      x, conditioning = space.conditional_input(params, x, prompt)
+      x_teacher, _ = space.conditional_input(teacher_params, x_teacher, prompt)
+      keep = (~prompt[1]).astype(jnp.float32)
 
     # The teacher network in flow time γ (what the identities of SPEC §3 differentiate).
     def net(x, gs, gt):
@@ -168,27 +169,27 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   return diagonal_loss, consistency_loss
 
 
-def guided_diagonal_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int, guidance: float,
+def guided_diagonal_loss(params, tokens, rng, *, space: state_space.StateSpace, schedule, guidance: float,
                          prompt):
   """KL(μ_ω of the frozen base ‖ student's conditional diagonal) on generated positions.
 
   μ_ω = μ_u + ω (μ_c − μ_u) from two passes of the frozen base (prompt given / prompt dropped),
   projected onto the simplex; the student sees the prompt (always: it is a conditional model).
+  Either state space: each network sees the one draw of ε through its own W (`noisy_states`).
   """
   if prompt is None:
     raise ValueError("distill.guidance needs a prompt-trained base (flow.prompt.max_len > 0)")
   rng_time, rng_noise = jax.random.split(rng)
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
-  x = corruption.noisy_state(rng_noise, tokens, schedule.gamma(tau), vocab_size)
+  base = frozen_teacher.teacher_params(params)
+  x, x_base = space.noisy_states(params, base, rng_noise, tokens, schedule.gamma(tau))
   lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0], prompt[0],
                                              prompt[1], 0.0)
   mask = prompting.prefix_mask(lengths, tokens.shape[1])
-  x = prompting.clamp_state(x, tokens, mask)
-  base = frozen_teacher.teacher_params(params)
-  base_net = lambda x, ts, tt, **kw: apply_fn(base, x, ts, tt, **kw)
-  target = prompting.network_probs(base_net, x, tau, tau, prompt=(tokens, mask), guidance=guidance)
+  target = space.probs(base, x_base, tau, tau, prompt=(tokens, mask), guidance=guidance)
   target = jax.lax.stop_gradient(prompting.project_to_simplex(target))
-  logits = apply_fn(params, x, tau, tau, prompt_mask=mask)
+  x, conditioning = space.conditional_input(params, x, (tokens, mask))
+  logits = space.logits(params, x, tau, tau, **conditioning)
   keep = (~mask).astype(jnp.float32)
   loss = prompting.masked_mean(distill_losses.kl_to_teacher(target, logits), keep)
   accuracy = prompting.masked_mean(jnp.argmax(logits, axis=-1) == tokens, keep)
@@ -207,7 +208,7 @@ def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
   """(params, tokens, rng, ema_params, step) -> (grads, metrics) for the distillation stage."""
   d = config.distill
   if d.loss == "fixed_point":
-    return fixed_point.make_grad_fn(apply_fn, schedule, vocab_size, config)
+    return fixed_point.make_grad_fn(state_space.from_config(apply_fn, vocab_size, config), schedule, config)
   diagonal_loss, consistency_loss = make_losses(apply_fn, schedule, vocab_size, config)
   num_diag = num_diagonal_rows(config.train.batch_size, d.diag_fraction)
 

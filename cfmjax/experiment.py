@@ -230,7 +230,6 @@ def build(config, workdir: str | None, devices=None, data: pipeline.Data | None 
   validate(config, mesh, rules)
   data = data if data is not None else pipeline.build_data(config.data, workdir)
   prompting.validate(config, config.data.seq_len)
-  prompting.validate_state_space(config, data.vocab_size)
   with config.unlocked():
     config.model.vocab_size = data.vocab_size  # the model's vocabulary follows the data source
     config.model.prompt_flag = prompting.enabled(config)  # prompt-trained models carry the flag

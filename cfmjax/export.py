@@ -1,4 +1,4 @@
-"""Parameter-only checkpoints: `cfmjax export --workdir=W --out=D` and loading them back.
+"""Parameter-only checkpoints: the format `cfmjax export --workdir=W --out=D` writes (loading.py reads it).
 
 An exported directory D holds
 
@@ -29,7 +29,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from safetensors import numpy as safetensors_np
 
-from cfmjax import configs, experiment, inference
+from cfmjax import configs
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,7 @@ INFO_FILE = "export_info.json"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT = "cfmjax-export"
 DTYPES = ("float32", "bfloat16")
-_EXPORT_FILES = (PARAMS_FILE, CONFIG_FILE, INFO_FILE)
-
-
-def checkpoint_kind(path: str) -> str:
-  """'export' for a directory written by `cfmjax export`, 'workdir' for a training workdir.
-
-  Anything else raises, saying what each kind of directory must contain.
-  """
-  if os.path.exists(os.path.join(path, INFO_FILE)):
-    missing = [f for f in _EXPORT_FILES if not os.path.exists(os.path.join(path, f))]
-    if missing:
-      raise FileNotFoundError(f"{path} looks like an exported checkpoint but lacks {', '.join(missing)}: "
-                              f"export it again with `cfmjax export --workdir=W --out={path}`")
-    return "export"
-  if os.path.exists(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints")):
-    return "workdir"
-  raise FileNotFoundError(
-      f"{path} is neither an exported checkpoint ({', '.join(_EXPORT_FILES)}, written by `cfmjax export`) "
-      f"nor a cfmjax workdir (config.json and checkpoints/, written by `cfmjax train` or `cfmjax distill`)")
+FILES = (PARAMS_FILE, CONFIG_FILE, INFO_FILE)  # what makes a directory an export (loading.kind)
 
 
 def _to_host(x) -> np.ndarray:
@@ -75,11 +57,8 @@ def flatten_params(params, dtype: str) -> dict[str, np.ndarray]:
   return {name: np.ascontiguousarray(_to_host(value).astype(np_dtype)) for name, value in flat.items()}
 
 
-def export(workdir: str, out: str, dtype: str = "float32", step: int | None = None) -> dict:
-  """Writes the EMA parameters of `workdir`'s latest (or given) checkpoint to `out`; returns the info."""
-  if checkpoint_kind(workdir) != "workdir":
-    raise ValueError(f"{workdir} is already an exported checkpoint; export a training workdir")
-  exp, params, step = inference.load(workdir, step)
+def write(exp, params, step: int, workdir: str, out: str, dtype: str = "float32") -> dict:
+  """Writes EMA `params` of `workdir` at `step` (`loading.load`) to `out`; returns the info."""
   tensors = flatten_params(params, dtype)
   info = {"format": FORMAT, "version": 1, "step": int(step), "dtype": dtype,
           "num_params": int(sum(t.size for t in tensors.values())),
@@ -145,23 +124,3 @@ def load_config(directory: str):
   if os.path.exists(tokenizer):
     config.data.tokenizer.model_path = os.path.abspath(tokenizer)
   return config
-
-
-def load_exported(directory: str, step: int | None = None):
-  """Returns (experiment, EMA params, step) from an exported directory, like `inference.load`."""
-  if checkpoint_kind(directory) != "export":
-    raise ValueError(f"{directory} is a training workdir, not an export: load it with --workdir")
-  info = read_info(directory)
-  if step is not None and step != info["step"]:
-    raise ValueError(f"{directory} holds step {info['step']} only (asked for step {step})")
-  config = inference.fit_mesh_to_devices(load_config(directory))
-  exp = experiment.build(config, directory)
-  params = load_params(directory, exp.abstract_state["ema_params"])
-  return exp, params, info["step"]
-
-
-def load_any(path: str, step: int | None = None):
-  """(experiment, EMA params, step) from either an exported directory or a training workdir."""
-  if checkpoint_kind(path) == "export":
-    return load_exported(path, step)
-  return inference.load(path, step)

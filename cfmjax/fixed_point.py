@@ -22,34 +22,36 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption, distill_losses, frozen_teacher
+from cfmjax import corruption, distill_losses, frozen_teacher, state_space
 
 
-def iterate(denoise_fn, x, tau, num_iters: int, mu_init=None):
-  """Runs μ_{k+1} = softmax(denoise_fn(x, tau, self_cond=μ_k)) from μ_0 (default 0).
+def iterate(denoise_fn, mu_init, num_iters: int):
+  """Runs μ_{k+1} = softmax(denoise_fn(μ_k)) from μ_init (the zero estimate μ_0 = 0 at sampling).
 
-  Returns (μ_K [B, L, V], residuals [K]): residual k = mean over positions of ‖μ_{k+1} − μ_k‖₁,
-  so residuals[0] is the distance of the first estimate from μ_0.
+  denoise_fn(μ̂ [B, L, V]) -> logits at one fixed state and time. Returns (μ_K [B, L, V], residuals
+  [K]): residual k = mean over positions of ‖μ_{k+1} − μ_k‖₁, so residuals[0] is the distance of the
+  first estimate from μ_init.
   """
-  mu = jnp.zeros_like(x, dtype=jnp.float32) if mu_init is None else mu_init
-
   def step(mu, _):
-    new = jax.nn.softmax(denoise_fn(x, tau, self_cond=mu).astype(jnp.float32), axis=-1)
+    new = jax.nn.softmax(denoise_fn(mu).astype(jnp.float32), axis=-1)
     return new, jnp.mean(jnp.sum(jnp.abs(new - mu), axis=-1))
 
-  return jax.lax.scan(step, mu, None, length=num_iters)
+  return jax.lax.scan(step, mu_init.astype(jnp.float32), None, length=num_iters)
 
 
-def fixed_point_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int, num_iters: int = 1):
-  """KL(T^k(stopgrad S) ‖ S) at τ ~ stratified U(0, 1) (see the module docstring). (loss, metrics)."""
+def fixed_point_loss(params, tokens, rng, *, space: state_space.StateSpace, schedule, num_iters: int = 1):
+  """KL(T^k(stopgrad S) ‖ S) at τ ~ stratified U(0, 1) (see the module docstring). (loss, metrics).
+
+  Either state space: student and frozen teacher see one draw of ε through their own W, and the
+  teacher's μ̂ input is μ̂ or μ̂W_sc (`StateSpace.self_cond_input`)."""
   rng_time, rng_noise = jax.random.split(rng)
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
-  x = corruption.noisy_state(rng_noise, tokens, schedule.gamma(tau), vocab_size)
-  student_logits = apply_fn(params, x, tau, tau)  # μ̂ = 0: the single pass being trained
-  student = jax.lax.stop_gradient(jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1))
   teacher = frozen_teacher.teacher_params(params)
-  denoise = lambda x, tau, **kw: apply_fn(teacher, x, tau, tau, **kw)
-  target, _ = iterate(denoise, x, tau, num_iters, mu_init=student)
+  x, x_teacher = space.noisy_states(params, teacher, rng_noise, tokens, schedule.gamma(tau))
+  student_logits = space.logits(params, x, tau, tau)  # μ̂ = 0: the single pass being trained
+  student = jax.lax.stop_gradient(jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1))
+  denoise = lambda mu: space.logits(teacher, x_teacher, tau, tau, self_cond=space.self_cond_input(teacher, mu))
+  target, _ = iterate(denoise, student, num_iters)
   target = jax.lax.stop_gradient(target)
   kl = distill_losses.kl_to_teacher(target, student_logits)
   loss = jnp.mean(kl)
@@ -58,14 +60,14 @@ def fixed_point_loss(params, tokens, rng, *, apply_fn, schedule, vocab_size: int
                 "accuracy": jnp.mean(jnp.argmax(student_logits, axis=-1) == tokens)}
 
 
-def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
+def make_grad_fn(space: state_space.StateSpace, schedule, config):
   """(params, tokens, rng, ema_params, step) -> (grads, metrics) for distill.loss = 'fixed_point'."""
   grad = jax.value_and_grad(fixed_point_loss, has_aux=True)
 
   def grad_fn(params, tokens, rng, ema_params, step):
     del ema_params, step  # the teacher is the frozen base, and there is no curriculum
-    (_, metrics), grads = grad(params, tokens, rng, apply_fn=apply_fn, schedule=schedule,
-                               vocab_size=vocab_size, num_iters=config.distill.fixed_point_iters)
+    (_, metrics), grads = grad(params, tokens, rng, space=space, schedule=schedule,
+                               num_iters=config.distill.fixed_point_iters)
     return grads, metrics
 
   return grad_fn

@@ -54,6 +54,7 @@ import os
 import platform
 
 from cfmjax import distill
+from cfmjax import state_space as state_space_lib
 
 STAGES = ("base", "distill", "ar")
 
@@ -89,15 +90,6 @@ def _get(node, key, default):
     return getattr(node, key, default)
 
 
-def resolve_state_space(state_space: str, vocab: int, d_model: int) -> str:
-  """'auto' → 'embedding' when V > D (the state is then smaller in embedding space), else 'vocab'."""
-  if state_space == "auto":
-    return "embedding" if vocab > d_model else "vocab"
-  if state_space not in ("vocab", "embedding"):
-    raise ValueError(f"unknown model.state_space={state_space!r}; choose vocab, embedding or auto")
-  return state_space
-
-
 def dims_from_config(config, *, seq_len: int | None = None, vocab: int | None = None) -> Dims:
   """Dims of an experiment config; `vocab` overrides model.vocab_size (-1 until the data fill it)."""
   m = config.model
@@ -105,7 +97,7 @@ def dims_from_config(config, *, seq_len: int | None = None, vocab: int | None = 
   if vocab <= 0:
     raise ValueError("the vocabulary size is unknown (model.vocab_size=-1): pass vocab=...")
   seq_len = int(seq_len if seq_len is not None else config.data.seq_len)
-  state_space = resolve_state_space(_get(m, "state_space", "vocab"), vocab, int(m.d_model))
+  state_space = state_space_lib.resolve(_get(m, "state_space", "vocab"), vocab, int(m.d_model))
   return Dims(vocab=vocab, d_model=int(m.d_model), num_layers=int(m.num_layers), mlp_dim=int(m.mlp_dim),
               time_features=int(m.time_features), seq_len=seq_len,
               embedding_state=state_space == "embedding", causal=bool(_get(m, "causal", False)),

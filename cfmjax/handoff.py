@@ -12,11 +12,10 @@ import logging
 import os
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfmjax import checkpointing, experiment, export, frozen_teacher, inference, loss_weights
+from cfmjax import experiment, frozen_teacher, loading, loss_weights
 from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -24,8 +23,7 @@ log = logging.getLogger(__name__)
 
 def inherit_base_config(config, workdir: str):
   """Copies model, data and schedule settings from the base run named by `config.init_from`."""
-  kind = export.checkpoint_kind(config.init_from)  # raises clearly for anything else
-  base = (export.load_config if kind == "export" else inference.load_config)(config.init_from)
+  base = loading.load_config(config.init_from)  # a workdir or an export; raises clearly for anything else
   with config.unlocked():
     config.model = base.model
     config.data = base.data
@@ -44,41 +42,19 @@ def inherit_base_config(config, workdir: str):
 
 
 def load_base_params(exp: experiment.Experiment):
-  """The base run's EMA parameters, restored onto `exp`'s mesh and parameter shardings."""
+  """The base run's EMA parameters (a workdir or an export), restored onto `exp`'s mesh and
+  parameter shardings."""
   config = exp.config
-  if export.checkpoint_kind(config.init_from) == "export":
-    return _load_exported_base_params(exp)
-  base_config = inference.load_config(config.init_from)
+  base_config = loading.load_config(config.init_from)
   base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
   base_init_fn, base_apply_fn = model_lib.build(exp.model_config)  # the bare network
   # ... plus whatever the base run kept beside it (it may itself be a distillation run).
   base_init_fn, _ = experiment.attach_stage_params(base_init_fn, base_apply_fn, base_config)
   abstract, _ = experiment.state_layout(base_init_fn, base_optimizer, exp.mesh, exp.rules,
                                         config.data.seq_len)
-  ckpt = checkpointing.Checkpointer(os.path.join(config.init_from, "checkpoints"))
-  step = ckpt.latest_step() if config.init_step < 0 else config.init_step
-  if step is None:
-    raise FileNotFoundError(f"init_from={config.init_from} has no checkpoint to distil from")
-  params = ckpt.restore_params(step, abstract)
-  ckpt.close()
+  step = None if config.init_step < 0 else config.init_step
+  params, step = loading.restore_params(config.init_from, abstract, step)
   log.info("initialised from %s step %d (EMA parameters)", config.init_from, step)
-  return params
-
-
-def _load_exported_base_params(exp: experiment.Experiment):
-  """An exported base's parameters (`cfmjax export`), placed onto `exp`'s parameter shardings."""
-  config = exp.config
-  info = export.read_info(config.init_from)
-  if config.init_step >= 0 and config.init_step != info["step"]:
-    raise ValueError(f"init_from={config.init_from} is an export of step {info['step']} only "
-                     f"(init_step={config.init_step})")
-  base_init_fn, _ = model_lib.build(exp.model_config)  # the bare network, without loss weights
-  boxed = jax.eval_shape(lambda rng: base_init_fn(rng, 1, config.data.seq_len), jax.random.key(0))
-  shardings = experiment.param_shardings(boxed, exp.mesh, exp.rules)
-  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    nn.meta.unbox(boxed), shardings)
-  params = export.load_params(config.init_from, abstract, ignore_extra=True)
-  log.info("initialised from the export %s (step %d, %s)", config.init_from, info["step"], info["dtype"])
   return params
 
 

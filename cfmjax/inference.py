@@ -1,16 +1,14 @@
-"""Loading a trained model and generating from it (shared by `cfmjax sample` and `cfmjax eval`)."""
+"""Generating from a trained model (shared by `cfmjax sample` and `cfmjax eval`; loading.py loads it)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from cfmjax import ar, checkpointing, configs, experiment, flow_map, samplers, sharding, state_space
+from cfmjax import ar, experiment, flow_map, samplers, sharding, state_space
 
 log = logging.getLogger(__name__)
 
@@ -27,50 +25,6 @@ class Sampling(NamedTuple):
   guidance: float | None = None
   renoise: float = 0.0
   precision: str = "float32"
-
-
-def load_config(workdir: str):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} a cfmjax workdir written by `cfmjax train`?")
-  with open(path) as f:
-    return configs.from_saved(json.load(f))
-
-
-def fit_mesh_to_devices(config):
-  """Lets the data axis absorb all devices when the saved mesh does not fit this machine."""
-  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
-  if -1 not in sizes and int(np.prod(sizes)) != jax.device_count():
-    log.info("saved mesh %s does not fit %d devices; using data=-1, fsdp=1, tensor=1",
-                 sizes, jax.device_count())
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  return config
-
-
-def load(workdir: str, step: int | str | None = None):
-  """Returns (experiment, EMA params, step) for the latest (or given) checkpoint in `workdir`.
-
-  `step="best"` loads the state kept by train.best_metric (<workdir>/best/, checkpointing.py).
-  The mesh is rebuilt from the saved config; when this machine has a different number of devices,
-  the data axis absorbs the difference, since inference needs no particular layout.
-  """
-  config = fit_mesh_to_devices(load_config(workdir))
-  exp = experiment.build(config, workdir)
-  if step == "best":
-    record = checkpointing.read_best(workdir)
-    if record is None:
-      raise FileNotFoundError(f"no best checkpoint in {workdir}: train with --config.train.best_metric=... "
-                              f"(and train.diagnostics_every > 0), or drop --checkpoint_step=best")
-    directory, step = os.path.join(workdir, checkpointing.BEST_DIR), record["step"]
-  else:
-    directory = os.path.join(workdir, "checkpoints")
-  ckpt = checkpointing.Checkpointer(directory)
-  step = ckpt.latest_step() if step is None else int(step)
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (`cfmjax train`)")
-  params = ckpt.restore_params(step, exp.abstract_state)
-  ckpt.close()
-  return exp, params, step
 
 
 def make_generator(exp: experiment.Experiment, sampling: Sampling, *, conditional: bool = False):

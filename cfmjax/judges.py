@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from cfmjax import ar, gpt2, inference
+from cfmjax import ar, gpt2, loading
 from cfmjax.data.tokenizer import IdentityTokenizer
 
 
@@ -108,7 +108,7 @@ class ARJudge(Judge):
   """
 
   def __init__(self, workdir: str, batch_size: int = 64):
-    self.exp, self.params, self.step = inference.load(workdir)
+    self.exp, self.params, self.step = loading.load(workdir)
     if not self.exp.model_config.causal:
       raise ValueError(f"--judge=ar:{workdir} needs an autoregressive workdir (trained with model.causal=True, "
                        f"e.g. experiments/ar/*.py); {workdir} holds a flow")

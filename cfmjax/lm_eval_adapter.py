@@ -4,7 +4,7 @@
     python -c "import cfmjax.lm_eval_adapter" is what registers it; `cfmjax.lm_eval_adapter.evaluate`
     runs the harness in-process with the model already loaded.
 
-Requests, on a workdir or an export (`export.load_any`):
+Requests, on a workdir or an export (`loading.load`):
   loglikelihood          AR baseline: exact, log p(continuation | context) from one causal pass over
                          the row [context, continuation] (the last seq_len tokens when longer), with
                          is_greedy. Flows: minus the conditional likelihood bound (SPEC §5; likelihood.py,
@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from cfmjax import ar, distributed, export, inference
+from cfmjax import ar, distributed, inference, loading
 from cfmjax.evaluate import bound_endpoint, conditional_scorer
 
 
@@ -57,7 +57,7 @@ class CfmjaxLM(LM):
     args = {**MODEL_ARGS, **{k: v for k, v in model_args.items() if k in MODEL_ARGS and v not in (None, "")}}
     step = args["checkpoint_step"]
     step = None if step is None else (step if step == "best" else int(step))
-    self.exp, self.params, self.checkpoint_step = export.load_any(workdir, step)
+    self.exp, self.params, self.checkpoint_step = loading.load(workdir, step)
     self.tokenizer = self.exp.data.tokenizer
     self.causal = bool(self.exp.model_config.causal)
     self.batch_size, self.steps, self.seed = int(args["batch_size"]), int(args["steps"]), int(args["seed"])

@@ -37,7 +37,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption
+from cfmjax import corruption, prompting
 from cfmjax import model as model_lib
 
 STATE_SPACES = ("vocab", "embedding", "auto")
@@ -631,15 +631,10 @@ class StateSpace:
     """
     feed = self_cond is not None
     kwargs = {} if self_cond is None else {"self_cond": self_cond}
+    passes = self._passes(params, state, prompt, guidance)
     if prompt is None:
-      if guidance is not None:
-        raise ValueError("guidance needs a prompt (the condition to guide towards)")
       return self._reduce(params, state, tau_s, tau_t, feed, **kwargs)
     tokens, mask = prompt
-    flagged = self.prompt_flag
-    if guidance is not None and not flagged:
-      raise ValueError("guidance needs a model trained with prompts (flow.prompt.max_len > 0): this one "
-                       "has model.prompt_flag=False, so it can be prompted (inpainting) but not guided")
     keep = mask[..., None]
     clean = self.clean_state(params, tokens)
     clean_feed = self.clean_self_cond(params, tokens) if feed else None
@@ -648,17 +643,60 @@ class StateSpace:
       fed = None if fed is None else jnp.where(keep, clean_feed, fed)
       return jnp.where(keep, clean, psi), jnp.where(mask, tokens, argmax), fed
 
-    cond_in = jnp.where(keep, clean, state) if flagged else state
-    cond_kwargs = dict(kwargs, prompt_mask=mask) if flagged else kwargs
-    psi_c, tok_c, fed_c = clamped(*self._reduce(params, cond_in, tau_s, tau_t, feed, **cond_kwargs))
-    if guidance is None:
+    (psi_c, tok_c, fed_c), *unconditional = [
+        clamped(*self._reduce(params, x, tau_s, tau_t, feed, **kw, **kwargs)) for x, kw in passes]
+    if not unconditional:
       return psi_c, tok_c, fed_c
-    uncond_in = jnp.where(keep, jnp.zeros_like(state), state)  # prompting.unconditional_input's state
-    psi_u, _, fed_u = clamped(*self._reduce(params, uncond_in, tau_s, tau_t, feed, **kwargs))
+    psi_u, _, fed_u = unconditional[0]
     mix = lambda u, c: (1.0 - guidance) * u + guidance * c  # ω = 0 and ω = 1 exact
     psi = mix(psi_u, psi_c)
     tok = tok_c if self.embedded else jnp.argmax(psi, axis=-1).astype(jnp.int32)
     return psi, tok, (None if fed_c is None else mix(fed_u, fed_c))
+
+  def probs(self, params, state, tau_s, tau_t, *, prompt=None, guidance=None, self_cond=None):
+    """μ (ψ when τ_s < τ_t) in R^V, float32 or wider, from full logits: the distribution the
+    distillation teachers (guided, fixed-point) train towards. Conditioning as in `readout`, with ψ
+    the prompt's one-hot at prompt positions and ω mixing the two passes' distributions in R^V;
+    `self_cond` is the feed in this space (`self_cond_input`)."""
+    kwargs = {} if self_cond is None else {"self_cond": self_cond}
+
+    def softmax(z):
+      return jax.nn.softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)), axis=-1)
+
+    passes = self._passes(params, state, prompt, guidance)
+    mus = [softmax(self.logits(params, x, tau_s, tau_t, **kw, **kwargs)) for x, kw in passes]
+    if prompt is not None:
+      onehot = corruption.one_hot(prompt[0], self.vocab_size, mus[0].dtype)
+      mus = [jnp.where(prompt[1][..., None], onehot, mu) for mu in mus]
+    if guidance is None:
+      return mus[0]
+    return (1.0 - guidance) * mus[1] + guidance * mus[0]
+
+  def self_cond_input(self, params, probs):
+    """The self-conditioning input of a distribution μ̂ [.., V]: μ̂ in V-space, μ̂W_sc in embedding space."""
+    return embed_probs(probs, model_lib.self_cond_matrix(params)) if self.embedded else probs
+
+  def conditional_input(self, params, state, prompt):
+    """(network input, call kwargs) of the conditional pass for a prompt (tokens, mask): a
+    prompt-trained model sees the clean prompt state (one-hot, or the row W[x]) and its flag there;
+    a model without the flag sees the state itself (inpainting: `readout`)."""
+    if not self.prompt_flag:
+      return state, {}
+    return self.clamp(params, state, prompt), {"prompt_mask": prompt[1]}
+
+  def _passes(self, params, state, prompt, guidance):
+    """[(input, kwargs)] of the network passes a conditioned call makes: the conditional one, then,
+    when guided, the unconditional one (prompt positions zeroed, read as 'unknown', no flag)."""
+    if prompt is None:
+      if guidance is not None:
+        raise ValueError("guidance needs a prompt (the condition to guide towards)")
+      return [(state, {})]
+    if guidance is None:
+      return [self.conditional_input(params, state, prompt)]
+    if not self.prompt_flag:
+      raise ValueError("guidance needs a model trained with prompts (flow.prompt.max_len > 0): this one "
+                       "has model.prompt_flag=False, so it can be prompted (inpainting) but not guided")
+    return [self.conditional_input(params, state, prompt), (prompting.unconditional_input(state, prompt[1]), {})]
 
   def clamp(self, params, state, prompt):
     """The state with a prompt-trained model's prompt positions at their clean state (the state

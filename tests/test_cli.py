@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from cfmjax.data.markov import MarkovSource
-from tests.conftest import TINY_FLAGS as TINY
 from tests.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,12 +126,11 @@ def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(mark
   """evaluate.likelihood_bound (what `cfmjax eval --likelihood` calls: held-out rows, batching over
   the run's 2x2x2 mesh, seeds, summary) with the chain's exact posterior in place of the network:
   the bound must equal the rows' exact NLL, within its standard error."""
-  import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import evaluate, inference, likelihood  # noqa: PLC0415
+  from cfmjax import evaluate, likelihood, loading  # noqa: PLC0415
 
-  exp, params, _ = inference.load(str(markov_base[0]))
+  exp, params, _ = loading.load(str(markov_base[0]))
   chain = exp.data.markov
   assert chain.order == 1
   transition, initial = np.asarray(chain.transition, np.float64), np.asarray(chain.initial, np.float64)
@@ -155,9 +153,9 @@ def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(mark
 def test_likelihood_bound_of_a_context_free_denoiser_is_looser(markov_base):
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import evaluate, inference, likelihood  # noqa: PLC0415
+  from cfmjax import evaluate, likelihood, loading  # noqa: PLC0415
 
-  exp, params, _ = inference.load(str(markov_base[0]))
+  exp, params, _ = loading.load(str(markov_base[0]))
   chain = exp.data.markov
   initial = np.asarray(chain.initial, np.float64)
   rows = exp.data.eval_rows(64)

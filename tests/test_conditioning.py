@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import configs, distill_losses, fixed_point, flow_map, losses, prompting, samplers, schedules
+from cfmjax import distill_losses, fixed_point, flow_map, prompting, samplers, schedules
 from cfmjax import state_space, train
 from cfmjax import model as model_lib
 from tests.conftest import tiny_config
@@ -17,6 +17,11 @@ PROMPT_TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, V, (N, L)), jnp
 PROMPT_MASK = prompting.prefix_mask(jnp.array([0, 1, 3, 5]), L)  # a row without prompt, too
 PROMPT = (PROMPT_TOKENS, PROMPT_MASK)
 ONEHOT = jax.nn.one_hot(PROMPT_TOKENS, V)
+
+
+def with_prompt(x):
+  """The conditional state of a V-space flow: the prompt's one-hot at prompt positions."""
+  return jnp.where(PROMPT_MASK[..., None], ONEHOT, x)
 
 
 def toy_net(x, tau_s, tau_t, prompt_mask=None, self_cond=None):
@@ -73,7 +78,7 @@ def test_distillation_teachers_keep_the_prompt(teacher):
   seen = []
   inner = recording(toy_net, seen)
   net = lambda x, gs, gt: prompting.clamp_logits(inner(x, gs, gt, prompt_mask=PROMPT_MASK), *PROMPT)
-  x = prompting.clamp_state(jax.random.normal(jax.random.key(4), (N, L, V)), *PROMPT)
+  x = with_prompt(jax.random.normal(jax.random.key(4), (N, L, V)))
   gs, gt = jnp.full((N,), 0.2), jnp.full((N,), 0.8)
   if teacher == "psd":
     target = distill_losses.psd_teacher(net, x, gs, 0.5 * (gs + gt), gt)
@@ -101,11 +106,12 @@ def test_guidance_at_0_and_1_is_the_unconditional_and_conditional_sampler():
     np.testing.assert_array_equal(got[1], want[1])
   # The two references do differ, and ω = 2 extrapolates: its first step's μ is 2 μ_c − μ_u.
   assert not np.array_equal(conditional[1], unconditional[1])
-  x0 = prompting.clamp_state(jax.random.normal(rng, (N, L, V)), *PROMPT)
+  x0 = with_prompt(jax.random.normal(rng, (N, L, V)))
   tau0 = jnp.zeros((N,))
   mu_c = jax.nn.softmax(prompting.clamp_logits(toy_net(x0, tau0, tau0, prompt_mask=PROMPT_MASK), *PROMPT))
   mu_u = jax.nn.softmax(prompting.clamp_logits(blind(x0, tau0), *PROMPT))
-  guided = prompting.network_probs(toy_net, x0, tau0, tau0, prompt=PROMPT, guidance=2.0)
+  space = state_space.StateSpace(lambda _, x, ts, tt, **kw: toy_net(x, ts, tt, **kw), V, prompt_flag=True)
+  guided = space.probs(None, x0, tau0, tau0, prompt=PROMPT, guidance=2.0)  # the guided distillation target
   np.testing.assert_allclose(guided, 2.0 * mu_c - mu_u, atol=1e-6)
 
 
@@ -139,32 +145,6 @@ def test_self_conditioned_model_with_zero_estimate_is_the_plain_network():
   np.testing.assert_allclose(apply_sc(params, h, tau, tau, embedded=True,
                                       self_cond=mu_hat @ model_lib.self_cond_matrix(params)),
                              apply_sc(params, x, tau, tau, self_cond=mu_hat), atol=1e-5)
-
-
-def test_v_space_features_refuse_the_embedding_state():
-  """Guided and fixed-point distillation need model.state_space='vocab'; prompts and
-  self-conditioning work in either space (tests/test_state_space.py checks them there)."""
-  def config(**model):
-    c = configs.base_config()
-    c.model.update(model)
-    return c
-
-  guided = config(state_space="embedding")
-  guided.stage, guided.distill.guidance = "distill", 2.0
-  with pytest.raises(ValueError, match="distill.guidance >= 0 need model.state_space='vocab'"):
-    prompting.validate_state_space(guided, vocab_size=64)
-  fixed = config(self_condition=True, d_model=16)  # auto: embedding since V = 64 > 16
-  fixed.stage, fixed.distill.loss = "distill", "fixed_point"
-  with pytest.raises(ValueError, match="fixed_point' need model.state_space='vocab' for now .'auto' picks embedding"):
-    prompting.validate_state_space(fixed, vocab_size=64)
-  prompted = config(state_space="embedding", self_condition=True)
-  prompted.flow.prompt.max_len = 4
-  conditional_map = config(state_space="embedding")
-  conditional_map.stage, conditional_map.flow.prompt.max_len = "distill", 4
-  with pytest.raises(ValueError, match=r"conditional distillation \(flow.prompt.max_len > 0\) need"):
-    prompting.validate_state_space(conditional_map, vocab_size=64)
-  for ok in (prompted, config(state_space="vocab", self_condition=True), config(state_space="embedding")):
-    prompting.validate_state_space(ok, vocab_size=64)
 
 
 def test_renoise_zero_is_the_deterministic_sampler_and_positive_renoise_is_not():
@@ -204,8 +184,8 @@ def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp
   config = tiny_config(**{"model.self_condition": True, "train.num_steps": 150, "train.checkpoint_every": 150,
                           "train.log_every": 50, "optim.lr": 3e-3, "mesh.data": 1})
   train.train(config, str(tmp_path / "sc"), devices=jax.devices()[:1])
-  from cfmjax import inference  # noqa: PLC0415
-  exp, params, _ = inference.load(str(tmp_path / "sc"))
+  from cfmjax import loading  # noqa: PLC0415
+  exp, params, _ = loading.load(str(tmp_path / "sc"))
   assert np.max(np.abs(np.asarray(params["self_cond_embed"]["kernel"]))) > 0  # it learned to use μ̂
   tokens = exp.data.eval_rows(16)
   x = jax.random.normal(jax.random.key(9), tokens.shape + (exp.vocab_size,))
@@ -214,7 +194,7 @@ def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp
   tau = exp.schedule.tau(gamma)
   denoise = lambda x, tau, **kw: exp.apply_fn(params, x, tau, tau, **kw)
   with exp.activate():
-    mu, residuals = jax.jit(lambda x: fixed_point.iterate(denoise, x, tau, 8))(x)
+    mu, residuals = jax.jit(lambda x: fixed_point.iterate(lambda m: denoise(x, tau, self_cond=m), jnp.zeros_like(x), 8))(x)
   residuals = np.asarray(residuals)
   print("fixed-point residual per iteration (mean L1):", " ".join(f"{r:.2e}" for r in residuals))
   assert residuals[0] > 0.5  # the first estimate is far from μ_0 = 0 ...
@@ -238,9 +218,10 @@ def test_guided_distillation_target_is_the_guided_base():
   params = jax.tree_util.tree_unflatten(tree, [w + 0.3 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
   with_base = lambda student: dict(student, **{frozen_teacher.PARAMS_KEY: params})
   tokens = jax.random.randint(jax.random.key(2), (4, 12), 0, V)
+  space = state_space.StateSpace(apply_fn, V, prompt_flag=True)
   loss = lambda p, omega: float(distill.guided_diagonal_loss(
-      p, tokens, jax.random.key(3), apply_fn=apply_fn, schedule=schedules.get_schedule("linear", V),
-      vocab_size=V, guidance=omega, prompt=(2, 6))[0])
+      p, tokens, jax.random.key(3), space=space, schedule=schedules.get_schedule("linear", V),
+      guidance=omega, prompt=(2, 6))[0])
   assert loss(with_base(params), 1.0) < 1e-5
   assert loss(with_base(params), 2.0) > 1e-3
   # A student that drifts from the base pays at ω = 1 too (the check can fail).

@@ -146,7 +146,7 @@ def test_training_diagnostics_of_the_autoregressive_baseline(tmp_path):
 def test_best_checkpoint_is_the_lowest_diagnostic_and_loads_as_best(tmp_path):
   """train.best_metric keeps the state at the step whose diagnostic was lowest; --checkpoint_step=best
   loads exactly that state (compared with the regular checkpoint of the same step)."""
-  from cfmjax import checkpointing, inference, train  # noqa: PLC0415
+  from cfmjax import checkpointing, loading, train  # noqa: PLC0415
 
   config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
                           "train.diagnostics_every": 1, "train.diagnostics_rows": 16, "train.diagnostics_bins": 4,
@@ -159,8 +159,8 @@ def test_best_checkpoint_is_the_lowest_diagnostic_and_loads_as_best(tmp_path):
   best = checkpointing.read_best(str(workdir))
   assert best["metric"] == "denoiser_ce" and best["step"] == min(values, key=values.get)
   assert best["value"] == pytest.approx(min(values.values()), rel=1e-6)
-  _, best_params, step = inference.load(str(workdir), "best")
-  _, same_step, _ = inference.load(str(workdir), best["step"])
+  _, best_params, step = loading.load(str(workdir), "best")
+  _, same_step, _ = loading.load(str(workdir), best["step"])
   assert step == best["step"]
   for a, b in zip(jax.tree_util.tree_leaves(best_params), jax.tree_util.tree_leaves(same_step)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -175,7 +175,7 @@ def test_best_checkpoint_is_the_lowest_diagnostic_and_loads_as_best(tmp_path):
   (workdir / "best" / "best.json").write_text(json.dumps(dict(best, step=best["step"] + 100)))
   assert checkpointing.read_best(str(workdir)) is None
   with pytest.raises(FileNotFoundError, match="best_metric"):
-    inference.load(str(workdir), "best")
+    loading.load(str(workdir), "best")
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import configs, distill, experiment, frozen_teacher, handoff, inference, loss_weights, train
+from cfmjax import configs, distill, experiment, frozen_teacher, handoff, loading, loss_weights, train
 from tests.conftest import REPO_ROOT as REPO
 from tests.conftest import run_cli, tiny_config
 
@@ -17,7 +17,7 @@ def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_
   """The base ran on a 2x2x2 mesh; the distillation starts on 8x1x1 from exactly its EMA weights
   (params and EMA alike), and a frozen teacher (fixed point, guided) is the base too."""
   base = str(markov_base[0])
-  _, base_ema, step = inference.load(base)  # the base's EMA weights, on its own mesh
+  _, base_ema, step = loading.load(base)  # the base's EMA weights, on its own mesh
   assert step == 4
   base_ema = jax.device_get(base_ema)
   for loss in ("psd", "fixed_point"):

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import configs, flops
+from cfmjax import configs, flops, state_space
 from cfmjax.data import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,8 @@ BASE_OF = {
 # prompt-trained base. name -> (config file, base run, overrides).
 VARIANTS = {
     "guided_psd": ("flow_map/markov_tiny_psd.py", "conditional/markov_tiny_prompt.py", {"distill.guidance": 2.0}),
+    # the same in embedding space: text_tiny's prompt-trained, self-conditioned base (V = 64 > d_model)
+    "guided_psd_text": ("flow_map/text_tiny_psd.py", "conditional/text_tiny_selfcond.py", {"distill.guidance": 2.0}),
 }
 
 CORPUS_WORDS = "in the beginning god created heavens and earth was without form void darkness light".split()
@@ -202,10 +204,11 @@ def test_one_step_of_every_config(runs, rel):
       assert "fixed_point_kl" in record and saved["model"]["self_condition"]
     else:
       assert "consistency_kl" in record
-  if rel.startswith("base_flow/text_tiny") or rel == "flow_map/text_tiny_psd.py":
-    # The README's main job runs in embedding space (V = 64 > d_model = 32 under 'auto').
-    assert flops.resolve_state_space(saved["model"]["state_space"], saved["model"]["vocab_size"],
-                                     saved["model"]["d_model"]) == "embedding"
+  if rel.startswith(("base_flow/text_tiny", "conditional/text_tiny")) or rel == "flow_map/text_tiny_psd.py":
+    # The README's main job, and the conditioned features on its corpus (prompts, self-conditioning,
+    # fixed-point distillation), run in embedding space (V = 64 > d_model = 32 under 'auto').
+    assert state_space.resolve(saved["model"]["state_space"], saved["model"]["vocab_size"],
+                               saved["model"]["d_model"]) == "embedding"
   if c.model.causal:
     assert saved["model"]["causal"]
 
@@ -218,3 +221,6 @@ def test_one_step_of_each_variant(runs, name):
   record, saved = _check_step(workdir, "distill")
   assert saved["distill"]["guidance"] == overrides["distill.guidance"] and saved["flow"]["prompt"]["max_len"] > 0
   assert "consistency_kl" in record
+  model = saved["model"]
+  space = state_space.resolve(model["state_space"], model["vocab_size"], model["d_model"])
+  assert space == ("embedding" if name.endswith("_text") else "vocab")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cfmjax import export, handoff, inference, train
+from cfmjax import export, handoff, inference, loading, train
 from cfmjax import experiment
 from tests.conftest import tiny_config
 from tests.test_report import run_cli
@@ -33,10 +33,10 @@ def _logits(exp, params):
 
 
 def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
-  exp_w, params_w, step_w = inference.load(str(base_workdir))
+  exp_w, params_w, step_w = loading.load(str(base_workdir))
   out32, out16 = tmp_path / "f32", tmp_path / "bf16"
-  info = export.export(str(base_workdir), str(out32), "float32")
-  export.export(str(base_workdir), str(out16), "bfloat16")
+  info = export.write(exp_w, params_w, step_w, str(base_workdir), str(out32), "float32")
+  export.write(exp_w, params_w, step_w, str(base_workdir), str(out16), "bfloat16")
   assert info["step"] == step_w == 4 and info["dtype"] == "float32"
 
   # The file itself: documented names ("/"-joined Flax paths) holding the EMA weights.
@@ -48,11 +48,11 @@ def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
   assert (out32 / "tokenizer.model").read_bytes() == b"a stand-in tokenizer file"
   assert json.loads((out32 / "config.json").read_text())["model"]["d_model"] == 32
 
-  exp_e, params_e, step_e = export.load_exported(str(out32))
+  exp_e, params_e, step_e = loading.load(str(out32))
   assert step_e == step_w
   logits_w = _logits(exp_w, params_w)
   np.testing.assert_array_equal(_logits(exp_e, params_e), logits_w)  # float32: bit for bit
-  exp_h, params_h, _ = export.load_exported(str(out16))
+  exp_h, params_h, _ = loading.load(str(out16))
   logits_h = _logits(exp_h, params_h)
   assert not np.array_equal(logits_h, logits_w)  # the weights really were rounded...
   np.testing.assert_allclose(logits_h, logits_w, atol=0.05 * np.abs(logits_w).max())  # ...to bf16
@@ -89,10 +89,10 @@ def test_export_and_eval_through_the_command_line(base_workdir, tmp_path):
 
 def test_directories_that_are_neither_kind_are_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="neither an exported checkpoint"):
-    export.load_any(str(tmp_path))
+    loading.load(str(tmp_path))
   (tmp_path / "export_info.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="lacks params.safetensors, config.json"):
-    export.load_any(str(tmp_path))
+    loading.load(str(tmp_path))
   config = tiny_config(**{"stage": "distill", "init_from": str(tmp_path / "nowhere")})
   with pytest.raises(FileNotFoundError, match="neither an exported checkpoint"):
     handoff.inherit_base_config(config, str(tmp_path / "d"))

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from cfmjax import ar, evaluate, export, lm_eval_adapter
+from cfmjax import ar, evaluate, lm_eval_adapter, loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "cfmjax", "lm_eval_tasks")
@@ -20,7 +20,7 @@ def test_ar_accuracy_through_the_harness_equals_a_direct_computation(markov_ar, 
   results = lm_eval_adapter.evaluate(str(markov_ar), ["cfmjax_tiny_mc"], include_path=TASKS, batch_size=8)
   acc = results["results"]["cfmjax_tiny_mc"]["acc,none"]
 
-  exp, params, _ = export.load_any(str(markov_ar))
+  exp, params, _ = loading.load(str(markov_ar))
   docs = [json.loads(line) for line in open(os.path.join(TASKS, "cfmjax_tiny_mc.json"))]
   correct = []
   for d in docs:
@@ -52,7 +52,7 @@ def test_flow_accuracy_through_the_harness_equals_a_direct_computation_with_the_
   results = lm_eval_adapter.evaluate(str(markov_base[0]), ["cfmjax_tiny_mc"], include_path=TASKS, **kwargs)
   acc = results["results"]["cfmjax_tiny_mc"]["acc,none"]
 
-  exp, params, _ = export.load_any(str(markov_base[0]))
+  exp, params, _ = loading.load(str(markov_base[0]))
   endpoint = evaluate.bound_endpoint(exp, params, 16, batch_size=8, seed=0)
   docs = [json.loads(line) for line in open(os.path.join(TASKS, "cfmjax_tiny_mc.json"))]
   length = exp.config.data.seq_len

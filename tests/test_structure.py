@@ -1,12 +1,15 @@
 """The package's shape, read from its source (nothing is imported): no import cycles between cfmjax
-modules, no imports inside functions (they hide layering problems) except of a few heavy or optional
+modules, no upward imports between the layers of the README's code map (which lists every module),
+no imports inside functions (they hide layering problems) except of a few heavy or optional
 dependencies, and no function with more than 8 parameters (self excluded: group them in a small
 NamedTuple, as likelihood.BoundSettings or inference.Sampling do)."""
 
 import ast
 import pathlib
+import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "cfmjax"
+README = PACKAGE.parent / "README.md"
 # Imported where they are used: heavy (TFDS, matplotlib), optional (lm-eval is the `eval` extra),
 # or guarded by a fallback (TensorBoard, SentencePiece's protobuf schema).
 LAZY_ALLOWED = {"lm_eval", "tensorflow_datasets", "matplotlib", "tensorboardX", "sentencepiece"}
@@ -38,7 +41,8 @@ def _function_imports(tree):
           yield fn.name, node
 
 
-def test_no_import_cycles_between_modules():
+def _import_graph():
+  """{module: the cfmjax modules it imports at module level}."""
   modules = {name: (path, tree) for name, path, tree in _modules()}
   graph = {}
   for name, (path, tree) in modules.items():
@@ -48,6 +52,43 @@ def test_no_import_cycles_between_modules():
         deps |= {n for n in _imported(node, name, path.name == "__init__.py") if n in modules and n != name}
     graph[name] = deps
   assert len(graph) > 40 and "cfmjax.train" in graph["cfmjax.cli"]  # the walk sees the package
+  return graph
+
+
+def _code_map_layers():
+  """(layer names in README order, {module: layer index}) from the README's code map table."""
+  text = README.read_text()
+  section = text[text.index("## Code map"):]
+  section = section[:section.index("\n## ", 1)]
+  names, layer_of = [], {}
+  for line in section.splitlines():
+    heading = re.match(r"\| \*\*(.+?)\*\* \|", line)
+    if heading:
+      names.append(heading.group(1))
+    for path in re.findall(r"`(cfmjax/[\w/]+\.py)`", line):
+      assert names, f"{path} is listed before the code map's first layer heading"
+      layer_of[path[:-3].replace("/", ".")] = len(names) - 1
+  return names, layer_of
+
+
+def test_every_module_is_in_the_code_map_and_no_import_points_down_the_layers():
+  """A module imports from its own layer or the layers listed before it, never from a later one."""
+  names, layer_of = _code_map_layers()
+  graph = _import_graph()
+  unlisted = sorted(m for m in graph if m not in layer_of and not m.endswith("__main__") and m.count(".") < 2
+                    and m not in ("cfmjax", "cfmjax.data"))
+  unlisted += sorted(m for m in graph if m.startswith("cfmjax.data.") and m not in layer_of)
+  assert not unlisted, f"modules missing from the README's code map: {unlisted}"
+  stale = sorted(m for m in layer_of if m not in graph)
+  assert not stale, f"the README's code map lists modules that do not exist: {stale}"
+  upward = [f"{m} ({names[layer_of[m]]}) imports {d} ({names[layer_of[d]]})"
+            for m in sorted(graph) if m in layer_of for d in sorted(graph[m])
+            if d in layer_of and layer_of[d] > layer_of[m]]
+  assert len(names) >= 8 and not upward, "imports against the code map's layers: " + "; ".join(upward)
+
+
+def test_no_import_cycles_between_modules():
+  graph = _import_graph()
 
   state, stack = {}, []
 

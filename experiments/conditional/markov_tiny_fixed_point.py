@@ -35,5 +35,4 @@ def get_config():
   c.eval.steps = "128,16,4"
   c.train.log_every = 25
   c.train.checkpoint_every = 200
-  c.model.state_space = "vocab"  # SPEC §8 features run on the V-space state (README: state space)
   return c

@@ -31,5 +31,4 @@ def get_config():
   c.flow.prompt.min_len = 0
   c.flow.prompt.max_len = 24
   c.flow.prompt.drop_prob = 0.2
-  c.model.state_space = "vocab"  # SPEC §8 features run on the V-space state (README: state space)
   return c

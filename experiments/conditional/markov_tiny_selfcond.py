@@ -32,5 +32,4 @@ def get_config():
   c = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "markov_tiny.py"))
   c.model.self_condition = True
   c.model.gate_init = 1.0  # as measured (recipe_aw_sc): residual branches start open
-  c.model.state_space = "vocab"  # SPEC §8 features run on the V-space state (README: state space)
   return c

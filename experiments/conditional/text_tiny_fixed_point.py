@@ -19,5 +19,4 @@ def get_config():
                       gap_warmup_steps=0)
   c.sample.self_condition = False
   c.eval.steps = "128,16,4"
-  c.model.state_space = "vocab"  # SPEC §8 features run on the V-space state (README: state space)
   return c

@@ -13,5 +13,4 @@ def get_config():
 
   c = from_file(os.path.join(os.path.dirname(__file__), "..", "flow_map", "text_tiny_psd.py"))
   c.sample.self_condition = False
-  c.model.state_space = "vocab"  # SPEC §8 features run on the V-space state (README: state space)
   return c
