@@ -13,11 +13,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cfmjax import aot, configs, experiment, flops, train  # noqa: E402
+from cfmjax import aot, configs, experiment, objectives, train  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -83,7 +82,7 @@ def time_train_step(config, steps: int) -> dict:
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
   seconds = float(np.median(times))
-  step_flops = flops.step_flops(exp.config)["total"]
+  step_flops = objectives.step_flops(exp.config)["total"]
   return {"ms_per_step": 1000 * seconds,
           "peak_mib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2 ** 20,
           "temp_mib": mem.temp_size_in_bytes / 2 ** 20,

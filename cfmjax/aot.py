@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import experiment, flops, model as model_lib, train
+from cfmjax import experiment, model as model_lib, objectives, train
 from cfmjax.data import pipeline
 
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -133,7 +133,7 @@ def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -
     t2 = time.perf_counter()
   mem = compiled.memory_analysis()
   state = exp.abstract_state
-  step_flops = flops.step_flops(exp.config)
+  step_flops = objectives.step_flops(exp.config)
   num_params = model_lib.count_params(state["params"])
   gib = 2.0 ** 30
   report = {

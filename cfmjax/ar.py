@@ -13,8 +13,9 @@ differences, all because there is no noisy state and no time:
 
 The loss is next-token cross-entropy averaged over all B·L positions; it is also the exact held-out
 NLL per token. Sampling decodes one position at a time with a KV cache of [B, L, heads, head_dim] per
-layer (stacked over layers), inside one `lax.scan` over positions. `decode` re-implements one block on
-a single position from the same parameter tree: tests check it against the full causal forward pass.
+layer (stacked over layers), inside one `lax.scan` over positions: the same `model.Block`s run on the
+one position with the cache (`ARTransformer.decode_step`); tests check it against the full causal
+forward pass.
 """
 
 from __future__ import annotations
@@ -45,15 +46,7 @@ class ARTransformer(nn.Module):
                             (cfg.vocab_size, cfg.d_model))
     self.start = self.param("start", nn.with_logical_partitioning(normal, ("embed",)), (cfg.d_model,))
     self.cond = self.param("cond", nn.with_logical_partitioning(normal, ("embed",)), (cfg.d_model,))
-    if cfg.scan_layers:
-      block = model_lib._remat(model_lib.ScannedBlock, cfg.remat, scanned=True)
-      self.blocks = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
-    else:
-      block = model_lib._remat(model_lib.Block, cfg.remat, scanned=False)
-      self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.blocks = model_lib.layer_stack(cfg)
     self.final_adaln = model_lib._dense(2 * cfg.d_model, ("embed", "modulation"), "final_adaln", zero=True,
                                         dtype=dtype)
     self.head = model_lib._dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype=dtype)
@@ -71,6 +64,21 @@ class ARTransformer(nn.Module):
     h = model_lib.trunk(self.blocks, self.final_adaln, cfg.scan_layers, h, cond, rope)
     logits = self.head(h).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def decode_step(self, previous, position, cache):
+    """Logits [B, V] of position `position`, which reads the token before it (`previous` [B]; the
+    start vector at position 0), through the same blocks with their KV cache (keys, values
+    [layers, B, L, N, H], `model.Block`). Returns (logits, cache)."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    batch = previous.shape[0]
+    start = jnp.broadcast_to(self.start, (batch, 1, cfg.d_model))
+    x = jnp.where(position == 0, start, model_lib.gather_rows(self.embed, previous[:, None])).astype(dtype)
+    cond = jnp.broadcast_to(self.cond, (batch, cfg.d_model)).astype(dtype)
+    rope = tuple(jax.lax.dynamic_slice_in_dim(t, position, 1)
+                 for t in model_lib.rotary_tables(cache[0].shape[2], cfg.head_dim))
+    h, cache = model_lib.trunk(self.blocks, self.final_adaln, cfg.scan_layers, x, cond, rope, cache, position)
+    return self.head(h)[:, 0].astype(jnp.float32), cache
 
 
 def build(config: model_lib.ModelConfig):
@@ -154,45 +162,6 @@ def heldout_nll(exp, params, rows: np.ndarray, batch_size: int) -> dict:
 # KV-cached decoding.
 
 
-def _stacked_layers(params, config: model_lib.ModelConfig):
-  """Block parameters with a leading layer axis, whether or not the model scans its layers."""
-  if config.scan_layers:
-    return params["blocks"]
-  layers = [params[f"block_{i}"] for i in range(config.num_layers)]
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
-
-
-def _decode_block(p, x, cond, cache_k, cache_v, position, rope, config):
-  """One block (the math of `model.Block`) on the single position `position`, x [B, 1, D].
-
-  Writes this position's keys/values into the layer's cache [B, L, N, H] and attends to positions
-  ≤ `position`. Returns (x, cache_k, cache_v).
-  """
-  dtype = jnp.dtype(config.dtype)
-  w = lambda a: a.astype(dtype)
-  mod = nn.silu(cond) @ w(p["adaln"]["kernel"]) + w(p["adaln"]["bias"])
-  shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-  gate1, gate2 = gate1 + config.gate_init, gate2 + config.gate_init
-  h = model_lib._layer_norm(x) * (1.0 + scale1) + shift1
-  qkv = jnp.einsum("bld,dtnh->bltnh", h, w(p["qkv"]["kernel"]))
-  cos, sin = rope
-  cos, sin = jax.lax.dynamic_slice_in_dim(cos, position, 1), jax.lax.dynamic_slice_in_dim(sin, position, 1)
-  q = model_lib.apply_rotary(qkv[:, :, 0], cos, sin)
-  k = model_lib.apply_rotary(qkv[:, :, 1], cos, sin)
-  cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), position, axis=1)
-  cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, qkv[:, :, 2].astype(cache_v.dtype), position, axis=1)
-  scores = jnp.einsum("bqnh,bknh->bnqk", q, cache_k).astype(jnp.float32) / math.sqrt(config.head_dim)
-  visible = jnp.arange(cache_k.shape[1]) <= position
-  scores = jnp.where(visible[None, None, None, :], scores, -jnp.inf)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  attn = jnp.einsum("bnqk,bknh->bqnh", probs, cache_v)
-  x = x + gate1 * jnp.einsum("bqnh,nhd->bqd", attn, w(p["attn_out"]["kernel"]))
-  h = model_lib._layer_norm(x) * (1.0 + scale2) + shift2
-  h = nn.gelu(h @ w(p["mlp_in"]["kernel"]) + w(p["mlp_in"]["bias"]))
-  h = h @ w(p["mlp_out"]["kernel"]) + w(p["mlp_out"]["bias"])
-  return x + gate2 * h, cache_k, cache_v
-
-
 def decode(params, config: model_lib.ModelConfig, rng, batch_size: int, length: int,
            tokens=None, temperature: float = 1.0, prompt=None):
   """Decodes `length` positions one at a time with a KV cache.
@@ -203,31 +172,14 @@ def decode(params, config: model_lib.ModelConfig, rng, batch_size: int, length: 
   so generation continues a prefix (the flow samplers take prompts the same way).
   Returns (tokens int32 [B, L], logits float32 [B, L, V] when teacher-forced, else None).
   """
-  dtype = jnp.dtype(config.dtype)
-  layers = _stacked_layers(params, config)
   shape = (config.num_layers, batch_size, length, config.num_heads, config.head_dim)
-  cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-  cond = jnp.broadcast_to(params["cond"], (batch_size, config.d_model)).astype(dtype)
-  rope = model_lib.rotary_tables(length, config.head_dim)
-  final_mod = nn.silu(cond) @ params["final_adaln"]["kernel"].astype(dtype) + params["final_adaln"]["bias"].astype(dtype)
-  final_shift, final_scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
+  cache = (jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
+  module = ARTransformer(config)
   teacher_forced = tokens is not None
 
   def position_step(carry, position):
-    previous, (cache_k, cache_v) = carry
-    start = jnp.broadcast_to(params["start"], (batch_size, config.d_model))
-    x = jnp.where(position == 0, start, jnp.take(params["embed"], previous, axis=0))[:, None, :].astype(dtype)
-
-    def layer_step(layer, inner):
-      x, cache_k, cache_v = inner
-      p = jax.tree_util.tree_map(lambda a: a[layer], layers)
-      x, k_l, v_l = _decode_block(p, x, cond, cache_k[layer], cache_v[layer], position, rope, config)
-      return x, cache_k.at[layer].set(k_l), cache_v.at[layer].set(v_l)
-
-    x, cache_k, cache_v = jax.lax.fori_loop(0, config.num_layers, layer_step, (x, cache_k, cache_v))
-    h = model_lib._layer_norm(x) * (1.0 + final_scale) + final_shift
-    logits = (h @ params["head"]["kernel"].astype(dtype) + params["head"]["bias"].astype(dtype))
-    logits = logits[:, 0].astype(jnp.float32)
+    previous, cache = carry
+    logits, cache = module.apply({"params": params}, previous, position, cache, method=ARTransformer.decode_step)
     if teacher_forced:
       token = tokens[:, position]
     else:
@@ -235,7 +187,7 @@ def decode(params, config: model_lib.ModelConfig, rng, batch_size: int, length: 
       if prompt is not None:
         token = jnp.where(prompt[1][:, position], prompt[0][:, position], token)
     token = token.astype(jnp.int32)
-    return (token, (cache_k, cache_v)), (token, logits if teacher_forced else None)
+    return (token, cache), (token, logits if teacher_forced else None)
 
   init = (jnp.zeros((batch_size,), jnp.int32), cache)
   _, (out_tokens, logits) = jax.lax.scan(position_step, init, jnp.arange(length))

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cfmjax import schema
+
 log = logging.getLogger(__name__)
 
 # Orbax writes a step into "<step>.orbax-checkpoint-tmp-<id>" and renames it when complete.
@@ -57,6 +59,20 @@ def _saved_tree_keys(step_dir: str) -> dict | None:
       return json.load(f)["tree_metadata"]
   except (OSError, ValueError, KeyError):
     return None
+
+
+def _check_schema(step_dir: str):
+  """Refuses a checkpoint written by a newer cfmjax (schema.py) before Orbax misreads its tree."""
+  try:
+    with open(os.path.join(step_dir, "data", "metadata")) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return  # unreadable: the restore itself reports the damage
+  if isinstance(data, dict):
+    try:
+      schema.check_checkpoint(data, f"checkpoint {step_dir}")
+    except ValueError as e:
+      raise TreeMismatchError(str(e)) from None
 
 
 def _keys_added_since(saved: dict | None, abstract_state) -> list[str]:
@@ -112,7 +128,8 @@ class Checkpointer:
            global_batch: int | None = None) -> bool:
     # The iterator state is process-independent (every process walks the same global batches), so
     # the primary process's copy, which is what Orbax's JsonSave writes, serves every process.
-    data = {"iterator": data_state, "process_count": jax.process_count(), "global_batch": global_batch}
+    data = {"iterator": data_state, "process_count": jax.process_count(), "global_batch": global_batch,
+            schema.KEY: schema.VERSION}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
     return self.manager.save(step, args=args, force=force)
 
@@ -122,6 +139,7 @@ class Checkpointer:
     Returns (state, data_state or None). With `global_batch`, refuses a data state written for
     another global batch size (its position would mean different rows).
     """
+    _check_schema(self.step_dir(step))
     saved = _saved_tree_keys(self.step_dir(step))
     mismatch = _param_paths_mismatch(saved, abstract_state)
     if mismatch:

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from cfmjax import sharding
+from cfmjax import schema, sharding
 from cfmjax.data import pipeline
 
 
@@ -163,24 +163,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Keys whose default changed after they were added, with the value a run had before the key
-# existed: a workdir written then must load as it trained, not with today's default.
-BEFORE_KEY_EXISTED = {
-    ("model", "skip"): False,
-    ("model", "posterior_input"): False,
-}
-
-
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
-  """A workdir's config.json on top of today's defaults, so that workdirs written before a key
-  existed still load. A missing key takes today's default, or its `BEFORE_KEY_EXISTED` value where
-  the default has changed since: config.json records every key, so this matters only for workdirs
-  older than the key itself."""
+  """A workdir's config.json, brought to today's schema (schema.py), on top of today's defaults, so
+  that workdirs written before a key existed still load (config.json records every key, so a
+  missing key takes today's default only for workdirs older than the key itself)."""
+  saved = schema.migrate_config(saved)
   config = base_config()
-  with config.unlocked():
-    for (section, key), value in BEFORE_KEY_EXISTED.items():
-      if key not in saved.get(section, {}):
-        config[section][key] = value
 
   def merge(node, values):
     for key, value in values.items():

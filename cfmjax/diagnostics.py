@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import corruption, inference, oracles, samplers, scores, sharding, state_space
+from cfmjax import corruption, inference, objectives, oracles, samplers, scores, sharding, state_space
 
 LAMBDA_RANGE = (-9.0, 9.0)
 DEFAULT_BINS = 12
@@ -243,8 +243,9 @@ def training_diagnostics(exp):
   context_free_ce and denoiser_gap = denoiser_ce − exact_ce), on train.diagnostics_rows held-out rows,
   train.diagnostics_bins bins, seed 0. Markov sources: also gen_nll_per_token (exact judge) and
   gen_entropy of train.diagnostics_samples samples at train.diagnostics_steps steps (0: no samples),
-  fixed seed: Euler for a base flow, the flow map for a distilled one, ancestral sampling for the
-  autoregressive baseline (which gets no denoiser gap), plus the floor data_nll_per_token.
+  fixed seed, with the objective's sampler (Euler for a base flow and a fixed-point student, the flow
+  map for a distilled one, ancestral sampling for the autoregressive baseline, which gets no denoiser
+  gap), plus the floor data_nll_per_token.
   """
   cfg = exp.config.train
   bound = None if exp.model_config.causal else model_ce_fn(exp)
@@ -253,7 +254,7 @@ def training_diagnostics(exp):
   generator = None
   num_samples, steps = int(cfg.diagnostics_samples), int(cfg.diagnostics_steps)
   if markov is not None and num_samples > 0 and steps > 0:
-    sampler = "ar" if exp.model_config.causal else ("flowmap" if exp.config.stage == "distill" else "euler")
+    sampler = objectives.get(exp.config).sampler
     batch = inference._padded_batch_size(exp, exp.config.eval.batch_size, num_samples)  # noqa: SLF001
     generator = (inference.make_generator(exp, inference.Sampling(sampler, steps, batch)), batch)
 

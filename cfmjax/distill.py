@@ -44,9 +44,6 @@ def validate(config):
     raise ValueError(f"unknown distill.mode={d.mode!r}; choose one of {MODES}")
   if d.teacher not in TEACHERS:
     raise ValueError(f"unknown distill.teacher={d.teacher!r}; choose one of {TEACHERS}")
-  if d.mode == "two_stage" and not config.init_from:
-    raise ValueError("distill.mode='two_stage' needs --config.init_from=<base-flow workdir or exported "
-                     "checkpoint>; use distill.mode='joint' to train from scratch")
   if d.loss in ("lsd", "esd") and config.model.attention == "cudnn":
     raise ValueError(f"distill.loss={d.loss!r} differentiates the network forward (jax.jvp), which the "
                      "fused cuDNN attention kernel does not support; set --config.model.attention=xla")

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from cfmjax import model as model_lib
-from cfmjax import ar, checkpointing, frozen_teacher, loss_weights, prompting, schedules, sharding
+from cfmjax import ar, checkpointing, objectives, prompting, schedules, sharding
 from cfmjax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ def validate(config, mesh, rules):
   if batch % jax.process_count():
     raise ValueError(f"train.batch_size={batch} is not divisible by the {jax.process_count()} processes")
   schedules.get_schedule(config.flow.schedule, 2)  # raises on an unknown name
-  if config.model.get("causal", False) and config.stage != "base":
-    raise ValueError(f"model.causal=True (the autoregressive baseline) trains only with `cfmjax train` "
-                     f"(stage 'base'), not stage {config.stage!r}: distil a flow, not the AR model")
+  objectives.get(config).validate(config)
   best_metric = config.train.get("best_metric", "")
   if best_metric:
     _validate_best_metric(config, best_metric)
@@ -92,9 +90,6 @@ def _validate_best_metric(config, metric: str):
   if metric == "gen_nll_per_token" and not (config.train.diagnostics_samples and config.train.diagnostics_steps):
     raise ValueError("train.best_metric='gen_nll_per_token' needs samples: set train.diagnostics_samples "
                      "and train.diagnostics_steps above 0")
-  if metric != "gen_nll_per_token" and config.model.get("causal", False):
-    raise ValueError(f"the autoregressive baseline has no denoiser: train.best_metric={metric!r} cannot be "
-                     f"measured; use 'gen_nll_per_token'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,15 +209,6 @@ def init_state(exp: Experiment, seed: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def attach_stage_params(init_fn, apply_fn, config):
-  """The network plus what the stage keeps beside it in params (loss weights, a frozen teacher)."""
-  if config.stage == "distill":  # the consistency loss may carry learnable weights w(s[, t])
-    init_fn, apply_fn = loss_weights.attach(init_fn, apply_fn, config.distill.learned_weighting)
-    if frozen_teacher.needed(config):
-      init_fn, apply_fn = frozen_teacher.attach(init_fn, apply_fn)
-  return init_fn, apply_fn
-
-
 def build(config, workdir: str | None, devices=None, data: pipeline.Data | None = None) -> Experiment:
   """`data`: an already-built (or, for `cfmjax compile`, dataset-free) Data; default: build it."""
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -238,7 +224,7 @@ def build(config, workdir: str | None, devices=None, data: pipeline.Data | None 
     init_fn, apply_fn = ar.build(model_config)
   else:
     init_fn, apply_fn = model_lib.build(model_config)
-  init_fn, apply_fn = attach_stage_params(init_fn, apply_fn, config)
+  init_fn, apply_fn = objectives.get(config).attach(init_fn, apply_fn, config)  # loss weights, a frozen base
   schedule = schedules.get_schedule(config.flow.schedule, data.vocab_size)
   optimizer, lr = make_optimizer(config.optim, config.train.num_steps)
   abstract_state, shardings = state_layout(init_fn, optimizer, mesh, rules, config.data.seq_len)

@@ -1,6 +1,7 @@
-"""Model FLOPs of a train step, a distillation step and a sampler, counted from the config alone.
+"""Model FLOPs of network passes and samplers, counted from the config alone; a train step's count
+is asked of its objective (`objectives.step_flops`), which composes these.
 
-Pure functions of (model config, batch, seq_len, vocab, stage): nothing is traced or compiled, so the
+Pure functions of (model config, batch, seq_len, vocab): nothing is traced or compiled, so the
 trainer can log MFU and `cfmjax compile` can report FLOPs for models that do not fit this machine.
 
 Conventions (say what is counted, so that figures can be compared):
@@ -28,7 +29,7 @@ Conventions (say what is counted, so that figures can be compared):
   `hardware=True` adds it: `remat=full` recomputes each block's forward once more in the backward;
   `remat=dots` saves matmul outputs without batch dimensions (the dense layers) but recomputes the
   attention einsums, whose operands carry batch dimensions.
-- Distillation (cfmjax/distill.py): the batch is split into `round(B·diag_fraction)` diagonal rows
+- Distillation (cfmjax/distill.py; counted by objectives.FlowMap / FixedPoint): the batch is split into `round(B·diag_fraction)` diagonal rows
   (a base-flow step on them) and consistency rows, on which the student runs forward + backward and
   the teacher, never differentiated, runs:
     PSD: two forwards (ψ(x, s, u) and ψ(X_{s,u}(x), u, t));
@@ -53,10 +54,7 @@ import logging
 import os
 import platform
 
-from cfmjax import distill
 from cfmjax import state_space as state_space_lib
-
-STAGES = ("base", "distill", "ar")
 
 # Terms of one network forward, keyed by name; each is MACs for `rows` examples of `seq_len` positions.
 PER_POSITION_TERMS = ("input", "posterior_input", "posterior_evidence", "local_mix", "qkv", "attn_scores", "attn_values", "attn_out",
@@ -210,60 +208,6 @@ def jvp_macs(d: Dims, rows: int, tangent_in: str) -> float:
   """MACs of jax.jvp of the forward: primal + tangent pass (`tangent_in` = 't' or 'xs')."""
   macs = forward_macs(d, rows)
   return _total(macs) + _total(macs, _JVP_TANGENT[tangent_in])
-
-
-def teacher_macs(d: Dims, rows: int, loss: str, fixed_point_iters: int = 1) -> float:
-  """MACs of the (never differentiated) teacher of `loss` on `rows` consistency rows."""
-  fwd = _total(forward_macs(d, rows))
-  if loss == "fixed_point":  # T^k(stopgrad S): k self-conditioned passes of the frozen base per target
-    return fixed_point_iters * fwd
-  if loss == "psd":  # ψ(x, s, u), then ψ(X_{s,u}(x), u, t); X_{s,u} needs ψW in embedding space
-    return 2.0 * fwd + state_map_macs(d, rows)
-  if loss == "lsd":  # JVP in t at (s, t), ψW for the landing point, the diagonal there
-    return jvp_macs(d, rows, "t") + state_map_macs(d, rows) + fwd
-  if loss == "esd":  # the diagonal at (s, s), μW for the velocity, JVP in (x, s) at (s, t)
-    return fwd + state_map_macs(d, rows) + jvp_macs(d, rows, "xs")
-  raise ValueError(f"unknown distill.loss={loss!r}; choose psd, lsd, esd or fixed_point")
-
-
-def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = None,
-               vocab: int | None = None, stage: str | None = None, hardware: bool = False) -> dict:
-  """FLOPs of one train step of `config` (global batch), with its parts.
-
-  stage: 'base' (flow), 'distill' (config.distill.loss), 'ar' (next-token training); default from
-  the config (config.stage, 'ar' when model.causal). Returns {'total', 'forward', parts...}.
-  """
-  d = dims_from_config(config, seq_len=seq_len, vocab=vocab)
-  batch = int(batch_size if batch_size is not None else config.train.batch_size)
-  stage = stage or ("ar" if d.causal else config.stage)
-  if stage not in STAGES:
-    raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
-  out = {"stage": stage, "batch_size": batch, "seq_len": d.seq_len, "vocab": d.vocab,
-         "state_space": "embedding" if d.embedding_state else "vocab", "hardware": hardware,
-         "forward": forward_flops(d, batch)}
-  if stage in ("base", "ar"):
-    flow = stage == "base"  # the AR model reads token ids: no noise to draw
-    out["train"] = 2.0 * train_macs(d, batch, hardware, noise=flow) + (noise_factor_flops(d, True) if flow else 0.0)
-    out["total"] = out["train"]
-    return out
-  loss = config.distill.loss
-  # fixed_point (fixed_point.py) has no diagonal split: every row is a student row with a teacher target.
-  n_diag = 0 if loss == "fixed_point" else distill.num_diagonal_rows(batch, float(config.distill.diag_fraction))
-  n_cons = batch - n_diag
-  iters = int(_get(config.distill, "fixed_point_iters", 1))
-  out.update(
-      diagonal_rows=n_diag, consistency_rows=n_cons, loss=loss,
-      diagonal=2.0 * train_macs(d, n_diag, hardware) if n_diag else 0.0,
-      student=2.0 * train_macs(d, n_cons, hardware),
-      teacher=2.0 * teacher_macs(d, n_cons, loss, iters),
-      noise_factor=noise_factor_flops(d, True),
-  )
-  if loss != "fixed_point" and float(_get(config.distill, "guidance", -1.0)) >= 0 and n_diag:
-    # Guided diagonal (distill.guided_diagonal_loss): two frozen-base passes (conditional and
-    # unconditional) per diagonal row give its target.
-    out["teacher"] += 2.0 * 2.0 * _total(forward_macs(d, n_diag))
-  out["total"] = out["diagonal"] + out["student"] + out["teacher"] + out["noise_factor"]
-  return out
 
 
 def generation_flops(config, sampler: str, steps: int, num_samples: int, *, seq_len: int | None = None,

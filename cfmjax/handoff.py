@@ -15,7 +15,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 
-from cfmjax import experiment, frozen_teacher, loading, loss_weights
+from cfmjax import experiment, frozen_teacher, loading, loss_weights, objectives
 from cfmjax import model as model_lib
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def load_base_params(exp: experiment.Experiment):
   base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
   base_init_fn, base_apply_fn = model_lib.build(exp.model_config)  # the bare network
   # ... plus whatever the base run kept beside it (it may itself be a distillation run).
-  base_init_fn, _ = experiment.attach_stage_params(base_init_fn, base_apply_fn, base_config)
+  base_init_fn, _ = objectives.get(base_config).attach(base_init_fn, base_apply_fn, base_config)
   abstract, _ = experiment.state_layout(base_init_fn, base_optimizer, exp.mesh, exp.rules,
                                         config.data.seq_len)
   step = None if config.init_step < 0 else config.init_step

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from cfmjax import ar, distributed, inference, loading
+from cfmjax import ar, distributed, inference, loading, objectives
 from cfmjax.evaluate import bound_endpoint, conditional_scorer
 
 
@@ -61,8 +61,7 @@ class CfmjaxLM(LM):
     self.tokenizer = self.exp.data.tokenizer
     self.causal = bool(self.exp.model_config.causal)
     self.batch_size, self.steps, self.seed = int(args["batch_size"]), int(args["steps"]), int(args["seed"])
-    self.sampler = args["sampler"] or ("ar" if self.causal else
-                                       ("flowmap" if self.exp.config.stage == "distill" else "euler"))
+    self.sampler = args["sampler"] or objectives.get(self.exp.config).sampler
     self.length = self.exp.config.data.seq_len
     self.bound_points, self.bound_repeats = int(args["bound_points"]), int(args["bound_repeats"])
     self.bound_selection_rows = int(args["bound_selection_rows"])

@@ -308,12 +308,17 @@ def local_mix(module: nn.Module, x, radius: int, causal: bool):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block with adaLN-zero: every residual branch starts switched off."""
+  """Pre-LN transformer block with adaLN-zero: every residual branch starts switched off.
+
+  With `cache` = (keys, values) [B, L_cache, N, H] and `position`, the block runs KV-cached decoding
+  (ar.decode): x holds the one position `position`, whose keys and values are written into the cache,
+  and it attends to the positions up to it. Returns x, or (x, cache) when decoding.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cond, rope):
+  def __call__(self, x, cond, rope, cache=None, position=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     mod = _dense(6 * cfg.d_model, ("embed", "modulation"), "adaln", zero=True, dtype=dtype)(nn.silu(cond))
@@ -325,6 +330,8 @@ class Block(nn.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
     gate1, gate2 = gate1 + cfg.gate_init, gate2 + cfg.gate_init
     if cfg.local_mix:
+      if cache is not None:
+        raise ValueError("model.local_mix reads neighbours on both sides: it has no one-position decoding")
       x = x + local_mix(self, x, cfg.local_mix, cfg.causal)
 
     h = _layer_norm(x) * (1.0 + scale1) + shift1
@@ -333,7 +340,14 @@ class Block(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=cfg.attention)
+    if cache is None:
+      attn = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=cfg.attention)
+    else:  # one position: write its keys and values, attend to the cache up to it
+      keys, values = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), position, axis=1)
+                      for c, new in zip(cache, (k, v)))
+      visible = (jnp.arange(keys.shape[1]) <= position)[None, None, None, :]
+      attn = jax.nn.dot_product_attention(q, keys, values, mask=visible, implementation="xla")
+      cache = (keys, values)
     attn = Projection((cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "kv", "embed"),
                       contract=2, dtype=dtype, name="attn_out")(attn)
     x = x + gate1 * attn
@@ -342,16 +356,18 @@ class Block(nn.Module):
     h = _dense(cfg.mlp_dim, ("embed", "mlp"), "mlp_in", dtype=dtype)(h)
     h = nn.gelu(h)
     h = _dense(cfg.d_model, ("mlp", "embed"), "mlp_out", dtype=dtype)(h)
-    x = x + gate2 * h
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x + gate2 * h, ("batch", "length", "embed"))
+    return x if cache is None else (x, cache)
 
 
 class ScannedBlock(Block):
-  """The same block with the (carry, per-step output) signature that `nn.scan` expects."""
+  """The same block with the (carry, per-step output) signature that `nn.scan` expects: the carry is
+  x, the per-layer input and output the layer's KV cache (None outside decoding)."""
 
   @nn.compact
-  def __call__(self, x, cond, rope):
-    return Block.__call__(self, x, cond, rope), None
+  def __call__(self, x, cond, rope, cache=None, position=None):
+    out = Block.__call__(self, x, cond, rope, cache, position)
+    return out if cache is not None else (out, None)
 
 
 def _remat(block_cls, policy: str, scanned: bool):
@@ -362,20 +378,41 @@ def _remat(block_cls, policy: str, scanned: bool):
   return nn.remat(block_cls, policy=checkpoint_policy, prevent_cse=not scanned)
 
 
-def trunk(blocks, final_adaln, scanned: bool, h, cond, rope):
+def layer_stack(cfg: ModelConfig):
+  """The blocks of the flow and of the AR model, called from a module's setup: one `nn.scan` over
+  layers (model.scan_layers; parameters stacked on a leading "layers" axis), or a list of blocks."""
+  if cfg.scan_layers:
+    block = _remat(ScannedBlock, cfg.remat, scanned=True)
+    # scanned over layers: the per-layer KV cache; broadcast: cond, rope and the decoded position
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
+  block = _remat(Block, cfg.remat, scanned=False)
+  return [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+
+
+def trunk(blocks, final_adaln, scanned: bool, h, cond, rope, cache=None, position=None):
   """The block stack and the final adaLN-modulated norm, shared by the flow and the AR model:
-  hidden states [B, L, D] -> the normalised input of the output head."""
+  hidden states [B, L, D] -> the normalised input of the output head. With a KV cache (keys, values
+  [layers, B, L, N, H]) it decodes the one position `position` and returns (output, cache)."""
   # The conditioning vector stays whole along its features (like the modulations it feeds): its
   # gradient then arrives from every adaLN layer in one layout (no involuntary rematerialisation).
   cond = nn.with_logical_constraint(cond, ("batch", "modulation"))
   if scanned:
-    h, _ = blocks(h, cond, rope)
-  else:
+    h, cache = blocks(h, cond, rope, cache, position)
+  elif cache is None:
     for block in blocks:
       h = block(h, cond, rope)
+  else:
+    per_layer = []
+    for i, block in enumerate(blocks):
+      h, layer_cache = block(h, cond, rope, (cache[0][i], cache[1][i]), position)
+      per_layer.append(layer_cache)
+    cache = tuple(jnp.stack(parts) for parts in zip(*per_layer))
   final_mod = nn.with_logical_constraint(final_adaln(nn.silu(cond)), ("batch", "modulation"))
   shift, scale = jnp.split(final_mod[:, None, :], 2, axis=-1)
-  return _layer_norm(h) * (1.0 + scale) + shift
+  out = _layer_norm(h) * (1.0 + scale) + shift
+  return out if cache is None else (out, cache)
 
 
 class FlowTransformer(nn.Module):
@@ -399,15 +436,7 @@ class FlowTransformer(nn.Module):
           nn.initializers.normal(1.0), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.float32)
     self.time_in = _dense(cfg.d_model, ("mlp", "embed"), "time_in", dtype=jnp.float32)
     self.time_out = _dense(cfg.d_model, ("embed", "modulation"), "time_out", dtype=jnp.float32)
-    if cfg.scan_layers:
-      block = _remat(ScannedBlock, cfg.remat, scanned=True)
-      self.blocks = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
-    else:
-      block = _remat(Block, cfg.remat, scanned=False)
-      self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+    self.blocks = layer_stack(cfg)
     self.final_adaln = _dense(2 * cfg.d_model, ("embed", "modulation"), "final_adaln", zero=True, dtype=dtype)
     # With the skip term the head starts at zero, so an untrained model is the context-free
     # posterior once its bias holds the log unigram frequencies (experiment.init_state).

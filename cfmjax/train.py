@@ -3,8 +3,9 @@
     cfmjax train   --config=experiments/base_flow/markov_tiny.py --workdir=/tmp/w
     cfmjax distill --config=experiments/flow_map/markov_tiny_psd.py --workdir=/tmp/w2 --config.init_from=/tmp/w
 
-The stage (config.stage) only changes what a step differentiates (`grad_fn_for`) and, for two-stage
-distillation, where the parameters start (`handoff`).
+The objective (objectives.py: flow, ar, psd / lsd / esd, fixed_point) only changes what a step
+differentiates (`grad_fn_for`), what the logged held-out loss is and, for two-stage distillation,
+where the parameters start (`handoff`).
 
 Running it again on the same workdir resumes from the latest checkpoint, data position included.
 SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, writes a checkpoint and exits 0.
@@ -12,7 +13,6 @@ SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, writes a check
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -25,9 +25,9 @@ import numpy as np
 import optax
 from jax._src import distributed as jax_distributed  # the coordination-service client (a barrier before step 1)
 
-from cfmjax import ar, checkpointing, diagnostics, distill, experiment, handoff, losses, metrics as metrics_lib
-from cfmjax import preflight
-from cfmjax import flops as flops_lib, state_space
+from cfmjax import checkpointing, diagnostics, experiment, handoff, metrics as metrics_lib, objectives, preflight
+from cfmjax import schema
+from cfmjax import flops as flops_lib
 from cfmjax import model as model_lib
 from cfmjax.data import pipeline
 
@@ -45,30 +45,9 @@ ON_NONFINITE = ("stop", "skip")
 # Step functions (pure; compiled once per shape).
 
 
-def loss_fn_for(exp: experiment.Experiment):
-  """The base flow's loss: (params, tokens, rng) -> (loss, metrics).
-
-  With model.causal the base loss is the autoregressive baseline's next-token cross-entropy (ar.py).
-  """
-  if exp.model_config.causal:
-    return functools.partial(ar.next_token_loss, apply_fn=exp.apply_fn)
-  return functools.partial(losses.flow_matching_loss, schedule=exp.schedule,
-                           space=state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config),
-                           options=losses.flow_options(exp.config))
-
-
 def grad_fn_for(exp: experiment.Experiment):
-  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for the stage the config describes."""
-  if exp.config.stage == "distill":
-    return distill.make_grad_fn(exp.apply_fn, exp.schedule, exp.vocab_size, exp.config)
-  loss_fn = loss_fn_for(exp)
-
-  def base_grad_fn(params, tokens, rng, ema_params, step):
-    del ema_params, step  # the base flow has no teacher and no curriculum
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, rng)
-    return grads, metrics
-
-  return base_grad_fn
+  """(params, tokens, rng, ema_params, step) -> (grads, metrics) of the run's objective (objectives.py)."""
+  return objectives.get(exp.config).grad_fn(exp)
 
 
 def step_rng(state):
@@ -152,7 +131,7 @@ def make_train_step(exp: experiment.Experiment, grad_fn=None):
 
 def make_eval_step(exp: experiment.Experiment, loss_fn=None):
   """Held-out loss of the EMA parameters at fixed noise (comparable across evaluations)."""
-  loss_fn = loss_fn or loss_fn_for(exp)
+  loss_fn = loss_fn or objectives.get(exp.config).eval_loss_fn(exp)
 
   def eval_step(params, tokens, rng):
     return loss_fn(params, tokens, rng)[1]
@@ -193,10 +172,11 @@ def check_finite(step: int, metrics: dict, params, ckpt) -> None:
 def write_config(config, workdir: str):
   """Writes config.json; on resume, logs which settings differ from the saved run."""
   path = os.path.join(workdir, "config.json")
-  new = json.loads(config.to_json_best_effort())
+  new = dict(json.loads(config.to_json_best_effort()), **{schema.KEY: schema.VERSION})
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
+    old.setdefault(schema.KEY, 0)  # a workdir written before the schema (schema.py)
     flat_old, flat_new = _flatten(old), _flatten(new)
     changed = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
     if changed:
@@ -313,10 +293,10 @@ def train(config, workdir: str, devices=None) -> dict:
   """
   # --- Setup --------------------------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
-  if config.stage == "distill":
-    distill.validate(config)
-    if config.init_from:
-      config = handoff.inherit_base_config(config, workdir)
+  objective = objectives.get(config)
+  objective.validate(config)
+  if objective.base_run(config):
+    config = handoff.inherit_base_config(config, workdir)
   exp = experiment.build(config, workdir, devices)
   if exp.config.train.get("on_nonfinite", "stop") not in ON_NONFINITE:
     raise ValueError(f"unknown train.on_nonfinite={exp.config.train.on_nonfinite!r}; choose one of "
@@ -342,7 +322,7 @@ def train(config, workdir: str, devices=None) -> dict:
     log.info("resumed from step %d in %s", start, ckpt.directory)
   else:
     state = experiment.init_state(exp, exp.config.seed)
-    if exp.config.stage == "distill" and exp.config.distill.mode == "two_stage":
+    if objective.starts_from_base(exp.config):
       state = handoff.start_from_base(exp, state)
     start = 0
   log.info("model: %s parameters, vocab %d, seq_len %d", f"{model_lib.count_params(state['params']):,}",
@@ -363,7 +343,7 @@ def train(config, workdir: str, devices=None) -> dict:
   # --- Loop ---------------------------------------------------------------------------------
   tokens_per_step = cfg.batch_size * exp.config.data.seq_len
   # Model FLOPs per step (MFU convention, cfmjax/flops.py) and the device's peak (None: MFU is null).
-  flops_per_step = flops_lib.step_flops(exp.config)["total"]
+  flops_per_step = objectives.step_flops(exp.config)["total"]
   peak = flops_lib.device_peak(exp.mesh.devices.flat[0], exp.config.model.dtype, num_devices=exp.mesh.size)
   log.info("MFU peak per device: %s (%s)", f"{peak.flops:.3g} FLOP/s" if peak.flops else "unknown", peak.source)
   progress = metrics_lib.Progress(cfg.num_steps, tokens_per_step, start_step=start)

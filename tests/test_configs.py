@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from cfmjax import configs, distill, model, schedules
+from cfmjax import configs, distill, model, schedules, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "experiments", "**", "*.py"), recursive=True))
@@ -60,13 +60,22 @@ def _flatten(d, prefix=""):
 
 
 def test_workdirs_older_than_a_changed_default_load_as_they_trained():
+  """Version 0 (no schema_version): a key added later with a changed default takes the value runs had
+  before it existed; a recorded key wins; a config.json from a newer cfmjax is refused by name."""
   saved = configs.base_config().to_dict()
-  for section, key in configs.BEFORE_KEY_EXISTED:
+  before = {("model", "skip"): False, ("model", "posterior_input"): False}  # what schema.py migrates
+  for section, key in before:
     del saved[section][key]
   old = configs.from_saved(saved)
-  for (section, key), value in configs.BEFORE_KEY_EXISTED.items():
-    assert old[section][key] == value
+  for (section, key), value in before.items():
+    assert old[section][key] == value != configs.base_config()[section][key]
   assert configs.from_saved(configs.base_config().to_dict()).model.skip  # a recorded key wins
+  current = dict(configs.base_config().to_dict(), **{schema.KEY: schema.VERSION})
+  for section, key in before:
+    del current[section][key]
+  assert configs.from_saved(current).model.skip  # version 1 is not migrated: today's default
+  with pytest.raises(ValueError, match=f"schema_version={schema.VERSION + 1}, written by a newer cfmjax"):
+    configs.from_saved(dict(saved, **{schema.KEY: schema.VERSION + 1}))
 
 
 def test_override_refuses_a_key_that_does_not_exist():

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import configs, distill, experiment, frozen_teacher, handoff, loading, loss_weights, train
+from cfmjax import configs, distill, experiment, frozen_teacher, handoff, loading, loss_weights, objectives
+from cfmjax import train
 from tests.conftest import REPO_ROOT as REPO
 from tests.conftest import run_cli, tiny_config
 
@@ -98,10 +99,14 @@ def test_joint_self_distillation_from_scratch(tmp_path, cache_dir):
     ({"distill.loss": "lsd", "model.attention": "cudnn"}, "does not support"),
     ({"distill.loss": "xyz"}, "unknown distill.loss"),
     ({"distill.loss": "esd", "distill.gradient_surgery": True}, "psd only"),
+    ({"model.causal": True}, "trains only with `cfmjax train`"),
 ])
 def test_bad_distill_configs_are_refused(overrides, message):
+  c = _distill_config(**overrides)
   with pytest.raises(ValueError, match=message):
-    distill.validate(_distill_config(**overrides))
+    objective = objectives.get(c)
+    objective.validate(c)
+    objective.base_run(c)  # where a distillation starts: a two-stage one needs its base run
 
 
 def test_gradient_surgery_removes_only_the_conflicting_component():

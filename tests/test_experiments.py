@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import configs, flops, state_space
+from cfmjax import configs, objectives, state_space
 from cfmjax.data import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,7 @@ def test_every_config_has_a_flop_count(rel):
     with c.unlocked():
       c.model = load(root).model
   vocab = c.data.markov.vocab_size if c.data.source == "markov" else c.data.tokenizer.vocab_size
-  got = flops.step_flops(c, vocab=vocab)
+  got = objectives.step_flops(c, vocab=vocab)
   assert got["total"] > got["forward"] > 0
   if c.stage == "distill":
     assert got["teacher"] > 0

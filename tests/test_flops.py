@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from tests.conftest import tiny_config
 
-from cfmjax import experiment, flops, train
+from cfmjax import experiment, flops, objectives, train
 
 # tiny_config(): V = 8, D = 32, 2 layers, MLP 64, 16 time features per time, L = 16, batch 16.
 # One sequence's forward, matmul by matmul, in multiply-accumulates (MACs):
@@ -35,7 +35,7 @@ TRAIN = 3 * FORWARD - INPUT - TIME_IN - POSTERIOR
 
 def test_base_step_matches_the_hand_count():
   assert FORWARD == 323_584  # the sum above, written out once
-  got = flops.step_flops(tiny_config(), vocab=8)
+  got = objectives.step_flops(tiny_config(), vocab=8)
   assert got["forward"] == 2 * 16 * FORWARD
   assert got["total"] == 2 * 16 * TRAIN
 
@@ -44,15 +44,15 @@ def test_distillation_steps_match_the_hand_count():
   # diag_fraction 0.25 of 16 rows: 4 diagonal rows (a base step), 12 consistency rows (student
   # forward + backward, and a teacher that is never differentiated).
   student = 2 * (4 * TRAIN + 12 * TRAIN)
-  psd = flops.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "psd"}), vocab=8)
+  psd = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "psd"}), vocab=8)
   assert psd["total"] == student + 2 * 12 * (2 * FORWARD)  # two teacher forwards
   # LSD: a JVP in t (forward + tangent pass: every matmul downstream of t once more, the input
   # projection not at all, the two attention products twice) and one more forward.
   tangent_t = FORWARD - INPUT - POSTERIOR + SCORES + VALUES
-  lsd = flops.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "lsd"}), vocab=8)
+  lsd = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "lsd"}), vocab=8)
   assert lsd["total"] == student + 2 * 12 * (FORWARD + tangent_t + FORWARD)
   # ESD: the tangent runs in (x, s), so the input projection carries it too.
-  esd = flops.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "esd"}), vocab=8)
+  esd = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "esd"}), vocab=8)
   assert esd["total"] == student + 2 * 12 * (FORWARD + FORWARD + tangent_t + INPUT + POSTERIOR)
 
 
@@ -60,12 +60,12 @@ def test_fixed_point_and_guided_distillation_steps_match_the_hand_count():
   # Fixed point (fixed_point.py): no diagonal split; all 16 rows are student rows (forward +
   # backward), and each target is k passes of the frozen self-conditioned base.
   for k in (1, 3):
-    fp = flops.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "fixed_point",
+    fp = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "fixed_point",
                                          "distill.fixed_point_iters": k}), vocab=8)
     assert fp["diagonal_rows"] == 0 and fp["consistency_rows"] == 16
     assert fp["total"] == 2 * 16 * TRAIN + 2 * 16 * k * FORWARD
   # Guided PSD: the 4 diagonal rows' target is two frozen-base passes (conditional, unconditional).
-  guided = flops.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "psd", "distill.guidance": 1.5}),
+  guided = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "psd", "distill.guidance": 1.5}),
                             vocab=8)
   assert guided["total"] == 2 * 16 * TRAIN + 2 * 12 * (2 * FORWARD) + 2 * 4 * (2 * FORWARD)
 
@@ -78,7 +78,7 @@ def test_conventions_embedding_state_causal_and_remat():
   noise = 16 * 16 * 32 * 32
   factor = 2 * 8 * 32 * 32 + 32 ** 3 / 3
   expected = 2 * 16 * (TRAIN - 2 * INPUT) + 2 * 2 * noise + 3 * factor
-  assert flops.step_flops(c, vocab=8)["total"] == pytest.approx(expected, rel=1e-12)
+  assert objectives.step_flops(c, vocab=8)["total"] == pytest.approx(expected, rel=1e-12)
   # 'auto' picks the embedding state only when V > D.
   assert flops.dims_from_config(c, vocab=8).embedding_state
   c.model.state_space = "auto"
@@ -87,18 +87,18 @@ def test_conventions_embedding_state_causal_and_remat():
   # Causal under XLA attention: the full L×L is executed (and counted); the fused kernel skips half.
   # The AR reads token ids: no noisy state, so no posterior input.
   causal = tiny_config(**{"model.causal": True})
-  assert flops.step_flops(causal, vocab=8)["forward"] == 2 * 16 * (FORWARD - POSTERIOR)
+  assert objectives.step_flops(causal, vocab=8)["forward"] == 2 * 16 * (FORWARD - POSTERIOR)
   fused = tiny_config(**{"model.causal": True, "model.attention": "cudnn"})
   half = 2 * (16 * 17 / 2 * 32)
-  assert flops.step_flops(fused, vocab=8)["forward"] == 2 * 16 * (FORWARD - POSTERIOR - SCORES - VALUES + 2 * half)
+  assert objectives.step_flops(fused, vocab=8)["forward"] == 2 * 16 * (FORWARD - POSTERIOR - SCORES - VALUES + 2 * half)
   # Remat: model FLOPs ignore recomputation; hardware FLOPs add one forward of the blocks (full) or
   # the attention einsums (dots: only matmuls without batch dimensions are saved).
   full = tiny_config(**{"model.remat": "full"})
-  assert flops.step_flops(full, vocab=8)["total"] == 2 * 16 * TRAIN
+  assert objectives.step_flops(full, vocab=8)["total"] == 2 * 16 * TRAIN
   blocks = ADALN + QKV + SCORES + VALUES + ATTN_OUT + MLP
-  assert flops.step_flops(full, vocab=8, hardware=True)["total"] == 2 * 16 * (TRAIN + blocks)
+  assert objectives.step_flops(full, vocab=8, hardware=True)["total"] == 2 * 16 * (TRAIN + blocks)
   dots = tiny_config(**{"model.remat": "dots"})
-  assert flops.step_flops(dots, vocab=8, hardware=True)["total"] == 2 * 16 * (TRAIN + SCORES + VALUES)
+  assert objectives.step_flops(dots, vocab=8, hardware=True)["total"] == 2 * 16 * (TRAIN + SCORES + VALUES)
 
 
 @pytest.mark.parametrize("stage,loss", [("base", None), pytest.param("distill", "esd", marks=pytest.mark.slow)])
@@ -121,7 +121,7 @@ def test_step_count_agrees_with_xla_cost_analysis(stage, loss, cache_dir):
   tokens = jax.ShapeDtypeStruct((8, 32), jnp.int32)
   step = lambda p, t: grad_fn(p, t, jax.random.key(0), p, jnp.int32(0))[0]
   xla = jax.jit(step).lower(params, tokens).compile().cost_analysis()["flops"]
-  ours = flops.step_flops(exp.config)["total"]
+  ours = objectives.step_flops(exp.config)["total"]
   assert 1.0 <= xla / ours < 1.06, (xla, ours)
 
 
@@ -183,7 +183,7 @@ def test_trainer_logs_model_flops_per_device_and_mfu(tmp_path, cache_dir, capsys
   config = tiny_config(**{"train.num_steps": 2, "train.checkpoint_every": 100})
   train.train(config, str(tmp_path / "a"))
   records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-  per_step = flops.step_flops(tiny_config(), vocab=8)["total"]
+  per_step = objectives.step_flops(tiny_config(), vocab=8)["total"]
   for r in records:
     expected = per_step * r["steps_per_sec"] / 8 / 1e12
     assert r["model_tflops_per_sec_per_device"] == pytest.approx(expected, rel=1e-9)

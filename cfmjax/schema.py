@@ -1,0 +1,61 @@
+"""What a run's files mean, by version, and the migrations that read old ones as today's.
+
+A workdir's config.json and each checkpoint carry `schema_version` (VERSION when written). Files
+written before the schema existed have none: version 0. Reading goes through `migrate_config` /
+`check_checkpoint`, which apply, in order, every migration from the file's version to VERSION; a
+file from a newer cfmjax is refused by name rather than misread.
+
+Rule for changes: whatever alters what config.json or a checkpoint holds (a key renamed or whose
+default changes meaning, a parameter moved in the state tree) bumps VERSION, adds its migration
+below, and commits a tiny workdir written by the code just before the change under
+tests/golden/workdir_v<old version>/ (tests/test_old_workdirs.py samples, evaluates and resumes it).
+
+Versions:
+  0  before the schema (main up to 2026-12-04): no `schema_version` key anywhere.
+  1  config.json and the checkpoint's data item record `schema_version`; the same keys and tree.
+"""
+
+from __future__ import annotations
+
+KEY = "schema_version"
+VERSION = 1
+
+# Config keys whose default changed after they were added, with the value a run had before the
+# key existed: a version-0 workdir written then must load as it trained, not with today's default.
+_V0_BEFORE_KEY_EXISTED = {
+    ("model", "skip"): False,
+    ("model", "posterior_input"): False,
+}
+
+
+def _config_0_to_1(saved: dict) -> dict:
+  saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+  for (section, key), value in _V0_BEFORE_KEY_EXISTED.items():
+    saved.setdefault(section, {}).setdefault(key, value)
+  return saved
+
+
+_CONFIG_MIGRATIONS = {0: _config_0_to_1}  # version k -> k + 1
+
+
+def _version(record: dict, what: str) -> int:
+  version = int(record.get(KEY, 0))
+  if version > VERSION:
+    raise ValueError(f"{what} has {KEY}={version}, written by a newer cfmjax than this one (which reads "
+                     f"versions up to {VERSION}): update cfmjax (pip install -e .) to read it")
+  return version
+
+
+def migrate_config(saved: dict, what: str = "config.json") -> dict:
+  """A saved config dict (config.json) as today's version, without the version key."""
+  version = _version(saved, what)
+  saved = {k: v for k, v in saved.items() if k != KEY}
+  for v in range(version, VERSION):
+    saved = _CONFIG_MIGRATIONS[v](saved)
+  return saved
+
+
+def check_checkpoint(data: dict, what: str) -> int:
+  """The version of a checkpoint from its data item (refusing newer ones). Versions 0 and 1 hold the
+  same state tree; the state keys added later (checkpointing._ADDED_STATE_KEYS) restore as zeros."""
+  return _version(data, what)
