@@ -79,7 +79,7 @@ def main():
           "length": args.length, "args": vars(args), "rows": rows})
 
   for name, overrides in (("base flow", {}),
-                          ("PSD distillation", {"stage": "distill", "distill.mode": "joint", "distill.loss": "psd"})):
+                          ("PSD distillation", {"objective": "psd", "distill.mode": "joint"})):
     if not args.steps:
       break
     r = common.time_train_step(owt_170m(args.batch, args.length, args.smoke, **overrides), args.steps)
@@ -92,7 +92,7 @@ def main():
                            ("ar", args.length)):
       if sampler not in args.samplers.split(","):
         continue
-      config = owt_170m(batch, args.length, args.smoke, **({"model.causal": True} if sampler == "ar" else {}))
+      config = owt_170m(batch, args.length, args.smoke, **({"objective": "ar"} if sampler == "ar" else {}))
       r = generation.time_generation(config, sampler, steps, batch, repeats=args.repeats)
       rows.append({"what": f"generate {args.length} tokens: {sampler} {steps} steps", "batch": batch,
                    "ms": 1000 * r["latency_s"], "tokens_per_sec": r["tokens_per_sec"]})

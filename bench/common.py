@@ -51,7 +51,7 @@ def has_module(name: str) -> bool:
 def require_ar():
   """The autoregressive baseline lives in cfmjax/ar.py (issue 4); say so instead of failing obscurely."""
   if not has_module("cfmjax.ar"):
-    raise RuntimeError("the autoregressive baseline (cfmjax/ar.py, model.causal=True configs) is not in "
+    raise RuntimeError("the autoregressive baseline (cfmjax/ar.py, objective=ar configs) is not in "
                        "this checkout; merge it (issue 4) to benchmark AR")
 
 

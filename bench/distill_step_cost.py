@@ -33,9 +33,8 @@ def main():
     with c.unlocked():
       c.mesh.data = 1
       if loss is not None:
-        c.stage = "distill"
+        c.objective = loss
         c.distill.mode = "joint"  # same network, no checkpoint needed to time a step
-        c.distill.loss = loss
         c.distill.gradient_surgery = surgery
     row = dict(stage=name, **common.time_train_step(c, args.steps))
     base_row = base_row or row

@@ -64,7 +64,7 @@ def main():
         overrides = {}
         if sampler == "ar":
           common.require_ar()
-          overrides = {"model.causal": True}
+          overrides = {"objective": "ar"}
         config = common.sized_config(args, args.vocab, seq_len=length, **overrides)
         row.update(time_generation(config, sampler, steps, args.batch, args.repeats))
       except (RuntimeError, ValueError) as e:

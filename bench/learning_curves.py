@@ -1,6 +1,6 @@
 """Learning curves of the base flow and the autoregressive baseline on the same Markov source (issue 12).
 
-Both models come from experiments/base_flow/markov_tiny.py (the AR sets model.causal=True, as
+Both models come from experiments/base_flow/markov_tiny.py (the AR sets objective=ar, as
 experiments/ar/markov_tiny.py does), run with the real trainer. The learning rate is constant after
 warmup, so a curve does not depend on the configured run length. Every --every steps, the in-training
 diagnostics (diagnostics.training_diagnostics) judge --samples samples exactly. The flow uses Euler
@@ -30,7 +30,7 @@ TARGET = 1.10  # issue 12: steps to reach 1.10x the floor, flow against AR
 def curve(model: str, source: str, seed: int, steps: int, every: int, samples: int, sampler_steps: int,
           workroot: str) -> dict:
   overrides = {f"data.markov.{k}": v for k, v in SOURCES[source].items()}
-  overrides.update({"model.causal": model == "ar", "seed": seed, "data.shuffle_seed": seed,
+  overrides.update({"objective": "ar" if model == "ar" else "flow", "seed": seed, "data.shuffle_seed": seed,
                     "train.num_steps": steps, "optim.decay": "constant", "train.diagnostics_every": every,
                     "train.diagnostics_samples": samples, "train.diagnostics_steps": sampler_steps,
                     "train.eval_every": 0, "train.checkpoint_every": steps, "train.log_every": every})

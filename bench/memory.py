@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"owt_170m": "experiments/base_flow/owt_170m.py", "owt_1p7b": "experiments/base_flow/owt_1p7b.py",
            "markov_tiny": "experiments/base_flow/markov_tiny.py"}
 # The distillation settings of experiments/flow_map/owt_1p7b_psd.py (as_distillation's arguments).
-DISTILL = {"stage": "distill", "distill.mode": "two_stage", "distill.gradient_surgery": True,
+DISTILL = {"objective": "psd", "distill.mode": "two_stage", "distill.gradient_surgery": True,
            "distill.boundary_prob": 0.05, "distill.gap_warmup_steps": 10000, "optim.lr": 1e-4}
 REMAT = "Involuntary full rematerialization"
 
@@ -35,9 +35,9 @@ def overrides_for(stage: str) -> dict:
   if stage == "base":
     return {}
   if stage == "ar":
-    return {"model.causal": True}
+    return {"objective": "ar"}
   if stage in ("psd", "lsd", "esd"):
-    return dict(DISTILL, **{"distill.loss": stage})
+    return dict(DISTILL, **{"objective": stage})
   raise ValueError(f"unknown stage {stage!r}: base | psd | lsd | esd | ar")
 
 

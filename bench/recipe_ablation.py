@@ -85,7 +85,7 @@ def train_with(overrides: dict, workdir: str) -> tuple[list[dict], float, str]:
   train.train(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [r for r in map(json.loads, f) if "gen_nll_per_token" in r]
-  command = (f"cfmjax train --config=experiments/base_flow/markov_tiny.py --workdir=W "
+  command = ("cfmjax train --config=experiments/base_flow/markov_tiny.py --workdir=W "
              + " ".join(f"--config.{k}={v}" for k, v in overrides.items()))
   return rows, (time.time() - start) / 60, command
 

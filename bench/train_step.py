@@ -4,7 +4,7 @@
                              [--seq_len=128 --batch=8] [--steps=5]
 
 For each vocabulary size: the base-flow step (V-space state; and the embedding-space state when this
-checkout has `model.state_space`), and the AR step (`model.causal=True`, next-token loss; needs
+checkout has `model.state_space`), and the AR step (`objective=ar`, next-token loss; needs
 cfmjax/ar.py). Time is the median of `steps` compiled steps after a warm-up (compile excluded) on
 this machine's first device; memory is XLA's compiled memory_analysis, temporaries + arguments. The
 machine is shared: compare rows of one run, not across runs. Writes bench/results/train_step.json.
@@ -23,7 +23,7 @@ def variants():
   rows = [("flow", {"model.state_space": "vocab"} if "state_space" in configs.base_config().model else {})]
   if "state_space" in configs.base_config().model:
     rows.append(("flow_embedding", {"model.state_space": "embedding"}))
-  rows.append(("ar", {"model.causal": True}))
+  rows.append(("ar", {"objective": "ar"}))
   return rows
 
 

@@ -109,10 +109,10 @@ def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -
 
 
   config = config.copy_and_resolve_references()
-  stage = stage or config.stage
+  stage = stage or objectives.stage(config)
   with config.unlocked():
-    if stage != config.stage:
-      config.stage = stage
+    if stage != objectives.stage(config):  # a base config's distillation step is PSD's
+      config.objective = "psd" if stage == "distill" else "flow"
     if stage == "distill":
       # Only the step is compiled: no base run to start from is needed (the step is the same one).
       config.init_from = ""

@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cfmjax import aot, ar, diagnostics, distributed, evaluate, export, inference, judges, likelihood, loading
-from cfmjax import main_job
+from cfmjax import main_job, objectives
 from cfmjax import report, sweep, train
 from cfmjax.data import pipeline, store
 
@@ -175,9 +175,10 @@ def _run_stage(stage: str):
   command = "train" if stage == "base" else "distill"
   if _CONFIG.value is None:
     raise app.UsageError(f"{command} needs --config=experiments/....py")
-  if _CONFIG.value.stage != stage:
-    other = "train" if _CONFIG.value.stage == "base" else "distill"
-    raise app.UsageError(f"this config is for stage {_CONFIG.value.stage!r}: run `cfmjax {other}`")
+  wanted = objectives.stage(_CONFIG.value)
+  if wanted != stage:
+    other = "train" if wanted == "base" else "distill"
+    raise app.UsageError(f"this config's objective ({_CONFIG.value.objective!r}) is trained by `cfmjax {other}`")
   workdir = _require_workdir()
   if _PROFILE_STEPS.value:
     _CONFIG.value.train.profile_steps = _PROFILE_STEPS.value

@@ -19,7 +19,9 @@ from cfmjax.data import pipeline
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stage = "base"  # base (`cfmjax train`) | distill (`cfmjax distill`)
+  # What the run optimises (objectives.py): flow | ar (the autoregressive baseline, ar.py) — trained by
+  # `cfmjax train` — or psd | lsd | esd (flow-map distillation) | fixed_point — by `cfmjax distill`.
+  c.objective = "flow"
   c.init_from = ""  # distill: a base-flow workdir (or exported checkpoint) to start from
   c.init_step = -1  # its checkpoint step; -1 = latest
 
@@ -42,7 +44,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.state_space = "auto"
   c.model.vocab_chunk = 0  # > 0: losses and ψW fuse the head matmul per chunk of this many tokens
   c.model.embedded_noise = "cholesky"  # cholesky (ξCᵀ, CCᵀ = WᵀW) | project (draw ε ∈ R^V, reference)
-  c.model.causal = False  # True: the autoregressive baseline (cfmjax/ar.py) instead of a flow
   c.model.self_condition = False  # feed the previous estimate μ̂ through a zero-init projection (SPEC §8)
   c.model.prompt_flag = False  # set at run time: True when flow.prompt.max_len > 0 (prompting.py)
   # Skip parametrisation (SPEC §9, model.py): logits = f_θ + the context-free posterior's evidence
@@ -76,10 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.prompt.max_len = 0  # 0: no prompts (unconditional model)
   c.flow.prompt.drop_prob = 0.1
 
-  # Flow-map distillation (SPEC §3); used when stage == "distill".
+  # Distillation (SPEC §3, §8); used by the objectives psd, lsd, esd and fixed_point.
   c.distill = ml_collections.ConfigDict()
   c.distill.mode = "two_stage"  # two_stage (from init_from) | joint (self-distillation from scratch)
-  c.distill.loss = "psd"  # psd | lsd | esd
   c.distill.diag_fraction = 0.25  # rows of each batch that keep training the diagonal (cross-entropy)
   c.distill.boundary_prob = 0.1  # probability of the pair (s, t) = (0, 1)
   c.distill.teacher = "ema"  # ema | student (stop-gradient copy of the live network)
@@ -89,10 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.min_ratio = 1e-3  # clamp inside the log of the LSD / ESD teachers
   c.distill.t_max = 0.99  # cap on t for LSD / ESD, whose identities degenerate at t = 1
   c.distill.gap_warmup_steps = 0  # > 0: gaps t − s grow from 5% to the full range over these steps
-  # Guided distillation (SPEC §8, guided_distill.py): >= 0 makes the student's diagonal the base
+  # Guided distillation (SPEC §8, distill.guided_diagonal_loss): >= 0 makes the student's diagonal the base
   # model's guided denoiser μ_ω at this fixed ω (one student per ω); < 0: off.
   c.distill.guidance = -1.0
-  # Fixed-point distillation (distill.loss = "fixed_point", fixed_point.py): teacher iterations per
+  # Fixed-point distillation (objective = "fixed_point", fixed_point.py): teacher iterations per
   # target (the target is T^k(student's own estimate); 1 = the bootstrapped k -> k+1 objective).
   c.distill.fixed_point_iters = 1
 
@@ -212,10 +212,9 @@ def as_distillation(c: ml_collections.ConfigDict, loss: str, *, num_steps: int, 
   set here is the distillation itself and a fresh optimizer (distill.gradient_surgery off: a config
   that wants it sets it after this call).
   """
-  c.stage = "distill"
+  c.objective = loss
   c.init_from = ""  # set on the command line: --config.init_from=<base workdir>
   c.distill.mode = "two_stage"
-  c.distill.loss = loss
   c.distill.diag_fraction = 0.25
   c.distill.boundary_prob = boundary_prob
   c.distill.teacher = "ema"

@@ -19,7 +19,7 @@ when ω > 1 takes it outside) instead of the data, so the student's own diagonal
 flow and the unchanged PSD/LSD/ESD teachers distil the guided flow map. ω is fixed per student,
 not a network input: it keeps the network unchanged (no third conditioning input beside τ_s,
 τ_t), spends the student's capacity on the one ω that is deployed, and each ω is a separate,
-cheap distillation run from the same base. `distill.loss = "fixed_point"` is the other stage
+cheap distillation run from the same base. `objective = "fixed_point"` is the other stage
 (fixed_point.py).
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfmjax import corruption, distill_losses, fixed_point, frozen_teacher, loss_weights, losses, prompting
+from cfmjax import corruption, distill_losses, frozen_teacher, loss_weights, losses, prompting
 from cfmjax import model as model_lib, state_space
 
 LOSSES = ("psd", "lsd", "esd", "fixed_point")
@@ -37,27 +37,26 @@ TEACHERS = ("ema", "student")
 
 
 def validate(config):
-  d = config.distill
-  if d.loss not in LOSSES:
-    raise ValueError(f"unknown distill.loss={d.loss!r}; choose one of {LOSSES}")
+  d, loss = config.distill, config.objective
+  if loss not in LOSSES:
+    raise ValueError(f"objective={loss!r} is not a distillation; choose one of {LOSSES}")
   if d.mode not in MODES:
     raise ValueError(f"unknown distill.mode={d.mode!r}; choose one of {MODES}")
   if d.teacher not in TEACHERS:
     raise ValueError(f"unknown distill.teacher={d.teacher!r}; choose one of {TEACHERS}")
-  if d.loss in ("lsd", "esd") and config.model.attention == "cudnn":
-    raise ValueError(f"distill.loss={d.loss!r} differentiates the network forward (jax.jvp), which the "
+  if loss in ("lsd", "esd") and config.model.attention == "cudnn":
+    raise ValueError(f"objective={loss!r} differentiates the network forward (jax.jvp), which the "
                      "fused cuDNN attention kernel does not support; set --config.model.attention=xla")
-  if d.gradient_surgery and d.loss != "psd":
+  if d.gradient_surgery and loss != "psd":
     raise ValueError("distill.gradient_surgery is implemented for psd only")
   if d.learned_weighting not in loss_weights.INPUTS:
     raise ValueError(f"unknown distill.learned_weighting={d.learned_weighting!r}; choose one of "
                      f"{loss_weights.INPUTS}")
   if not 0.0 <= d.diag_fraction < 1.0:
     raise ValueError(f"distill.diag_fraction must lie in [0, 1), got {d.diag_fraction}")
-  frozen_teacher.validate(config)
-  if d.guidance >= 0 and d.loss == "fixed_point":
+  if d.guidance >= 0 and loss == "fixed_point":
     raise ValueError("distill.guidance applies to flow-map distillation (psd / lsd / esd), not fixed_point")
-  if d.loss == "fixed_point" and d.fixed_point_iters < 1:
+  if loss == "fixed_point" and d.fixed_point_iters < 1:
     raise ValueError(f"distill.fixed_point_iters must be >= 1, got {d.fixed_point_iters}")
 
 
@@ -84,7 +83,8 @@ def sample_time_pairs(rng, num: int, boundary_prob: float, t_max: float = 1.0, m
 def make_losses(apply_fn, schedule, vocab_size: int, config):
   """(diagonal_loss, consistency_loss), each f(params, teacher_params, tokens, rng, step) -> (loss, metrics)."""
   d = config.distill
-  t_max = 1.0 if d.loss == "psd" else d.t_max
+  loss = config.objective
+  t_max = 1.0 if loss == "psd" else d.t_max
   space = state_space.from_config(apply_fn, vocab_size, config)
 
   prompt_settings = losses.prompt_settings(config)
@@ -132,15 +132,15 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
       stats = lambda h, skip, emb, tangent: space.hidden_stats(teacher_params, h, skip, with_embedding=emb,
                                                                tangent=tangent)
       head = model_lib.head_params(teacher_params)
-      if d.loss == "psd":
+      if loss == "psd":
         teacher = distill_losses.psd_teacher_chunked(hidden_net, stats, head, x_teacher, gamma_s, gamma_u, gamma_t)
       else:
-        chunked = (distill_losses.lsd_teacher_chunked if d.loss == "lsd" else distill_losses.esd_teacher_chunked)
+        chunked = (distill_losses.lsd_teacher_chunked if loss == "lsd" else distill_losses.esd_teacher_chunked)
         normalise = lambda t: state_space.ratio_teacher(t, space.vocab_chunk, jnp.dtype(space.dtype))
         teacher = chunked(hidden_net, stats, normalise, head, x_teacher, gamma_s, gamma_t, d.min_ratio)
-    elif d.loss == "psd":
+    elif loss == "psd":
       teacher = distill_losses.psd_teacher(net, x_teacher, gamma_s, gamma_u, gamma_t, embed=embed)
-    elif d.loss == "lsd":
+    elif loss == "lsd":
       teacher = distill_losses.lsd_teacher(net, x_teacher, gamma_s, gamma_t, d.min_ratio, embed=embed)
     else:
       teacher = distill_losses.esd_teacher(net, x_teacher, gamma_s, gamma_t, d.min_ratio, embed=embed)
@@ -202,10 +202,8 @@ def project_conflict(g_cons, g_diag):
 
 
 def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
-  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for the distillation stage."""
+  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for flow-map distillation (psd, lsd, esd)."""
   d = config.distill
-  if d.loss == "fixed_point":
-    return fixed_point.make_grad_fn(state_space.from_config(apply_fn, vocab_size, config), schedule, config)
   diagonal_loss, consistency_loss = make_losses(apply_fn, schedule, vocab_size, config)
   num_diag = num_diagonal_rows(config.train.batch_size, d.diag_fraction)
 

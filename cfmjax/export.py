@@ -10,7 +10,7 @@ An exported directory D holds
                       model, data pipeline and sampler can be rebuilt exactly as in the workdir.
   tokenizer.model     the run's SentencePiece model (text sources only; Markov data has none).
   export_info.json    {"format": "cfmjax-export", "version": 1, "step", "dtype", "num_params",
-                       "source_workdir", "stage"}.
+                       "source_workdir", "objective"}.
 
 The files are open formats (safetensors, JSON, SentencePiece): any framework can read the weights.
 A bfloat16 export is loaded back as float32 parameters holding the bf16-rounded values.
@@ -62,7 +62,7 @@ def write(exp, params, step: int, workdir: str, out: str, dtype: str = "float32"
   tensors = flatten_params(params, dtype)
   info = {"format": FORMAT, "version": 1, "step": int(step), "dtype": dtype,
           "num_params": int(sum(t.size for t in tensors.values())),
-          "source_workdir": os.path.abspath(workdir), "stage": exp.config.stage}
+          "source_workdir": os.path.abspath(workdir), "objective": exp.config.objective}
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     safetensors_np.save_file(tensors, os.path.join(out, PARAMS_FILE),

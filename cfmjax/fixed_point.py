@@ -61,7 +61,7 @@ def fixed_point_loss(params, tokens, rng, *, space: state_space.StateSpace, sche
 
 
 def make_grad_fn(space: state_space.StateSpace, schedule, config):
-  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for distill.loss = 'fixed_point'."""
+  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for objective = 'fixed_point'."""
   grad = jax.value_and_grad(fixed_point_loss, has_aux=True)
 
   def grad_fn(params, tokens, rng, ema_params, step):

@@ -39,7 +39,7 @@ Conventions (say what is counted, so that figures can be compared):
   once more (weights have no tangent), and each attention product twice (both operands do). The
   tangent in t starts in the time MLP; the state's first projection has no tangent there (x is
   fixed). So a JVP costs about 2× a forward (2-3× counting attention at long sequence lengths).
-- The autoregressive baseline (model.causal = True) takes token ids: its input is a row gather of
+- The autoregressive baseline (objective = "ar") takes token ids: its input is a row gather of
   the embedding whenever the state path would be the embedding one, else the one-hot V × D matmul.
 
 Every function returns FLOPs as Python floats (model sizes overflow int32 and need no exactness).
@@ -96,12 +96,13 @@ def dims_from_config(config, *, seq_len: int | None = None, vocab: int | None = 
     raise ValueError("the vocabulary size is unknown (model.vocab_size=-1): pass vocab=...")
   seq_len = int(seq_len if seq_len is not None else config.data.seq_len)
   state_space = state_space_lib.resolve(_get(m, "state_space", "vocab"), vocab, int(m.d_model))
+  causal = config.objective == "ar"
   return Dims(vocab=vocab, d_model=int(m.d_model), num_layers=int(m.num_layers), mlp_dim=int(m.mlp_dim),
               time_features=int(m.time_features), seq_len=seq_len,
-              embedding_state=state_space == "embedding", causal=bool(_get(m, "causal", False)),
+              embedding_state=state_space == "embedding", causal=causal,
               fused_attention=_get(m, "attention", "xla") == "cudnn", remat=_get(m, "remat", "none"),
-              skip=bool(_get(m, "skip", False)) and not bool(_get(m, "causal", False)),
-              posterior_input=bool(_get(m, "posterior_input", False)) and not bool(_get(m, "causal", False)),
+              skip=bool(_get(m, "skip", False)) and not causal,
+              posterior_input=bool(_get(m, "posterior_input", False)) and not causal,
               local_mix=int(_get(m, "local_mix", 0)))
 
 

@@ -18,14 +18,8 @@ import jax
 PARAMS_KEY = "frozen_teacher"
 
 
-def needed(config) -> bool:
-  d = config.distill
-  return config.stage == "distill" and (d.loss == "fixed_point" or d.guidance >= 0)
-
-
 def validate(config):
-  if not needed(config):
-    return
+  """Checks for the objectives that keep a frozen base (objectives.py: guided flow maps, fixed point)."""
   if config.distill.mode != "two_stage":
     raise ValueError("guided and fixed-point distillation start from a trained base run: use "
                      "distill.mode='two_stage' with --config.init_from=<base workdir>")

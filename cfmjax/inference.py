@@ -41,7 +41,7 @@ def make_generator(exp: experiment.Experiment, sampling: Sampling, *, conditiona
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
   if (sampler == "ar") != exp.model_config.causal:
     raise ValueError(f"sampler {sampler!r} does not fit this model: use --sampler=ar for an autoregressive "
-                     f"(model.causal) workdir and euler/flowmap for a flow")
+                     f"(objective=ar) workdir and euler/flowmap for a flow")
   if guidance is not None and sampler != "euler":
     raise ValueError("--guidance applies to the Euler sampler of the base flow; a flow map distilled "
                      "with distill.guidance has its ω built in")

@@ -101,7 +101,7 @@ class ExactMarkovJudge(Judge):
 
 
 class ARJudge(Judge):
-  """A cfmjax autoregressive checkpoint (`cfmjax train` with model.causal), EMA parameters.
+  """A cfmjax autoregressive checkpoint (`cfmjax train` with objective=ar), EMA parameters.
 
   Scores up to the model's trained length (data.seq_len) tokens per sample: re-tokenised texts
   longer than that are truncated, shorter ones padded (causal attention: padding changes nothing).
@@ -110,7 +110,7 @@ class ARJudge(Judge):
   def __init__(self, workdir: str, batch_size: int = 64):
     self.exp, self.params, self.step = loading.load(workdir)
     if not self.exp.model_config.causal:
-      raise ValueError(f"--judge=ar:{workdir} needs an autoregressive workdir (trained with model.causal=True, "
+      raise ValueError(f"--judge=ar:{workdir} needs an autoregressive workdir (trained with objective=ar, "
                        f"e.g. experiments/ar/*.py); {workdir} holds a flow")
     self.name = short_name("ar", workdir)
     self.tokenizer = self.exp.data.tokenizer

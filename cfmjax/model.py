@@ -121,6 +121,7 @@ def model_config_from(config) -> ModelConfig:
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   kwargs = {k: v for k, v in config.model.items() if k in fields}
   kwargs["schedule"] = config.flow.schedule  # the skip term is written in γ = g(τ)
+  kwargs["causal"] = config.objective == "ar"  # the autoregressive baseline's causal trunk (ar.py)
   return ModelConfig(**kwargs)
 
 

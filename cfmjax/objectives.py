@@ -11,8 +11,7 @@ builder and the handoff ask it instead of branching on config keys.
 Each declares `validate(config)`, `attach(init_fn, apply_fn, config)` (the parameters it keeps
 beside the network), `sampler` (what generates from the trained model), `grad_fn(exp)`, `eval_loss_fn(exp)` (the held-out loss logged during
 training), `flops(config, dims, batch_size, hardware)` (its parts of one step), `base_run(config)` and
-`starts_from_base(config)` (handoff.py). `get(config)` names the objective from the keys that choose it
-(config.stage, model.causal, distill.loss).
+`starts_from_base(config)` (handoff.py). `get(config)` returns the one `config.objective` names.
 """
 
 from __future__ import annotations
@@ -48,7 +47,11 @@ class Flow:
   """The base flow (SPEC §1, §2): the denoiser's cross-entropy at a random noise level."""
 
   name = "flow"
+  stage = "base"  # trained by `cfmjax train` ('distill': `cfmjax distill`)
   sampler = "euler"  # what generates from a model trained with it (inference.SAMPLERS)
+
+  def __init__(self, name: str | None = None):
+    assert name in (None, self.name), name
 
   def validate(self, config):
     del config
@@ -86,9 +89,6 @@ class AutoRegressive(Flow):
   sampler = "ar"
 
   def validate(self, config):
-    if config.stage != "base":
-      raise ValueError(f"model.causal=True (the autoregressive baseline) trains only with `cfmjax train` "
-                       f"(stage 'base'), not stage {config.stage!r}: distil a flow, not the AR model")
     metric = config.train.get("best_metric", "")
     if metric and metric != "gen_nll_per_token":
       raise ValueError(f"the autoregressive baseline has no denoiser: train.best_metric={metric!r} cannot be "
@@ -107,8 +107,12 @@ class _Distillation(Flow):
   """What the distillation objectives share: learnable loss weights and, when the objective reads the
   base as it was, a frozen copy of it beside the network (frozen_teacher.py)."""
 
+  stage = "distill"
+
   def validate(self, config):
     distill.validate(config)
+    if self.needs_frozen_base(config):
+      frozen_teacher.validate(config)
 
   def needs_frozen_base(self, config) -> bool:
     raise NotImplementedError
@@ -139,6 +143,7 @@ class FlowMap(_Distillation):
   sampler = "flowmap"
 
   def __init__(self, name: str):
+    assert name in ("psd", "lsd", "esd"), name
     self.name = name
 
   def needs_frozen_base(self, config) -> bool:
@@ -197,21 +202,16 @@ class FixedPoint(_Distillation):
 
 
 def get(config):
-  """The objective `config` trains: model.causal → ar; stage 'base' → flow; stage 'distill' →
-  distill.loss (psd, lsd, esd or fixed_point)."""
-  if config.model.get("causal", False):
-    return AutoRegressive()
-  if config.stage == "base":
-    return Flow()
-  if config.stage != "distill":
-    raise ValueError(f"unknown stage={config.stage!r}; choose 'base' (`cfmjax train`) or 'distill' "
-                     f"(`cfmjax distill`)")
-  loss = config.distill.loss
-  if loss == "fixed_point":
-    return FixedPoint()
-  if loss not in distill.LOSSES:
-    raise ValueError(f"unknown distill.loss={loss!r}; choose one of {distill.LOSSES}")
-  return FlowMap(loss)
+  """The objective `config.objective` names."""
+  name = config.objective
+  if name not in NAMES:
+    raise ValueError(f"unknown objective={name!r}; choose one of {NAMES} (--config.objective=...)")
+  return {"flow": Flow, "ar": AutoRegressive, "fixed_point": FixedPoint}.get(name, FlowMap)(name)
+
+
+def stage(config) -> str:
+  """'base' (trained by `cfmjax train`) or 'distill' (`cfmjax distill`)."""
+  return get(config).stage
 
 
 def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = None,
@@ -223,7 +223,7 @@ def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = N
   dims = flops.dims_from_config(config, seq_len=seq_len, vocab=vocab)
   batch = int(batch_size if batch_size is not None else config.train.batch_size)
   objective = get(config)
-  out = {"objective": objective.name, "stage": "ar" if objective.name == "ar" else config.stage,
+  out = {"objective": objective.name, "stage": "ar" if objective.name == "ar" else objective.stage,
          "batch_size": batch, "seq_len": dims.seq_len, "vocab": dims.vocab,
          "state_space": "embedding" if dims.embedding_state else "vocab", "hardware": hardware,
          "forward": flops.forward_flops(dims, batch)}

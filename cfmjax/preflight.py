@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from cfmjax import objectives
+
 
 
 def _saved_vocab(run_dir: str) -> int | None:
@@ -35,7 +37,7 @@ def check_vocab_matches_checkpoints(exp, workdir: str) -> None:
         f"data/tokenizer gives {vocab} (data.source={exp.config.data.source!r}). Resume with the data and "
         "tokenizer settings in its config.json, or use a new --workdir.")
   init_from = exp.config.get("init_from", "")
-  if exp.config.stage == "distill" and exp.config.distill.mode == "two_stage" and init_from:
+  if objectives.get(exp.config).starts_from_base(exp.config) and init_from:
     base = _saved_vocab(init_from)
     if base not in (None, -1, vocab):
       raise ValueError(

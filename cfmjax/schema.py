@@ -13,12 +13,14 @@ tests/golden/workdir_v<old version>/ (tests/test_old_workdirs.py samples, evalua
 Versions:
   0  before the schema (main up to 2026-12-04): no `schema_version` key anywhere.
   1  config.json and the checkpoint's data item record `schema_version`; the same keys and tree.
+  2  one config key names the objective (objectives.py): `objective` = flow | ar | psd | lsd | esd |
+     fixed_point replaces `stage`, `model.causal` and `distill.loss`. Checkpoints as in 1.
 """
 
 from __future__ import annotations
 
 KEY = "schema_version"
-VERSION = 1
+VERSION = 2
 
 # Config keys whose default changed after they were added, with the value a run had before the
 # key existed: a version-0 workdir written then must load as it trained, not with today's default.
@@ -35,7 +37,16 @@ def _config_0_to_1(saved: dict) -> dict:
   return saved
 
 
-_CONFIG_MIGRATIONS = {0: _config_0_to_1}  # version k -> k + 1
+def _config_1_to_2(saved: dict) -> dict:
+  saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+  stage = saved.pop("stage", "base")
+  causal = saved.setdefault("model", {}).pop("causal", False)
+  loss = saved.setdefault("distill", {}).pop("loss", "psd")
+  saved["objective"] = "ar" if causal else ("flow" if stage == "base" else loss)
+  return saved
+
+
+_CONFIG_MIGRATIONS = {0: _config_0_to_1, 1: _config_1_to_2}  # version k -> k + 1
 
 
 def _version(record: dict, what: str) -> int:
@@ -56,6 +67,6 @@ def migrate_config(saved: dict, what: str = "config.json") -> dict:
 
 
 def check_checkpoint(data: dict, what: str) -> int:
-  """The version of a checkpoint from its data item (refusing newer ones). Versions 0 and 1 hold the
+  """The version of a checkpoint from its data item (refusing newer ones). Versions 0 to 2 hold the
   same state tree; the state keys added later (checkpointing._ADDED_STATE_KEYS) restore as zeros."""
   return _version(data, what)

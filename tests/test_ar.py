@@ -75,7 +75,7 @@ def test_ar_trains_and_judges_text_exactly_also_across_tokenizers(tmp_path, cach
   _write_corpus(tmp_path / "corpus")
   config = tiny_config(**{"data.source": "text", "data.text.paths": str(tmp_path / "corpus" / "*.txt"),
                           "data.heldout_fraction": 0.2, "data.tokenizer.vocab_size": 48,
-                          "model.causal": True, "train.num_steps": 2})
+                          "objective": "ar", "train.num_steps": 2})
   workdir = str(tmp_path / "ar")
   last = train.train(config, workdir)
   assert np.isfinite(last["loss"]) and 0 < last["loss"] < 2 * math.log(48)
@@ -151,8 +151,12 @@ def test_bad_judge_specs_are_refused():
     judges.make_judge("bert:/x", Text)
 
 
-def test_causal_config_refuses_distillation():
-  from cfmjax import experiment  # noqa: PLC0415
+def test_the_ar_objective_is_trained_by_cfmjax_train_only(tmp_path):
+  from cfmjax import objectives  # noqa: PLC0415
+  from tests.conftest import _in_repo, run_cli  # noqa: PLC0415
 
-  with pytest.raises(ValueError, match="causal"):
-    experiment.build(tiny_config(**{"model.causal": True, "stage": "distill"}), None)
+  config = tiny_config(**{"objective": "ar"})
+  assert objectives.stage(config) == "base" and objectives.get(config).sampler == "ar"
+  assert tiny_config().model.get("causal") is None  # the objective, not a model key, says it
+  with _in_repo(), pytest.raises(Exception, match="trained by `cfmjax train`"):
+    run_cli("distill", "--config=experiments/ar/markov_tiny.py", f"--workdir={tmp_path}")

@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from cfmjax import configs, distill, model, schedules, schema
+from cfmjax import configs, distill, model, objectives, schedules, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "experiments", "**", "*.py"), recursive=True))
@@ -29,7 +29,7 @@ def test_config_is_complete_and_valid(path):
   base_keys = set(_flatten(configs.base_config().to_dict()))
   assert set(_flatten(c.to_dict())) <= base_keys | {"model.vocab_size"}
   schedules.get_schedule(c.flow.schedule, 8)
-  if c.stage == "distill":
+  if objectives.stage(c) == "distill":
     with c.unlocked():
       c.init_from = "/somewhere"
     distill.validate(c)

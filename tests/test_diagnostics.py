@@ -134,7 +134,7 @@ def test_training_diagnostics_of_the_autoregressive_baseline(tmp_path):
   """The AR baseline logs its samples' exact gen NLL (no denoiser gap), so learning curves compare."""
   from cfmjax import train  # noqa: PLC0415
 
-  config = tiny_config(**{"model.causal": True, "data.seq_len": 8, "train.num_steps": 2,
+  config = tiny_config(**{"objective": "ar", "data.seq_len": 8, "train.num_steps": 2,
                           "train.diagnostics_every": 2, "train.diagnostics_samples": 16})
   train.train(config, str(tmp_path / "ar"))
   logged = [json.loads(line) for line in (tmp_path / "ar" / "metrics.jsonl").read_text().splitlines()]
@@ -183,7 +183,7 @@ def test_best_checkpoint_is_the_lowest_diagnostic_and_loads_as_best(tmp_path):
     ({"train.best_metric": "denoiser_ce"}, "diagnostics_every"),
     ({"train.best_metric": "gen_nll_per_token", "train.diagnostics_every": 1, "train.diagnostics_samples": 0},
      "diagnostics_samples"),
-    ({"train.best_metric": "denoiser_gap", "train.diagnostics_every": 1, "model.causal": True}, "no denoiser"),
+    ({"train.best_metric": "denoiser_gap", "train.diagnostics_every": 1, "objective": "ar"}, "no denoiser"),
 ])
 def test_best_metric_is_refused_where_it_cannot_be_measured(overrides, match):
   from cfmjax import experiment  # noqa: PLC0415

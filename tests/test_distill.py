@@ -25,7 +25,7 @@ def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_
     config = configs.from_file(os.path.join(REPO, "experiments", "flow_map", "markov_tiny_psd.py"))
     with config.unlocked():
       config.init_from = base
-      config.distill.loss = loss
+      config.objective = loss
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 8, 1, 1
     config = handoff.inherit_base_config(config, str(tmp_path / loss))
     exp = experiment.build(config, None)
@@ -83,23 +83,22 @@ def test_handoff_from_a_different_mesh_and_each_loss_runs(markov_base, markov_ps
 
 
 def _distill_config(**overrides):
-  c = tiny_config(**{"stage": "distill", "distill.mode": "joint", **overrides})
+  c = tiny_config(**{"objective": "psd", "distill.mode": "joint", **overrides})
   return c
 
 
 @pytest.mark.slow
 def test_joint_self_distillation_from_scratch(tmp_path, cache_dir):
-  config = _distill_config(**{"distill.loss": "esd", "distill.teacher": "student", "mesh.data": 1})
+  config = _distill_config(**{"objective": "esd", "distill.teacher": "student", "mesh.data": 1})
   last = train.train(config, str(tmp_path / "joint"), devices=jax.devices()[:1])
   assert np.isfinite(last["loss"]) and last["step"] == 4
 
 
 @pytest.mark.parametrize("overrides,message", [
     ({"distill.mode": "two_stage"}, "needs --config.init_from"),
-    ({"distill.loss": "lsd", "model.attention": "cudnn"}, "does not support"),
-    ({"distill.loss": "xyz"}, "unknown distill.loss"),
-    ({"distill.loss": "esd", "distill.gradient_surgery": True}, "psd only"),
-    ({"model.causal": True}, "trains only with `cfmjax train`"),
+    ({"objective": "lsd", "model.attention": "cudnn"}, "does not support"),
+    ({"objective": "xyz"}, "unknown objective='xyz'"),
+    ({"objective": "esd", "distill.gradient_surgery": True}, "psd only"),
 ])
 def test_bad_distill_configs_are_refused(overrides, message):
   c = _distill_config(**overrides)
@@ -137,7 +136,7 @@ def test_learned_weights_sit_at_log_of_the_loss():
 
 @pytest.mark.slow
 def test_learned_weights_train(tmp_path, cache_dir):
-  config = _distill_config(**{"distill.loss": "psd", "distill.learned_weighting": "st", "mesh.data": 1,
+  config = _distill_config(**{"objective": "psd", "distill.learned_weighting": "st", "mesh.data": 1,
                               "train.num_steps": 3})
   last = train.train(config, str(tmp_path / "weighted"), devices=jax.devices()[:1])
   assert np.isfinite(last["loss"]) and "mean_log_weight" in last

@@ -62,14 +62,14 @@ def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
 
   # A distillation seeded from the export starts from exactly the workdir's EMA weights.
   def base_params(init_from):
-    config = tiny_config(**{"stage": "distill", "init_from": init_from})
+    config = tiny_config(**{"objective": "psd", "init_from": init_from})
     exp = experiment.build(handoff.inherit_base_config(config, str(tmp_path / "d")), None)
     return handoff.load_base_params(exp)
 
   from_export, from_workdir = base_params(str(out32)), base_params(str(base_workdir))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                          from_export, from_workdir)
-  config = tiny_config(**{"stage": "distill", "init_from": str(out16), "train.num_steps": 1})
+  config = tiny_config(**{"objective": "psd", "init_from": str(out16), "train.num_steps": 1})
   last = train.train(config, str(tmp_path / "distilled"))
   assert last["step"] == 1 and np.isfinite(last["loss"])
 
@@ -93,6 +93,6 @@ def test_directories_that_are_neither_kind_are_refused(tmp_path):
   (tmp_path / "export_info.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="lacks params.safetensors, config.json"):
     loading.load(str(tmp_path))
-  config = tiny_config(**{"stage": "distill", "init_from": str(tmp_path / "nowhere")})
+  config = tiny_config(**{"objective": "psd", "init_from": str(tmp_path / "nowhere")})
   with pytest.raises(FileNotFoundError, match="neither an exported checkpoint"):
     handoff.inherit_base_config(config, str(tmp_path / "d"))

@@ -44,15 +44,15 @@ def test_distillation_steps_match_the_hand_count():
   # diag_fraction 0.25 of 16 rows: 4 diagonal rows (a base step), 12 consistency rows (student
   # forward + backward, and a teacher that is never differentiated).
   student = 2 * (4 * TRAIN + 12 * TRAIN)
-  psd = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "psd"}), vocab=8)
+  psd = objectives.step_flops(tiny_config(**{"objective": "psd"}), vocab=8)
   assert psd["total"] == student + 2 * 12 * (2 * FORWARD)  # two teacher forwards
   # LSD: a JVP in t (forward + tangent pass: every matmul downstream of t once more, the input
   # projection not at all, the two attention products twice) and one more forward.
   tangent_t = FORWARD - INPUT - POSTERIOR + SCORES + VALUES
-  lsd = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "lsd"}), vocab=8)
+  lsd = objectives.step_flops(tiny_config(**{"objective": "lsd"}), vocab=8)
   assert lsd["total"] == student + 2 * 12 * (FORWARD + tangent_t + FORWARD)
   # ESD: the tangent runs in (x, s), so the input projection carries it too.
-  esd = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "esd"}), vocab=8)
+  esd = objectives.step_flops(tiny_config(**{"objective": "esd"}), vocab=8)
   assert esd["total"] == student + 2 * 12 * (FORWARD + FORWARD + tangent_t + INPUT + POSTERIOR)
 
 
@@ -60,12 +60,12 @@ def test_fixed_point_and_guided_distillation_steps_match_the_hand_count():
   # Fixed point (fixed_point.py): no diagonal split; all 16 rows are student rows (forward +
   # backward), and each target is k passes of the frozen self-conditioned base.
   for k in (1, 3):
-    fp = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "fixed_point",
+    fp = objectives.step_flops(tiny_config(**{"objective": "fixed_point",
                                          "distill.fixed_point_iters": k}), vocab=8)
     assert fp["diagonal_rows"] == 0 and fp["consistency_rows"] == 16
     assert fp["total"] == 2 * 16 * TRAIN + 2 * 16 * k * FORWARD
   # Guided PSD: the 4 diagonal rows' target is two frozen-base passes (conditional, unconditional).
-  guided = objectives.step_flops(tiny_config(**{"stage": "distill", "distill.loss": "psd", "distill.guidance": 1.5}),
+  guided = objectives.step_flops(tiny_config(**{"objective": "psd", "distill.guidance": 1.5}),
                             vocab=8)
   assert guided["total"] == 2 * 16 * TRAIN + 2 * 12 * (2 * FORWARD) + 2 * 4 * (2 * FORWARD)
 
@@ -86,9 +86,9 @@ def test_conventions_embedding_state_causal_and_remat():
   assert flops.dims_from_config(c, vocab=50257).embedding_state
   # Causal under XLA attention: the full L×L is executed (and counted); the fused kernel skips half.
   # The AR reads token ids: no noisy state, so no posterior input.
-  causal = tiny_config(**{"model.causal": True})
+  causal = tiny_config(**{"objective": "ar"})
   assert objectives.step_flops(causal, vocab=8)["forward"] == 2 * 16 * (FORWARD - POSTERIOR)
-  fused = tiny_config(**{"model.causal": True, "model.attention": "cudnn"})
+  fused = tiny_config(**{"objective": "ar", "model.attention": "cudnn"})
   half = 2 * (16 * 17 / 2 * 32)
   assert objectives.step_flops(fused, vocab=8)["forward"] == 2 * 16 * (FORWARD - POSTERIOR - SCORES - VALUES + 2 * half)
   # Remat: model FLOPs ignore recomputation; hardware FLOPs add one forward of the blocks (full) or
@@ -101,8 +101,8 @@ def test_conventions_embedding_state_causal_and_remat():
   assert objectives.step_flops(dots, vocab=8, hardware=True)["total"] == 2 * 16 * (TRAIN + SCORES + VALUES)
 
 
-@pytest.mark.parametrize("stage,loss", [("base", None), pytest.param("distill", "esd", marks=pytest.mark.slow)])
-def test_step_count_agrees_with_xla_cost_analysis(stage, loss, cache_dir):
+@pytest.mark.parametrize("objective", ["flow", pytest.param("esd", marks=pytest.mark.slow)])
+def test_step_count_agrees_with_xla_cost_analysis(objective, cache_dir):
   """XLA counts every floating-point op of the compiled gradient; flops.py counts matmuls only.
 
   So XLA's figure must be at least ours, and above it by no more than the element-wise work (layer
@@ -112,9 +112,7 @@ def test_step_count_agrees_with_xla_cost_analysis(stage, loss, cache_dir):
   """
   overrides = {"model.scan_layers": False, "model.d_model": 128, "model.num_heads": 4,
                "model.mlp_dim": 512, "data.markov.vocab_size": 64, "data.seq_len": 32,
-               "train.batch_size": 8, "stage": stage, "distill.mode": "joint"}
-  if loss:
-    overrides["distill.loss"] = loss
+               "train.batch_size": 8, "objective": objective, "distill.mode": "joint"}
   exp = experiment.build(tiny_config(**overrides), None, devices=jax.devices()[:1])
   grad_fn = train.grad_fn_for(exp)
   params = exp.abstract_state["params"]

@@ -1,7 +1,8 @@
 """Workdirs written by older cfmjax keep working (schema.py): tests/golden/workdir_v<k>/ holds a tiny
 run as the code of schema version k wrote it, and each is sampled, evaluated and resumed by today's.
 
-workdir_v0 (main at 62c2607, before the schema): the shared tiny base of conftest.markov_base
+workdir_v0 (main at 62c2607, before the schema) and workdir_v1 (6d46e27, before `objective`
+replaced stage / model.causal / distill.loss): each is the shared tiny base of conftest.markov_base
 (experiments/base_flow/markov_tiny.py, V = 12, the TINY_FLAGS sizes, 2x2x2 mesh, 4 steps; its step-2
 checkpoint dropped to keep the fixture small) and a PSD map distilled from it for 2 steps on an 8x1x1
 mesh, as conftest.markov_psd does. The same shapes as those fixtures, so their compiled programs are
@@ -41,6 +42,8 @@ def test_an_old_workdir_samples_and_evaluates(version, tmp_path, session_cache):
   assert saved.get(schema.KEY, 0) == version  # the fixture is what that version wrote
   config = loading.load_config(str(base))
   assert schema.KEY not in config and config.model.skip == saved["model"].get("skip", False)
+  assert (config.objective, loading.load_config(str(psd)).objective) == ("flow", "psd")  # migrated
+  assert "stage" not in config and "causal" not in config.model and "loss" not in config.distill
 
   run_cli("sample", f"--workdir={base}", "--steps=2", "--num_samples=16", "--batch_size=16")
   run_cli("eval", f"--workdir={base}", "--steps=2", "--num_samples=16", "--batch_size=16")

@@ -290,8 +290,8 @@ def test_unknown_flow_schedule(tmp_path):
 
 
 def test_unknown_distillation_loss(tmp_path):
-  config = tiny_config(**{"stage": "distill", "distill.mode": "joint", "distill.loss": "kl"})
-  _fails_fast(config, tmp_path / "w", r"unknown distill.loss='kl'; choose one of")
+  config = tiny_config(**{"objective": "kl", "distill.mode": "joint"})
+  _fails_fast(config, tmp_path / "w", r"unknown objective='kl'; choose one of")
 
 
 def test_unknown_data_source(tmp_path):
@@ -304,7 +304,7 @@ def test_unknown_on_nonfinite(tmp_path):
 
 
 def test_two_stage_distillation_without_init_from(tmp_path):
-  config = tiny_config(**{"stage": "distill", "distill.mode": "two_stage"})
+  config = tiny_config(**{"objective": "psd", "distill.mode": "two_stage"})
   _fails_fast(config, tmp_path / "w", r"needs --config.init_from=.*distill.mode='joint'")
 
 
@@ -319,7 +319,7 @@ def test_vocabulary_mismatch_with_checkpoints(two_checkpoints, tmp_path):
   saved = json.loads((workdir / "config.json").read_text())
   saved["data"]["markov"]["vocab_size"] = 12
   (workdir / "config.json").write_text(json.dumps(saved))
-  config = tiny_config(**{"stage": "distill", "distill.mode": "two_stage", "init_from": str(workdir)})
+  config = tiny_config(**{"objective": "psd", "distill.mode": "two_stage", "init_from": str(workdir)})
   _fails_fast(config, tmp_path / "distill", r"init_from=.* vocabulary of 8 tokens, but this run's tokenizer gives 12")
 
 

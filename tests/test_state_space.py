@@ -133,7 +133,7 @@ def test_conditioned_distillation_is_the_same_in_either_space(conditioned_net):
     return state_space.StateSpace(apply_fn, VOCAB, embedded=kind == "embedding", noise="project", prompt_flag=True)
 
   def consistency(kind):
-    c = tiny_config(**{"stage": "distill", "distill.loss": "psd", "flow.prompt.max_len": 4,
+    c = tiny_config(**{"objective": "psd", "flow.prompt.max_len": 4,
                        "flow.prompt.min_len": 1, "model.state_space": kind, "model.embedded_noise": "project",
                        "model.d_model": CFG.d_model, "model.prompt_flag": True})
     _, loss = distill.make_losses(apply_fn, schedule, VOCAB, c)
@@ -328,7 +328,7 @@ def test_consistency_loss_and_gradient_agree_between_paths(net, loss):
   a MixtureTeacher (no [B, L, V] array, issue 16); the reference builds it as full probabilities."""
   apply_fn, params = net
   teacher_params = jax.tree_util.tree_map(lambda p: 0.9 * p, params)
-  config = _config(**{"stage": "distill", "distill.mode": "joint", "distill.loss": loss,
+  config = _config(**{"objective": loss, "distill.mode": "joint",
                       "distill.adaptive_weighting": True})
   schedule = schedules.get_schedule("linear", VOCAB)
   tokens = jax.random.randint(jax.random.key(6), (BATCH, LENGTH), 0, VOCAB)

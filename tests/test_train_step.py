@@ -30,7 +30,7 @@ def test_deterministic_objective_gives_the_full_batch_gradient(cache_dir):
   (Parameters after Adam are not
   compared: its first steps are sign(g) · lr, which turns float noise in near-zero gradients into
   differences of a whole learning rate.)"""
-  config = tiny_config(**{"model.causal": True, **MESH})
+  config = tiny_config(**{"objective": "ar", **MESH})
   *_, ref, ref_metrics = _grads(config, 1, jax.random.key(0))
   *_, got, metrics = _grads(config, 4, jax.random.key(0))
   norm = float(optax.tree.norm(ref))

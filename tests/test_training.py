@@ -41,7 +41,7 @@ def test_ar_gradient_at_one_row_per_shard_on_a_2x2x2_mesh(cache_dir):
   grads = {}
   for name, mesh, devices in [("one", {}, jax.devices()[:1]),
                               ("2x2x2", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, jax.devices())]:
-    config = tiny_config(**{"model.causal": True, "train.batch_size": 4, **mesh})
+    config = tiny_config(**{"objective": "ar", "train.batch_size": 4, **mesh})
     exp = experiment.build(config, None, devices=devices)
     state = experiment.init_state(exp, 0)
     tokens = np.asarray(next(exp.data.train_iterator(4, seed=0)))

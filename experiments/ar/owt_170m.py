@@ -17,6 +17,6 @@ from cfmjax.configs import from_file
 
 def get_config():
   c = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "owt_170m.py"))
-  c.model.causal = True
+  c.objective = "ar"
   c.eval.steps = "1"  # ignored: the AR sampler always takes one network evaluation per position
   return c

@@ -14,7 +14,7 @@ from today's markov_tiny base, whose Euler sampler is in brackets; floor 1.431):
 128) at 8, i.e. 1.97x / 1.59x / 1.53x the floor; sample entropy 2.24-2.27 against the data's 2.31.
 Issue 12's targets (1.6x / 1.30x / 1.15x at 1 / 2 / 4 steps) are not met; LSD and ESD from the same
 base do worse (markov_tiny_lsd.py, markov_tiny_esd.py; results/flow_quality.md).
-Switch `distill.loss` to lsd / esd for the other consistency losses (`markov_tiny_lsd.py`,
+Switch `objective` to lsd / esd for the other consistency losses (`markov_tiny_lsd.py`,
 `markov_tiny_esd.py`).
 """
 
