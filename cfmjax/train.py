@@ -13,10 +13,12 @@ SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, writes a check
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
 import signal
+import subprocess
 import time
 
 import jax
@@ -26,7 +28,7 @@ import optax
 from jax._src import distributed as jax_distributed  # the coordination-service client (a barrier before step 1)
 
 from cfmjax import checkpointing, diagnostics, experiment, handoff, metrics as metrics_lib, objectives, preflight
-from cfmjax import schema
+from cfmjax import schema, state_space
 from cfmjax import flops as flops_lib
 from cfmjax import model as model_lib
 from cfmjax.data import pipeline
@@ -168,6 +170,8 @@ def check_finite(step: int, metrics: dict, params, ckpt) -> None:
 # ----------------------------------------------------------------------------------------------
 # Workdir bookkeeping.
 
+RUN_RECORD = "run.json"
+
 
 def write_config(config, workdir: str):
   """Writes config.json; on resume, logs which settings differ from the saved run."""
@@ -185,6 +189,41 @@ def write_config(config, workdir: str):
   if jax.process_index() == 0:
     with open(path, "w") as f:
       json.dump(new, f, indent=2, sort_keys=True)
+
+
+def _git_commit() -> str | None:
+  """The commit of the cfmjax checkout this runs from (None outside a git checkout)."""
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, timeout=10, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None
+
+
+def append_run_record(exp: experiment.Experiment, workdir: str, start_step: int):
+  """Appends this start of the run to run.json: what config.json does not say because it was
+  derived or depends on the machine (resolved state space, mesh actually used, devices, versions,
+  commit), one entry per start, so a run resumed elsewhere keeps the history of where it ran."""
+  path = os.path.join(workdir, RUN_RECORD)
+  record = {"starts": []}
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+  m = exp.model_config
+  record["starts"].append({
+      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": int(start_step),
+      schema.KEY: schema.VERSION, "objective": exp.config.objective, "base_run": exp.config.init_from or None,
+      "vocab_size": exp.vocab_size, "prompt_flag": bool(m.prompt_flag),
+      "state_space": state_space.resolve(exp.config.model.state_space, exp.vocab_size, m.d_model),
+      "mesh": {k: int(v) for k, v in exp.mesh.shape.items()}, "devices": int(exp.mesh.size),
+      "processes": jax.process_count(), "device_kind": exp.mesh.devices.flat[0].device_kind,
+      "versions": {name: importlib.metadata.version(name)
+                   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")},
+      "git_commit": _git_commit()})
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(record, f, indent=2)
 
 
 def write_data_stats(stats: dict, workdir: str):
@@ -327,6 +366,7 @@ def train(config, workdir: str, devices=None) -> dict:
     start = 0
   log.info("model: %s parameters, vocab %d, seq_len %d", f"{model_lib.count_params(state['params']):,}",
            exp.vocab_size, exp.config.data.seq_len)
+  append_run_record(exp, workdir, start)
   if start >= cfg.num_steps:
     log.info("already at step %d of %d: nothing to do (raise --config.train.num_steps to continue)",
              start, cfg.num_steps)

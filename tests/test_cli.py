@@ -10,9 +10,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from cfmjax import schema
 from cfmjax.data.markov import MarkovSource
 from tests.conftest import run_cli
 
@@ -47,6 +49,12 @@ def test_train_sample_eval_on_markov(markov_base, tmp_path):
     assert (workdir / name).exists(), name
   config = json.loads((workdir / "config.json").read_text())
   assert config["model"]["vocab_size"] == 12  # the vocabulary followed the overridden data source
+  # run.json: one entry per start (trained to 2, resumed to 4), with what config.json does not say.
+  starts = json.loads((workdir / "run.json").read_text())["starts"]
+  assert [s["from_step"] for s in starts] == [0, 2]
+  assert starts[1]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and starts[1]["devices"] == 8
+  assert (starts[1]["objective"], starts[1]["vocab_size"], starts[1]["state_space"]) == ("flow", 12, "vocab")
+  assert starts[1]["versions"]["jax"] == jax.__version__ and starts[1]["schema_version"] == schema.VERSION
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
   assert any("eval_loss" in r for r in records)
