@@ -4,7 +4,7 @@ builder and the handoff ask it instead of branching on config keys.
 | objective | command | starts from a base run | parameters beside the network | target |
 |---|---|---|---|---|
 | `flow` | `cfmjax train` | no | none | the data: cross-entropy of the denoiser (losses.py) |
-| `ar` | `cfmjax train`, model.causal | no | none | the next token (ar.py) |
+| `ar` | `cfmjax train` | no | none | the next token (ar.py) |
 | `psd`, `lsd`, `esd` | `cfmjax distill` | distill.mode = two_stage | loss weights w(s, t); the frozen base when guided | the flow map's own teacher (distill.py) |
 | `fixed_point` | `cfmjax distill` | always | loss weights; the frozen self-conditioned base | the base's self-conditioning iteration (fixed_point.py) |
 
