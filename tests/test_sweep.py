@@ -37,6 +37,18 @@ def test_slurm_and_tpu_launches_write_the_points_commands_and_run_nothing(tmp_pa
   assert len(lines) == 2 and lines[1].endswith("--config.flow.schedule=argmax")
 
 
+def test_a_point_whose_objective_is_a_distillation_is_trained_by_cfmjax_distill(tmp_path):
+  root = tmp_path / "sweep"
+  run_cli("sweep", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={root}",
+          "--sweep=objective=psd,esd", "--sweep_launch=slurm", "--config.init_from=/runs/base")
+  script = (root / "sweep.sbatch").read_text()
+  assert script.count("cfmjax distill --config=experiments/flow_map/markov_tiny_psd.py") == 2
+  assert "cfmjax train" not in script and "--config.init_from=/runs/base --config.objective=esd" in script
+  with pytest.raises(Exception, match="tpu_pod.sh runs `cfmjax train`"):
+    run_cli("sweep", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={root}",
+            "--sweep=objective=psd,esd", "--sweep_launch=tpu")
+
+
 @pytest.mark.slow
 def test_a_two_point_sweep_runs_and_reports_from_one_command_each(tmp_path):
   root = tmp_path / "sweep"
