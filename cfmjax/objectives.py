@@ -9,9 +9,10 @@ builder and the handoff ask it instead of branching on config keys.
 | `fixed_point` | `cfmjax distill` | always | loss weights; the frozen self-conditioned base | the base's self-conditioning iteration (fixed_point.py) |
 
 Each declares `validate(config)`, `attach(init_fn, apply_fn, config)` (the parameters it keeps
-beside the network), `sampler` (what generates from the trained model), `grad_fn(exp)`, `eval_loss_fn(exp)` (the held-out loss logged during
-training), `flops(config, dims, batch_size, hardware)` (its parts of one step), `base_run(config)` and
-`starts_from_base(config)` (handoff.py). `get(config)` returns the one `config.objective` names.
+beside the network), `sampler` (what generates from the trained model), `grad_fn(exp)`,
+`eval_loss_fn(exp)` (the held-out loss logged during training), `flops(config, dims, batch_size,
+hardware)` (its parts of one step), `base_run(config)` and `starts_from_base(config)` (handoff.py).
+`get(config)` returns the one `config.objective` names; `stage` says which command trains it.
 """
 
 from __future__ import annotations

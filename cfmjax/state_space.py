@@ -654,8 +654,8 @@ class StateSpace:
     return psi, tok, (None if fed_c is None else mix(fed_u, fed_c))
 
   def probs(self, params, state, tau_s, tau_t, *, prompt=None, guidance=None, self_cond=None):
-    """μ (ψ when τ_s < τ_t) in R^V, float32 or wider, from full logits: the distribution the
-    distillation teachers (guided, fixed-point) train towards. Conditioning as in `readout`, with ψ
+    """μ (ψ when τ_s < τ_t) in R^V, float32 or wider, from full logits: the guided distillation
+    target (distill.guided_diagonal_loss). Conditioning as in `readout`, with ψ
     the prompt's one-hot at prompt positions and ω mixing the two passes' distributions in R^V;
     `self_cond` is the feed in this space (`self_cond_input`)."""
     kwargs = {} if self_cond is None else {"self_cond": self_cond}
