@@ -64,6 +64,15 @@ def test_an_old_workdir_samples_and_evaluates(version, tmp_path, session_cache):
   assert len(rows) == 8 and all(len(r) == 16 and all(0 <= t < 12 for t in r) for r in rows)
 
 
+def test_a_checkpoint_from_a_newer_cfmjax_is_refused_by_name(tmp_path):
+  base, _ = _copy(VERSIONS[-1], tmp_path)
+  metadata = base / "checkpoints" / "4" / "data" / "metadata"
+  data = json.loads(metadata.read_text())
+  metadata.write_text(json.dumps(dict(data, **{schema.KEY: schema.VERSION + 1})))
+  with pytest.raises(ValueError, match=f"schema_version={schema.VERSION + 1}, written by a newer cfmjax"):
+    loading.load(str(base))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_an_old_workdir_resumes_training(version, tmp_path, session_cache):
