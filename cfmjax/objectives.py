@@ -23,9 +23,6 @@ import jax
 
 from cfmjax import ar, distill, fixed_point, flops, frozen_teacher, loss_weights, losses, state_space
 
-NAMES = ("flow", "ar", "psd", "lsd", "esd", "fixed_point")
-
-
 def _value_and_grad_fn(loss_fn):
   """(params, tokens, rng, ema_params, step) -> (grads, metrics) of a loss with no teacher or curriculum."""
   grad = jax.value_and_grad(loss_fn, has_aux=True)
@@ -50,9 +47,6 @@ class Flow:
   name = "flow"
   stage = "base"  # trained by `cfmjax train` ('distill': `cfmjax distill`)
   sampler = "euler"  # what generates from a model trained with it (inference.SAMPLERS)
-
-  def __init__(self, name: str | None = None):
-    assert name in (None, self.name), name
 
   def validate(self, config):
     del config
@@ -144,7 +138,6 @@ class FlowMap(_Distillation):
   sampler = "flowmap"
 
   def __init__(self, name: str):
-    assert name in ("psd", "lsd", "esd"), name
     self.name = name
 
   def needs_frozen_base(self, config) -> bool:
@@ -202,12 +195,16 @@ class FixedPoint(_Distillation):
     return out
 
 
+_BY_NAME = {o.name: o for o in (Flow(), AutoRegressive(), FlowMap("psd"), FlowMap("lsd"), FlowMap("esd"),
+                                 FixedPoint())}
+NAMES = tuple(_BY_NAME)
+
+
 def get(config):
   """The objective `config.objective` names."""
-  name = config.objective
-  if name not in NAMES:
-    raise ValueError(f"unknown objective={name!r}; choose one of {NAMES} (--config.objective=...)")
-  return {"flow": Flow, "ar": AutoRegressive, "fixed_point": FixedPoint}.get(name, FlowMap)(name)
+  if config.objective not in _BY_NAME:
+    raise ValueError(f"unknown objective={config.objective!r}; choose one of {NAMES} (--config.objective=...)")
+  return _BY_NAME[config.objective]
 
 
 def stage(config) -> str:
@@ -219,13 +216,12 @@ def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = N
                vocab: int | None = None, hardware: bool = False) -> dict:
   """FLOPs of one train step of `config` (global batch), with the objective's parts.
 
-  Returns {'objective', 'stage', 'total', 'forward', parts...}; `hardware` adds rematerialised work.
+  Returns {'objective', 'total', 'forward', parts...}; `hardware` adds rematerialised work.
   """
   dims = flops.dims_from_config(config, seq_len=seq_len, vocab=vocab)
   batch = int(batch_size if batch_size is not None else config.train.batch_size)
   objective = get(config)
-  out = {"objective": objective.name, "stage": "ar" if objective.name == "ar" else objective.stage,
-         "batch_size": batch, "seq_len": dims.seq_len, "vocab": dims.vocab,
+  out = {"objective": objective.name, "batch_size": batch, "seq_len": dims.seq_len, "vocab": dims.vocab,
          "state_space": "embedding" if dims.embedding_state else "vocab", "hardware": hardware,
          "forward": flops.forward_flops(dims, batch)}
   out.update(objective.flops(config, dims, batch, hardware))
