@@ -31,8 +31,9 @@ setup(
     ],
     # eval: the lm-eval-harness adapter (cfmjax/lm_eval_adapter.py); 0.4.13 needs no torch. The test
     # extra includes it so that the adapter's test runs wherever the tests do; pytest-xdist runs the
-    # default tier on every core (its cost is compiling, one core per process).
+    # default tier on every core (its cost is compiling, one core per process); filelock lets its
+    # workers share the tiny trained runs (tests/conftest.py: built_once).
     extras_require={"eval": ["lm-eval==0.4.13"],
-                    "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "lm-eval==0.4.13"]},
+                    "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "filelock", "lm-eval==0.4.13"]},
     entry_points={"console_scripts": ["cfmjax=cfmjax.cli:run"]},
 )

@@ -23,11 +23,13 @@ def argmax_probability(gamma: np.ndarray, vocab_size: int) -> np.ndarray:
 
   The clean coordinate wins when ε_k + a > ε_j for all j ≠ k, with a = γ / (1 − γ), so
   q = ∫ φ(z) Φ(z + a)^(V−1) dz. For large V the integrand is a narrow bump, which a Gauss–Hermite
-  rule of modest order under-resolves, so we use a dense trapezoid rule on z ∈ [−12, 12] with the
-  power taken in log space (log Φ is accurate far into the lower tail).
+  rule of modest order under-resolves, so we use a trapezoid rule on z ∈ [−12, 12] with the power
+  taken in log space (log Φ is accurate far into the lower tail). The bump is at least ~0.2 wide up
+  to V = 256k, and the trapezoid rule converges exponentially on it: step 0.012 (2001 points) agrees
+  with step 0.003 to 2e-15 for V = 2 … 256k, at a quarter of the cost (tabulating a schedule: 0.27 s).
   """
   gamma = np.asarray(gamma, np.float64)
-  z = np.linspace(-12.0, 12.0, 8001)
+  z = np.linspace(-12.0, 12.0, 2001)
   log_phi = -0.5 * z**2 - 0.5 * np.log(2 * np.pi)
   weights = np.full(z.shape, z[1] - z[0])  # the trapezoid rule as a dot product
   weights[[0, -1]] *= 0.5

@@ -1,6 +1,7 @@
 """Shared test setup: 8 fake CPU devices (so sharding is exercised) and a tiny Markov config."""
 
 import os
+import shutil
 import sys
 
 # Must be set before JAX initialises its backend.
@@ -18,6 +19,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO_ROOT, ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import filelock  # noqa: E402
 import pytest  # noqa: E402
 
 from cfmjax import configs  # noqa: E402
@@ -130,41 +132,65 @@ def session_cache(tmp_path_factory):
     os.environ["CFMJAX_CACHE"] = old
 
 
+def built_once(tmp_path_factory, name, build):
+  """The folder `build(folder)` fills, built once per test run and shared by pytest-xdist's workers,
+  which would otherwise each train their own copy: the first worker to ask builds it under a file
+  lock, the others wait for it. A failed build leaves no marker, so the next asker tries again and
+  fails with its own traceback. Shared: tests that write into it must copy it."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, not /tmp
+  folder = root / "built_once" / name
+  with filelock.FileLock(str(root / f"built_once_{name}.lock")):
+    if not (folder / ".built").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir(parents=True)
+      build(folder)
+      (folder / ".built").touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
 def markov_base(tmp_path_factory, session_cache):
   """A tiny base flow trained through `cfmjax train` on a 2x2x2 mesh (V = 12): 2 steps, then resumed
   to 4. Shared: tests that write into it must copy it (outputs of eval / sample can go elsewhere
   with --checkpoint=THIS --workdir=OTHER). Returns (workdir, log of the resumed run)."""
-  workdir = tmp_path_factory.mktemp("markov_base") / "w"
-  args = ["train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={workdir}",
-          "--config.data.markov.vocab_size=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *TINY_FLAGS]
-  with _in_repo():
-    run_cli(*args, "--config.train.num_steps=2")
-    _, log = run_cli(*args, "--config.train.num_steps=4")
-  return workdir, log
+  def build(folder):
+    args = ["train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={folder / 'w'}",
+            "--config.data.markov.vocab_size=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *TINY_FLAGS]
+    with _in_repo():
+      run_cli(*args, "--config.train.num_steps=2")
+      _, log = run_cli(*args, "--config.train.num_steps=4")
+    (folder / "log.txt").write_text(log)
+
+  folder = built_once(tmp_path_factory, "markov_base", build)
+  return folder / "w", (folder / "log.txt").read_text()
 
 
 @pytest.fixture(scope="session")
 def markov_psd(tmp_path_factory, markov_base):
   """PSD distilled 2 steps from `markov_base` on another mesh (8x1x1) through `cfmjax distill`.
   Returns (workdir, log)."""
-  workdir = tmp_path_factory.mktemp("markov_psd") / "w"
-  with _in_repo():
-    _, log = run_cli("distill", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={workdir}",
-                     f"--config.init_from={markov_base[0]}", "--config.train.num_steps=2",
-                     "--config.train.batch_size=16", "--config.train.log_every=1", "--config.mesh.data=8")
-  return workdir, log
+  def build(folder):
+    with _in_repo():
+      _, log = run_cli("distill", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={folder / 'w'}",
+                       f"--config.init_from={markov_base[0]}", "--config.train.num_steps=2",
+                       "--config.train.batch_size=16", "--config.train.log_every=1", "--config.mesh.data=8")
+    (folder / "log.txt").write_text(log)
+
+  folder = built_once(tmp_path_factory, "markov_psd", build)
+  return folder / "w", (folder / "log.txt").read_text()
 
 
 @pytest.fixture(scope="session")
 def markov_ar(tmp_path_factory, markov_base):
   """The AR baseline on markov_base's source (V = 12), 2 steps through `cfmjax train`."""
-  workdir = tmp_path_factory.mktemp("markov_ar") / "w"
-  with _in_repo():
-    run_cli("train", "--config=experiments/ar/markov_tiny.py", f"--workdir={workdir}",
-            "--config.data.markov.vocab_size=12", *TINY_FLAGS, "--config.train.num_steps=2",
-            "--config.train.eval_every=0")
-  return workdir
+  def build(folder):
+    with _in_repo():
+      run_cli("train", "--config=experiments/ar/markov_tiny.py", f"--workdir={folder / 'w'}",
+              "--config.data.markov.vocab_size=12", *TINY_FLAGS, "--config.train.num_steps=2",
+              "--config.train.eval_every=0")
+
+  return built_once(tmp_path_factory, "markov_ar", build) / "w"
 
 
 def _in_repo():

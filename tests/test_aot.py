@@ -80,6 +80,7 @@ def test_compile_command_reports_memory_on_fake_devices(tmp_path, cache_dir):
   assert "| temporaries |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_fsdp_shrinks_parameters_per_device_and_splits_the_batch_like_data(cache_dir):
   # Rows long and many enough that activations, not parameters, are most of the temporaries.
   config = tiny_config(**{"data.seq_len": 128, "train.batch_size": 64})
@@ -114,7 +115,7 @@ def test_1p7b_shardings_match_the_golden_file(tmp_path):
   shapes only) equals the committed file, so that a change of sharding is always deliberate: when
   it is, regenerate the file with REGENERATE and let the diff be reviewed."""
   out = tmp_path / "shardings.json"
-  proc = _compile(*REGENERATE.split()[2:-1], f"--shardings_out={out}", timeout=300)
+  _compile(*REGENERATE.split()[2:-1], f"--shardings_out={out}", timeout=300)
   got, want = json.loads(out.read_text()), json.loads(open(GOLDEN).read())
   changed = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
   assert not changed, (f"{len(changed)} state leaves changed sharding, e.g. "

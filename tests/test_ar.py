@@ -31,7 +31,7 @@ def _numpy_nll(logits, tokens):
   return -np.take_along_axis(log_probs, np.asarray(tokens)[..., None], axis=-1)[..., 0].sum(-1)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_cached_decoding_matches_the_full_causal_forward_pass(scan_layers):
   config = model.ModelConfig(vocab_size=13, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
                              scan_layers=scan_layers, causal=True)

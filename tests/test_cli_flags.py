@@ -14,19 +14,23 @@ import numpy as np
 import pytest
 
 from cfmjax.data.markov import MarkovSource
-from tests.conftest import TINY_FLAGS, _in_repo, run_cli
+from tests.conftest import TINY_FLAGS, _in_repo, built_once, run_cli
+
+# Command-line runs of a prompt-trained model: the slow tier (each trains through `cfmjax train`).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def prompt_base(tmp_path_factory, session_cache):
   """experiments/conditional/markov_tiny_prompt.py at test size: prompts of 0-8 tokens, 4 steps
   (checkpoints at 2 and 4), through `cfmjax train`."""
-  workdir = tmp_path_factory.mktemp("prompt_base") / "w"
-  with _in_repo():
-    run_cli("train", "--config=experiments/conditional/markov_tiny_prompt.py", f"--workdir={workdir}",
-            *TINY_FLAGS, "--config.data.markov.vocab_size=8", "--config.flow.prompt.max_len=8",
-            "--config.train.num_steps=4", "--config.train.eval_every=0")
-  return workdir
+  def build(folder):
+    with _in_repo():
+      run_cli("train", "--config=experiments/conditional/markov_tiny_prompt.py", f"--workdir={folder / 'w'}",
+              *TINY_FLAGS, "--config.data.markov.vocab_size=8", "--config.flow.prompt.max_len=8",
+              "--config.train.num_steps=4", "--config.train.eval_every=0")
+
+  return built_once(tmp_path_factory, "prompt_base", build) / "w"
 
 
 def _samples(directory):

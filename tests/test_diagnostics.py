@@ -89,6 +89,7 @@ def test_denoiser_gap_of_a_network(space, tmp_path):
   assert "denoiser_ce" in diagnostics.gap_table(gap)
 
 
+@pytest.mark.slow
 def test_training_diagnostics_and_eval_flags_end_to_end(tmp_path, cache_dir):
   workdir = tmp_path / "w"
   run_cli("train", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={workdir}", *TINY,
@@ -130,6 +131,7 @@ def test_training_diagnostics_and_eval_flags_end_to_end(tmp_path, cache_dir):
   assert sum(r["sampler"] == "euler_exact" for r in records) == 2  # only the earlier ones
 
 
+@pytest.mark.slow
 def test_training_diagnostics_of_the_autoregressive_baseline(tmp_path):
   """The AR baseline logs its samples' exact gen NLL (no denoiser gap), so learning curves compare."""
   from cfmjax import train  # noqa: PLC0415
@@ -143,6 +145,7 @@ def test_training_diagnostics_of_the_autoregressive_baseline(tmp_path):
   assert np.isfinite(diag["gen_nll_per_token"]) and diag["gen_nll_per_token"] > diag["data_nll_per_token"]
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_lowest_diagnostic_and_loads_as_best(tmp_path):
   """train.best_metric keeps the state at the step whose diagnostic was lowest; --checkpoint_step=best
   loads exactly that state (compared with the regular checkpoint of the same step)."""

@@ -32,6 +32,7 @@ def _logits(exp, params):
     return np.asarray(jax.jit(exp.apply_fn)(params, x, tau, tau))
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
   exp_w, params_w, step_w = loading.load(str(base_workdir))
   out32, out16 = tmp_path / "f32", tmp_path / "bf16"

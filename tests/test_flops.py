@@ -172,6 +172,7 @@ def test_cpu_peak_script_refuses_a_busy_machine_and_writes_this_machines_cache(t
   assert saved["peak_flops"]["float32"] > 0 and len(saved["load_average"]) == 2
 
 
+@pytest.mark.slow
 def test_trainer_logs_model_flops_per_device_and_mfu(tmp_path, cache_dir, capsys):
   """MFU against this machine's measured peak (here a planted one, far above anything reachable), and
   the peak's source in metrics.jsonl and on the progress line; null without a peak."""

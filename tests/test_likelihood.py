@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cfmjax import likelihood, oracles, schedules, state_space
 from cfmjax.data.markov import MarkovSource
@@ -137,43 +138,58 @@ def test_proposal_points_are_stratified_in_the_cdf_with_inverse_density_weights(
   assert (strata == np.arange(8)[None, :]).all()
 
 
-def test_network_bound_is_the_same_through_either_state_space():
-  """evaluate.likelihood_bound calls the network through the experiment's state space: with the
-  embedding state drawn by projecting the same V-space noise (embedded_noise="project"), with and
-  without a chunked head, the V-space bound (bound_space="vocab") is reproduced; the Cholesky draw
-  agrees within its SE. With V > D, "auto" picks the embedding bound, the same with and without chunks."""
+_BOUND_SPACES = {"vocab": {"model.state_space": "vocab"},
+                 "project": {"model.state_space": "embedding", "model.embedded_noise": "project"},
+                 "chunked": {"model.state_space": "embedding", "model.embedded_noise": "project",
+                             "model.vocab_chunk": 7},
+                 "cholesky": {"model.state_space": "embedding"}}
+
+
+def _network_bounds(names):
+  """evaluate.likelihood_bound of one random network (V = 40 > D = 32) through each named state space
+  of _BOUND_SPACES, as the V-space bound (bound_space="vocab"); "project" also with bound_space="auto"."""
   from tests.conftest import tiny_config
 
   from cfmjax import evaluate, experiment
 
-  records = {}
-  params = None
+  records, params = {}, None
   settings = likelihood.BoundSettings(num_points=16, batch_size=16, candidates=(-2.0, 1.0))
-  for name, overrides in (("vocab", {"model.state_space": "vocab"}),
-                          ("project", {"model.state_space": "embedding", "model.embedded_noise": "project"}),
-                          ("chunked", {"model.state_space": "embedding", "model.embedded_noise": "project",
-                                       "model.vocab_chunk": 7}),
-                          ("cholesky", {"model.state_space": "embedding"})):
-    config = tiny_config(**{"data.seq_len": 8, "data.markov.vocab_size": 40, **overrides})  # V > D = 32
+  for name in names:
+    config = tiny_config(**{"data.seq_len": 8, "data.markov.vocab_size": 40, **_BOUND_SPACES[name]})
     exp = experiment.build(config, None, devices=jax.devices()[:1])
     params = params if params is not None else experiment.init_state(exp, 0)["ema_params"]
     records[name] = evaluate.likelihood_bound(exp, params, 16, seed=0, selection_rows=8, settings=settings,
                                               bound_space="vocab")
     assert records[name]["report_rows"] == [0, 16] and records[name]["selection_rows"] == [16, 24]
     assert records[name]["bound_space"] == "vocab"
-    if name in ("project", "chunked"):  # V = 40 > D = 32 in embedding space: auto is the h-diffusion's bound
-      records[name + "_auto"] = evaluate.likelihood_bound(exp, params, 16, seed=0, selection_rows=8,
+    if name == "project":  # V = 40 > D = 32 in embedding space: auto is the h-diffusion's bound
+      records["project_auto"] = evaluate.likelihood_bound(exp, params, 16, seed=0, selection_rows=8,
                                                           settings=settings)
-      assert records[name + "_auto"]["bound_space"] == "embedding"
+      assert records["project_auto"]["bound_space"] == "embedding"
+  return records
+
+
+def test_network_bound_is_the_same_through_either_state_space():
+  """evaluate.likelihood_bound calls the network through the experiment's state space: with the
+  embedding state drawn by projecting the same V-space noise (embedded_noise="project"), with and
+  without a chunked head, the V-space bound (bound_space="vocab") is reproduced. With V > D, "auto"
+  picks the embedding bound."""
+  records = _network_bounds(("vocab", "project", "chunked"))
   assert records["vocab"]["state_space"] == "vocab" and records["project"]["state_space"] == "embedding"
-  np.testing.assert_allclose(records["chunked_auto"]["value"], records["project_auto"]["value"], rtol=1e-4)
   ref = records["vocab"]
   for name in ("project", "chunked"):
     assert records[name]["lambda_max"] == ref["lambda_max"]
     np.testing.assert_allclose(records[name]["value"], ref["value"], rtol=1e-4)
     np.testing.assert_allclose(records[name]["selection"]["candidate_values"],
                                ref["selection"]["candidate_values"], rtol=1e-4)
-  chol = records["cholesky"]
+
+
+@pytest.mark.slow
+def test_network_bound_with_the_cholesky_draw_agrees_within_its_standard_error():
+  """The default embedding noise (a Cholesky draw, not a projection of V-space noise) gives the V-space
+  bound within 4 combined standard errors where both select the same endpoint."""
+  records = _network_bounds(("vocab", "cholesky"))
+  ref, chol = records["vocab"], records["cholesky"]
   print({k: (r["value"], r["stderr"], r["lambda_max"]) for k, r in records.items()})
   if chol["lambda_max"] == ref["lambda_max"]:
     assert abs(chol["value"] - ref["value"]) < 4 * np.hypot(chol["stderr"], ref["stderr"])

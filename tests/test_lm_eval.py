@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "cfmjax", "lm_eval_tasks")
 
 
+@pytest.mark.slow
 def test_ar_accuracy_through_the_harness_equals_a_direct_computation(markov_ar, monkeypatch):
   monkeypatch.chdir(REPO)  # the task's data path is relative to the repository root
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -40,6 +41,7 @@ class Request:
     self.args = args
 
 
+@pytest.mark.slow
 def test_flow_accuracy_through_the_harness_equals_a_direct_computation_with_the_conditional_bound(
     markov_base, monkeypatch):
   """A flow's loglikelihood is minus the conditional bound (evaluate.conditional_bounds; its math is

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cfmjax import checkpointing, experiment, train
-from tests.conftest import tiny_config
+from tests.conftest import built_once, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A restore that fails part-way leaves Orbax's internal asyncio callbacks behind; harmless noise.
@@ -108,9 +108,8 @@ def test_sigterm_and_sigint_then_resume_equal_an_uninterrupted_run_bit_for_bit(t
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_checkpoints") / "run"
-  train.train(tiny_config(), str(workdir))  # 4 steps, checkpoints at 2 and 4
-  return workdir
+  build = lambda folder: train.train(tiny_config(), str(folder / "run"))  # 4 steps, checkpoints at 2 and 4
+  return built_once(tmp_path_factory, "two_checkpoints", build) / "run"
 
 
 def _array_files(step_dir):
@@ -241,6 +240,7 @@ def test_nonfinite_gradient_stops_naming_step_and_group(tmp_path, cache_dir, mon
   assert checkpointing.Checkpointer(str(tmp_path / "nan" / "checkpoints")).all_steps() == []
 
 
+@pytest.mark.slow
 def test_skip_leaves_the_state_unchanged_and_counts(tmp_path, cache_dir, monkeypatch):
   config = tiny_config(**{"train.on_nonfinite": "skip"})
   group = _some_group(config)

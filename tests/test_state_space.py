@@ -320,7 +320,9 @@ def test_training_gives_the_same_loss_trajectory_on_both_paths(cache_dir):
   assert np.all(np.isfinite(drawn)) and np.all(np.abs(drawn - ref) < 0.2 * ref)
 
 
-@pytest.mark.parametrize("loss", ["psd", "lsd", "esd"])
+# PSD in the default tier; LSD and ESD (one compile each) in the slow tier.
+@pytest.mark.parametrize("loss", ["psd", pytest.param("lsd", marks=pytest.mark.slow),
+                                  pytest.param("esd", marks=pytest.mark.slow)])
 def test_consistency_loss_and_gradient_agree_between_paths(net, loss):
   """Each distillation loss with an EMA teacher (its own W, adaptive weighting on): the V-space
   reference with full logits against the vocabulary-chunked paths, in embedding space and in V-space,
@@ -349,6 +351,7 @@ def test_consistency_loss_and_gradient_agree_between_paths(net, loss):
 
 # --- precision and memory -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bfloat16_training_keeps_float32_weights_optimizer_and_sampler_state(cache_dir):
   losses_bf16, state = _cached_trajectory((("model.dtype", "bfloat16"), ("model.vocab_chunk", 20)))
   ref, _ = _cached_trajectory(())

@@ -178,6 +178,7 @@ def test_interrupted_workers_and_hosts_all_give_byte_identical_stores(corpus, tm
     assert (tmp_path / name / "manifest.json").read_text() == (tmp_path / "ref" / "manifest.json").read_text()
 
 
+@pytest.mark.slow
 def test_prepare_then_train_through_the_cli_and_mismatches_are_refused(corpus, tmp_path):
   config = corpus[0]
   data_flags = [f"--config.data.text.paths={config.data.text.paths}", "--config.data.heldout_fraction=0.2",
@@ -256,6 +257,7 @@ def test_mixture_config_is_parsed_and_checked(tmp_path):
     pipeline.build_data(config.data, None)
 
 
+@pytest.mark.slow
 def test_training_on_a_mixture_logs_tokens_per_store(tmp_path):
   from cfmjax import train  # noqa: PLC0415
 

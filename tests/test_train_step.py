@@ -60,6 +60,7 @@ def test_batch_that_does_not_split_is_refused():
     experiment.build(tiny_config(**{"train.grad_accum_steps": 3}), None, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_profile_steps_flag_and_step_time_breakdown(tmp_path, cache_dir):
   """`cfmjax train --profile_steps=2,3` with 2 microbatches per step: a trace is written, and every
   logged row splits the step time into data wait, compute, checkpointing and evaluation that add up to

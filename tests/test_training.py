@@ -52,6 +52,7 @@ def test_ar_gradient_at_one_row_per_shard_on_a_2x2x2_mesh(cache_dir):
                          grads["2x2x2"], grads["one"])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, cache_dir):
   """Stopping after step 2 and resuming gives the same losses at steps 3-4 as one straight run."""
   full = tmp_path / "full"
@@ -68,6 +69,7 @@ def test_resume_continues_exactly(tmp_path, cache_dir):
   assert a[3] != pytest.approx(a[1], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path, cache_dir):
   # Without the skip term: its zero-initialised head and float32 skip logits keep the loss finite
   # for longer than this test's few steps, and the test is about the stop, not the recipe.
