@@ -171,14 +171,14 @@ def _progress_bar(label: str):
   return show
 
 
-def _run_stage(stage: str):
-  command = "train" if stage == "base" else "distill"
+def _run_objective(command: str):
+  # `cfmjax train` runs any objective, so that the launchers (launch/*) need one command; `cfmjax
+  # distill` is the same run for a distillation objective and refuses a base one (a typo'd config).
   if _CONFIG.value is None:
     raise app.UsageError(f"{command} needs --config=experiments/....py")
-  wanted = objectives.stage(_CONFIG.value)
-  if wanted != stage:
-    other = "train" if wanted == "base" else "distill"
-    raise app.UsageError(f"this config's objective ({_CONFIG.value.objective!r}) is trained by `cfmjax {other}`")
+  if command == "distill" and objectives.stage(_CONFIG.value) != "distill":
+    raise app.UsageError(f"this config's objective ({_CONFIG.value.objective!r}) is not a distillation: it is "
+                         f"trained by `cfmjax train`")
   workdir = _require_workdir()
   if _PROFILE_STEPS.value:
     _CONFIG.value.train.profile_steps = _PROFILE_STEPS.value
@@ -201,11 +201,11 @@ def cmd_prepare():
 
 
 def cmd_train():
-  _run_stage("base")
+  _run_objective("train")
 
 
 def cmd_distill():
-  _run_stage("distill")
+  _run_objective("distill")
 
 
 def _load_for_inference():
@@ -221,7 +221,7 @@ def _load_for_inference():
 
 def _sampler_for(exp) -> str:
   """--sampler, except that an autoregressive workdir samples with `ar` unless told otherwise."""
-  if exp.model_config.causal and not flags.FLAGS["sampler"].present:
+  if objectives.get(exp.config).sampler == "ar" and not flags.FLAGS["sampler"].present:
     return "ar"
   return _SAMPLER.value
 

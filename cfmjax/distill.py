@@ -31,15 +31,13 @@ import jax.numpy as jnp
 from cfmjax import corruption, distill_losses, frozen_teacher, loss_weights, losses, prompting
 from cfmjax import model as model_lib, state_space
 
-LOSSES = ("psd", "lsd", "esd", "fixed_point")
 MODES = ("two_stage", "joint")
 TEACHERS = ("ema", "student")
 
 
 def validate(config):
+  # Called by the distillation objectives only (objectives._Distillation.validate).
   d, loss = config.distill, config.objective
-  if loss not in LOSSES:
-    raise ValueError(f"objective={loss!r} is not a distillation; choose one of {LOSSES}")
   if d.mode not in MODES:
     raise ValueError(f"unknown distill.mode={d.mode!r}; choose one of {MODES}")
   if d.teacher not in TEACHERS:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice: every worker runs the same command; JAX finds its peers itself.
+# Train on a Cloud TPU VM slice: every worker runs the same `cfmjax train` (a base or a distillation
+# config: `cfmjax train` runs either); JAX finds its peers itself.
 #
 #   TPU_NAME=cfm-v4-32 ZONE=us-central2-b ACCELERATOR=v4-32 \
 #     launch/tpu_pod.sh experiments/base_flow/owt_170m.py gs://BUCKET/runs/owt_170m [--config.key=value ...]

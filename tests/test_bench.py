@@ -127,3 +127,21 @@ def test_conditional_sweep_prompts_any_flow_and_the_state_space_benchmark_runs(t
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert out.stat().st_size > 0 and "embedding+chunk" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gap_by_noise_level_swaps_in_the_exact_denoiser_on_either_side(markov_base, tmp_path):
+  import shutil  # noqa: PLC0415
+
+  workdir = tmp_path / "w"
+  shutil.copytree(markov_base[0], workdir)
+  proc = subprocess.run([sys.executable, "bench/gap_by_noise_level.py", f"--workdir={workdir}", "--samples=16",
+                         "--batch_size=16", "--steps=8", "--lambda_stars=-100,100"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r["run"]: r for r in map(json.loads, (workdir / "eval" / "gap_by_noise_level.jsonl").read_text().splitlines())}
+  assert len(rows) == 6
+  # λ* above every grid point (the last Euler step reads τ = 7/8 < 1) swaps everything in, or nothing.
+  assert rows["exact below 100"]["gen_nll_per_token"] == rows["exact"]["gen_nll_per_token"]
+  assert rows["exact above 100"]["gen_nll_per_token"] == rows["model"]["gen_nll_per_token"]
+  assert rows["model"]["gen_nll_per_token"] != rows["exact"]["gen_nll_per_token"]

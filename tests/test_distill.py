@@ -41,6 +41,22 @@ def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_
       _assert_same(state["params"][frozen_teacher.PARAMS_KEY], base_ema)
 
 
+@pytest.mark.slow
+def test_cfmjax_train_runs_a_distillation_config_and_distill_refuses_a_base_one(markov_base, tmp_path):
+  """The launchers run `cfmjax train` whatever the objective; `cfmjax distill` insists on one."""
+  from tests.conftest import _in_repo  # noqa: PLC0415
+
+  workdir = tmp_path / "psd"
+  with _in_repo():
+    printed, _ = run_cli("train", "--config=experiments/flow_map/markov_tiny_psd.py", f"--workdir={workdir}",
+                         f"--config.init_from={markov_base[0]}", "--config.train.num_steps=2",
+                         "--config.train.batch_size=16", "--config.train.log_every=1", "--config.mesh.data=8")
+    assert "\ntrain done: " in "\n" + printed
+    assert json.loads((workdir / "config.json").read_text())["objective"] == "psd"
+    with pytest.raises(Exception, match="not a distillation: it is trained by `cfmjax train`"):
+      run_cli("distill", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={tmp_path / 'base'}")
+
+
 def _assert_same(tree, reference):
   flat_ref = dict(jax.tree_util.tree_flatten_with_path(reference)[0])
   flat = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0])
