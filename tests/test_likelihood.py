@@ -145,9 +145,9 @@ _BOUND_SPACES = {"vocab": {"model.state_space": "vocab"},
                  "cholesky": {"model.state_space": "embedding"}}
 
 
-def _network_bounds(names):
+def _network_bounds(names, auto=("project",)):
   """evaluate.likelihood_bound of one random network (V = 40 > D = 32) through each named state space
-  of _BOUND_SPACES, as the V-space bound (bound_space="vocab"); "project" also with bound_space="auto"."""
+  of _BOUND_SPACES, as the V-space bound (bound_space="vocab"); those in `auto` also with bound_space="auto"."""
   from tests.conftest import tiny_config
 
   from cfmjax import evaluate, experiment
@@ -162,10 +162,10 @@ def _network_bounds(names):
                                               bound_space="vocab")
     assert records[name]["report_rows"] == [0, 16] and records[name]["selection_rows"] == [16, 24]
     assert records[name]["bound_space"] == "vocab"
-    if name == "project":  # V = 40 > D = 32 in embedding space: auto is the h-diffusion's bound
-      records["project_auto"] = evaluate.likelihood_bound(exp, params, 16, seed=0, selection_rows=8,
+    if name in auto:  # V = 40 > D = 32 in embedding space: auto is the h-diffusion's bound
+      records[name + "_auto"] = evaluate.likelihood_bound(exp, params, 16, seed=0, selection_rows=8,
                                                           settings=settings)
-      assert records["project_auto"]["bound_space"] == "embedding"
+      assert records[name + "_auto"]["bound_space"] == "embedding"
   return records
 
 
@@ -173,7 +173,7 @@ def test_network_bound_is_the_same_through_either_state_space():
   """evaluate.likelihood_bound calls the network through the experiment's state space: with the
   embedding state drawn by projecting the same V-space noise (embedded_noise="project"), with and
   without a chunked head, the V-space bound (bound_space="vocab") is reproduced. With V > D, "auto"
-  picks the embedding bound."""
+  picks the embedding bound (the same with vocabulary chunks: the slow test below)."""
   records = _network_bounds(("vocab", "project", "chunked"))
   assert records["vocab"]["state_space"] == "vocab" and records["project"]["state_space"] == "embedding"
   ref = records["vocab"]
@@ -185,10 +185,12 @@ def test_network_bound_is_the_same_through_either_state_space():
 
 
 @pytest.mark.slow
-def test_network_bound_with_the_cholesky_draw_agrees_within_its_standard_error():
+def test_network_bound_with_the_cholesky_draw_and_the_chunked_embedding_bound():
   """The default embedding noise (a Cholesky draw, not a projection of V-space noise) gives the V-space
-  bound within 4 combined standard errors where both select the same endpoint."""
-  records = _network_bounds(("vocab", "cholesky"))
+  bound within 4 combined standard errors where both select the same endpoint; the embedding bound
+  (bound_space="auto") is the same with and without vocabulary chunks."""
+  records = _network_bounds(("vocab", "project", "chunked", "cholesky"), auto=("project", "chunked"))
+  np.testing.assert_allclose(records["chunked_auto"]["value"], records["project_auto"]["value"], rtol=1e-4)
   ref, chol = records["vocab"], records["cholesky"]
   print({k: (r["value"], r["stderr"], r["lambda_max"]) for k, r in records.items()})
   if chol["lambda_max"] == ref["lambda_max"]:
