@@ -58,9 +58,10 @@ def main():
         gamma = schedule.gamma(tau)
         lam = 2.0 * jnp.log(gamma / (1.0 - gamma))
         tau32 = tau.astype(jnp.float32)
-        model = exp.apply_fn(params, x.astype(jnp.float32), tau32, tau32).astype(jnp.float32)
-        use_exact = lam < lam_star if exact_below else lam >= lam_star
-        return jnp.where(use_exact[:, None, None], exact(x, gamma), model)
+        use_exact = lam[0] < lam_star if exact_below else lam[0] >= lam_star  # one τ for all rows per step
+        # lax.cond runs one of the two denoisers per step (jnp.where would run both).
+        return jax.lax.cond(use_exact, lambda: exact(x, gamma),
+                            lambda: exp.apply_fn(params, x.astype(jnp.float32), tau32, tau32).astype(jnp.float32))
 
       fn = jax.jit(lambda rng: samplers.euler_sample(denoise, rng, shape, schedule, args.steps)[0])
       tokens = np.concatenate([np.asarray(fn(jax.random.key(i)))
