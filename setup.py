@@ -29,7 +29,7 @@ setup(
         "tokenizers==0.23.3",  # the GPT-2 judge's byte-level BPE
         "matplotlib==3.11.2",  # eval / report plots
     ],
-    # eval: the lm-eval-harness adapter (cfmjax/lm_eval_adapter.py); 0.4.13 needs no torch. The test
+    # eval: the lm-eval-harness adapter (cfmjax/evaluation/lm_eval_adapter.py); 0.4.13 needs no torch. The test
     # extra includes it so that the adapter's test runs wherever the tests do; pytest-xdist runs the
     # default tier on every core (its cost is compiling, one core per process); filelock lets its
     # workers share the tiny trained runs (tests/conftest.py: built_once).

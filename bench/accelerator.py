@@ -27,7 +27,8 @@ import jax
 
 import common
 import generation
-from cfmjax import configs, flops
+from cfmjax.models import flops
+from cfmjax.run import configs
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "base_flow", "owt_170m.py")
 

@@ -16,7 +16,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cfmjax import aot, configs, experiment, objectives, train  # noqa: E402
+from cfmjax import objectives  # noqa: E402
+from cfmjax.run import configs, experiment  # noqa: E402
+from cfmjax.training import aot, train  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -49,9 +51,9 @@ def has_module(name: str) -> bool:
 
 
 def require_ar():
-  """The autoregressive baseline lives in cfmjax/ar.py (issue 4); say so instead of failing obscurely."""
-  if not has_module("cfmjax.ar"):
-    raise RuntimeError("the autoregressive baseline (cfmjax/ar.py, objective=ar configs) is not in "
+  """The autoregressive baseline lives in cfmjax/objectives/ar.py (issue 4); say so instead of failing obscurely."""
+  if not has_module("cfmjax.objectives.ar"):
+    raise RuntimeError("the autoregressive baseline (cfmjax/objectives/ar.py, objective=ar configs) is not in "
                        "this checkout; merge it (issue 4) to benchmark AR")
 
 

@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax import evaluate, flow_map, inference, loading, samplers, state_space
+from cfmjax.evaluation import evaluate
+from cfmjax.models import state_space
+from cfmjax.run import inference, loading
+from cfmjax.sampling import flow_map, samplers
 
 
 def floats(text):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cfmjax import flops  # noqa: E402
+from cfmjax.models import flops  # noqa: E402
 
 
 def best_matmul_flops(size: int, dtype: str, repeats: int) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cfmjax import configs  # noqa: E402
+from cfmjax.run import configs  # noqa: E402
 from cfmjax.data import pipeline, store  # noqa: E402
 from cfmjax.data.tokenizer import IdentityTokenizer  # noqa: E402
 

@@ -4,7 +4,7 @@
 
 Times the compiled train step of each stage on this machine's first device, same model, same batch
 (random token ids), after a warm-up call (compile excluded), and prints a table next to the ratio
-that model FLOPs predict (`cfmjax/flops.py`: PSD = diagonal rows' base step + student forward and
+that model FLOPs predict (`cfmjax/models/flops.py`: PSD = diagonal rows' base step + student forward and
 backward + two teacher forwards on the consistency rows; LSD/ESD replace one teacher forward by a
 JVP); writes bench/results/distill_step_cost.json. A ratio is only meaningful within one run: the
 machine is shared and noisy.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import common
-from cfmjax import configs
+from cfmjax.run import configs
 
 
 def main():

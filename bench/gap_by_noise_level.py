@@ -27,7 +27,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cfmjax import diagnostics, judges, loading, oracles, samplers, state_space  # noqa: E402
+from cfmjax.evaluation import diagnostics, judges  # noqa: E402
+from cfmjax.flow import oracles  # noqa: E402
+from cfmjax.models import state_space  # noqa: E402
+from cfmjax.run import loading  # noqa: E402
+from cfmjax.sampling import samplers  # noqa: E402
 
 LAMBDA_STARS = (-2.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
 

@@ -6,7 +6,7 @@
 One model size for all samplers (randomly initialised: speed does not depend on the weights). For
 each sequence length: the flow map at k = 1, 2, 4 network evaluations, the Euler sampler of the base
 flow, and KV-cached AR decoding of a causal model of the same dimensions (`inference.generate(...,
-"ar", ...)`, needs cfmjax/ar.py). Latency is one call generating `batch` sequences (compile
+"ar", ...)`, needs cfmjax/objectives/ar.py). Latency is one call generating `batch` sequences (compile
 excluded, best of `repeats`, default 1: Euler at L = 1024 is minutes on 2 cores); throughput is tokens per second. Model GFLOPs per call come from
 `flops.generation_flops`. Writes bench/results/generation.json.
 """
@@ -19,7 +19,8 @@ import time
 import jax
 
 import common
-from cfmjax import experiment, flops, inference
+from cfmjax.models import flops
+from cfmjax.run import experiment, inference
 
 
 def time_generation(config, sampler: str, steps: int, batch: int, repeats: int) -> dict:

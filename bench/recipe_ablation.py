@@ -22,7 +22,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cfmjax import configs, train  # noqa: E402
+from cfmjax.run import configs  # noqa: E402
+from cfmjax.training import train  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "base_flow", "markov_tiny.py")
 
@@ -43,7 +44,7 @@ VARIANTS = {
     "baseline": OFF,
     "skip": dict(OFF, **{"model.skip": True}),
     "skip_gates": dict(OFF, **{"model.skip": True, "model.gate_init": 1.0}),
-    "recipe": {},  # today's defaults in cfmjax/configs.py and the config file
+    "recipe": {},  # today's defaults in cfmjax/run/configs.py and the config file
     # + self-conditioning (SPEC §8) with the residual gates started on
     "recipe_sc": {"model.self_condition": True, "model.gate_init": 1.0},
     # + a depthwise convolution over positions ±2 at the start of every block (model.local_mix)

@@ -24,8 +24,11 @@ import jax
 import numpy as np
 import optax
 
-from cfmjax import configs, experiment, losses, schedules, state_space
-from cfmjax import model as model_lib
+from cfmjax.flow import schedules
+from cfmjax.models import state_space
+from cfmjax.objectives import losses
+from cfmjax.run import configs, experiment
+from cfmjax.models import model as model_lib
 
 
 def make_step(cfg: model_lib.ModelConfig, embedded: bool, chunk: int, batch: int, seq: int):

@@ -5,7 +5,7 @@
 
 For each vocabulary size: the base-flow step (V-space state; and the embedding-space state when this
 checkout has `model.state_space`), and the AR step (`objective=ar`, next-token loss; needs
-cfmjax/ar.py). Time is the median of `steps` compiled steps after a warm-up (compile excluded) on
+cfmjax/objectives/ar.py). Time is the median of `steps` compiled steps after a warm-up (compile excluded) on
 this machine's first device; memory is XLA's compiled memory_analysis, temporaries + arguments. The
 machine is shared: compare rows of one run, not across runs. Writes bench/results/train_step.json.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import common
-from cfmjax import configs
+from cfmjax.run import configs
 
 
 def variants():

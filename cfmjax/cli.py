@@ -30,9 +30,15 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from cfmjax import aot, ar, diagnostics, distributed, evaluate, export, inference, judges, likelihood, loading
+from cfmjax.evaluation import diagnostics, evaluate, judges, likelihood
+from cfmjax.objectives import ar
+from cfmjax.parallel import distributed
+from cfmjax.run import export, inference, loading
+from cfmjax.training import aot
 from cfmjax import main_job, objectives
-from cfmjax import report, sweep, train
+from cfmjax import sweep
+from cfmjax.evaluation import report
+from cfmjax.training import train
 from cfmjax.data import pipeline, store
 
 COMMANDS = ("pipeline", "prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
@@ -99,7 +105,7 @@ _EXACT_REFERENCE = flags.DEFINE_bool(
 _DENOISER_GAP = flags.DEFINE_bool(
     "denoiser_gap", False, "eval: write eval/denoiser_gap.json and .png: held-out cross-entropy of the "
     "denoiser (EMA params) per bin of λ = log SNR in [-9, 9], and for a Markov source that of the exact and "
-    "the context-free posteriors (cfmjax/diagnostics.py). Add --steps=0 to skip sampling.")
+    "the context-free posteriors (cfmjax/evaluation/diagnostics.py). Add --steps=0 to skip sampling.")
 _DENOISER_GAP_BINS = flags.DEFINE_integer("denoiser_gap_bins", 12, "eval --denoiser_gap: number of λ bins.")
 _DENOISER_GAP_ROWS = flags.DEFINE_integer("denoiser_gap_rows", 256, "eval --denoiser_gap: held-out rows "
                                           "(each used in every bin).")

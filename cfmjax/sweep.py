@@ -25,7 +25,8 @@ import shlex
 import subprocess
 import sys
 
-from cfmjax import configs, objectives
+from cfmjax import objectives
+from cfmjax.run import configs
 
 LAUNCHES = ("local", "slurm", "tpu")
 
@@ -52,7 +53,7 @@ def typed(config, key: str, raw: str):
   for p in parents:
     node = node[p]
   if leaf not in node:
-    raise KeyError(f"unknown config key {key!r} in --sweep; see cfmjax/configs.py base_config for the keys")
+    raise KeyError(f"unknown config key {key!r} in --sweep; see cfmjax/run/configs.py base_config for the keys")
   current = node[leaf]
   if isinstance(current, bool):
     if raw.lower() not in ("true", "false"):

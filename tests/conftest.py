@@ -22,8 +22,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import filelock  # noqa: E402
 import pytest  # noqa: E402
 
-from cfmjax import configs  # noqa: E402
-from cfmjax.configs import base_config  # noqa: E402
+from cfmjax.run import configs  # noqa: E402
+from cfmjax.run.configs import base_config  # noqa: E402
 
 
 def tiny_config(**overrides):
@@ -59,7 +59,8 @@ def run_steps(config, devices=None, num_steps=3):
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from cfmjax import experiment, train  # noqa: PLC0415
+  from cfmjax.run import experiment  # noqa: PLC0415
+  from cfmjax.training import train  # noqa: PLC0415
 
   exp = experiment.build(config, None, devices=devices or jax.devices()[:1])
   state = experiment.init_state(exp, config.seed)

@@ -20,7 +20,8 @@ os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", 
 
 import jax  # noqa: E402
 
-from cfmjax import distributed, lm_eval_adapter  # noqa: E402
+from cfmjax.evaluation import lm_eval_adapter  # noqa: E402
+from cfmjax.parallel import distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "cfmjax", "lm_eval_tasks")

@@ -8,7 +8,7 @@ import sys
 import pytest
 from tests.conftest import tiny_config
 
-from cfmjax import aot
+from cfmjax.training import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import schema
+from cfmjax.run import schema
 from cfmjax.data.markov import MarkovSource
 from tests.conftest import run_cli
 
@@ -136,7 +136,8 @@ def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(mark
   the bound must equal the rows' exact NLL, within its standard error."""
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import evaluate, likelihood, loading  # noqa: PLC0415
+  from cfmjax.evaluation import evaluate, likelihood  # noqa: PLC0415
+  from cfmjax.run import loading  # noqa: PLC0415
 
   exp, params, _ = loading.load(str(markov_base[0]))
   chain = exp.data.markov
@@ -161,7 +162,8 @@ def test_likelihood_bound_of_the_cli_is_the_exact_nll_at_the_exact_denoiser(mark
 def test_likelihood_bound_of_a_context_free_denoiser_is_looser(markov_base):
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from cfmjax import evaluate, likelihood, loading  # noqa: PLC0415
+  from cfmjax.evaluation import evaluate, likelihood  # noqa: PLC0415
+  from cfmjax.run import loading  # noqa: PLC0415
 
   exp, params, _ = loading.load(str(markov_base[0]))
   chain = exp.data.markov

@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import distill_losses, fixed_point, flow_map, prompting, samplers, schedules
-from cfmjax import state_space, train
-from cfmjax import model as model_lib
+from cfmjax.flow import prompting, schedules
+from cfmjax.objectives import distill_losses, fixed_point
+from cfmjax.sampling import flow_map, samplers
+from cfmjax.models import state_space
+from cfmjax.training import train
+from cfmjax.models import model as model_lib
 from tests.conftest import tiny_config
 
 V, L, N = 5, 6, 4
@@ -184,7 +187,7 @@ def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp
   config = tiny_config(**{"model.self_condition": True, "train.num_steps": 150, "train.checkpoint_every": 150,
                           "train.log_every": 50, "optim.lr": 3e-3, "mesh.data": 1})
   train.train(config, str(tmp_path / "sc"), devices=jax.devices()[:1])
-  from cfmjax import loading  # noqa: PLC0415
+  from cfmjax.run import loading  # noqa: PLC0415
   exp, params, _ = loading.load(str(tmp_path / "sc"))
   assert np.max(np.abs(np.asarray(params["self_cond_embed"]["kernel"]))) > 0  # it learned to use μ̂
   tokens = exp.data.eval_rows(16)
@@ -206,7 +209,7 @@ def test_fixed_point_iteration_converges_on_a_trained_self_conditioned_model(tmp
 def test_guided_distillation_target_is_the_guided_base():
   """The student's diagonal is trained toward the frozen base's μ_ω: a student equal to the base has
   zero loss at ω = 1 (μ_ω = μ_c, its own conditional output) and a positive one at ω = 2."""
-  from cfmjax import distill, frozen_teacher  # noqa: PLC0415
+  from cfmjax.objectives import distill, frozen_teacher  # noqa: PLC0415
 
   init_fn, apply_fn = _tiny_model(False, prompt_flag=True)
   init_fn, apply_fn = frozen_teacher.attach(init_fn, apply_fn)

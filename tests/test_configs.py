@@ -6,7 +6,10 @@ import os
 import jax
 import pytest
 
-from cfmjax import configs, model, objectives, schedules, schema
+from cfmjax import objectives
+from cfmjax.flow import schedules
+from cfmjax.models import model
+from cfmjax.run import configs, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "experiments", "**", "*.py"), recursive=True))

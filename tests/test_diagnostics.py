@@ -13,7 +13,10 @@ from tests.conftest import tiny_config
 from tests.conftest import TINY_FLAGS as TINY
 from tests.conftest import run_cli
 
-from cfmjax import diagnostics, evaluate, experiment, judges, oracles, schedules, scores, state_space
+from cfmjax.evaluation import diagnostics, evaluate, judges
+from cfmjax.flow import oracles, schedules, scores
+from cfmjax.models import state_space
+from cfmjax.run import experiment
 from cfmjax.data import pipeline
 from cfmjax.data.markov import MarkovSource
 
@@ -134,7 +137,7 @@ def test_training_diagnostics_and_eval_flags_end_to_end(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_training_diagnostics_of_the_autoregressive_baseline(tmp_path):
   """The AR baseline logs its samples' exact gen NLL (no denoiser gap), so learning curves compare."""
-  from cfmjax import train  # noqa: PLC0415
+  from cfmjax.training import train  # noqa: PLC0415
 
   config = tiny_config(**{"objective": "ar", "data.seq_len": 8, "train.num_steps": 2,
                           "train.diagnostics_every": 2, "train.diagnostics_samples": 16})
@@ -149,7 +152,8 @@ def test_training_diagnostics_of_the_autoregressive_baseline(tmp_path):
 def test_best_checkpoint_is_the_lowest_diagnostic_and_loads_as_best(tmp_path):
   """train.best_metric keeps the state at the step whose diagnostic was lowest; --checkpoint_step=best
   loads exactly that state (compared with the regular checkpoint of the same step)."""
-  from cfmjax import checkpointing, loading, train  # noqa: PLC0415
+  from cfmjax.run import checkpointing, loading  # noqa: PLC0415
+  from cfmjax.training import train  # noqa: PLC0415
 
   config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
                           "train.diagnostics_every": 1, "train.diagnostics_rows": 16, "train.diagnostics_bins": 4,
@@ -189,7 +193,7 @@ def test_best_checkpoint_is_the_lowest_diagnostic_and_loads_as_best(tmp_path):
     ({"train.best_metric": "denoiser_gap", "train.diagnostics_every": 1, "objective": "ar"}, "no denoiser"),
 ])
 def test_best_metric_is_refused_where_it_cannot_be_measured(overrides, match):
-  from cfmjax import experiment  # noqa: PLC0415
+  from cfmjax.run import experiment  # noqa: PLC0415
 
   with pytest.raises(ValueError, match=match):
     experiment.build(tiny_config(**overrides), None, devices=jax.devices()[:1])

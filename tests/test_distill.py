@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import configs, distill, experiment, frozen_teacher, handoff, loading, loss_weights, objectives
-from cfmjax import train
+from cfmjax import objectives
+from cfmjax.objectives import distill, frozen_teacher, loss_weights
+from cfmjax.run import configs, experiment, handoff, loading
+from cfmjax.training import train
 from tests.conftest import REPO_ROOT as REPO
 from tests.conftest import run_cli, tiny_config
 

@@ -22,7 +22,9 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import configs, objectives, state_space
+from cfmjax import objectives
+from cfmjax.models import state_space
+from cfmjax.run import configs
 from cfmjax.data import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +156,7 @@ def runs(tmp_path_factory):
   done = {}
 
   def run(rel, base=None, overrides=None, name=None):
-    from cfmjax import train  # noqa: PLC0415
+    from cfmjax.training import train  # noqa: PLC0415
 
     name = name or rel
     if name in done:

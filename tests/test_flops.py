@@ -1,4 +1,4 @@
-"""FLOP accounting (cfmjax/flops.py) against a hand count and against XLA's own count; MFU logging."""
+"""FLOP accounting (cfmjax/models/flops.py) against a hand count and against XLA's own count; MFU logging."""
 
 import json
 import os
@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import pytest
 from tests.conftest import tiny_config
 
-from cfmjax import experiment, flops, objectives, train
+from cfmjax import objectives
+from cfmjax.models import flops
+from cfmjax.run import experiment
+from cfmjax.training import train
 
 # tiny_config(): V = 8, D = 32, 2 layers, MLP 64, 16 time features per time, L = 16, batch 16.
 # One sequence's forward, matmul by matmul, in multiply-accumulates (MACs):

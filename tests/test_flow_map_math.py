@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import corruption, distill_losses, flow_map, oracles, schedules
+from cfmjax.flow import corruption, oracles, schedules
+from cfmjax.objectives import distill_losses
+from cfmjax.sampling import flow_map
 
 TOY = oracles.random_finite_support(seed=3, num_sequences=5, length=2, vocab_size=3)
 RK4_STEPS = 200  # in u = −log(1 − γ); the step is ≤ 0.01 for the test intervals (t ≤ 0.8)

@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import corruption, losses, oracles, samplers, schedules, state_space
+from cfmjax.flow import corruption, oracles, schedules
+from cfmjax.models import state_space
+from cfmjax.objectives import losses
+from cfmjax.sampling import samplers
 
 
 @pytest.mark.parametrize("vocab_size", [2, 8, 1000])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from cfmjax import gpt2
+from cfmjax.evaluation import gpt2
 
 D, LAYERS, HEADS, POSITIONS, EPS = 16, 2, 2, 16, 1e-5
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from cfmjax import distributed
+from cfmjax.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "experiments/base_flow/markov_tiny.py"

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import likelihood, oracles, schedules, state_space
+from cfmjax.evaluation import likelihood
+from cfmjax.flow import oracles, schedules
+from cfmjax.models import state_space
 from cfmjax.data.markov import MarkovSource
 
 
@@ -150,7 +152,8 @@ def _network_bounds(names, auto=("project",)):
   of _BOUND_SPACES, as the V-space bound (bound_space="vocab"); those in `auto` also with bound_space="auto"."""
   from tests.conftest import tiny_config
 
-  from cfmjax import evaluate, experiment
+  from cfmjax.evaluation import evaluate
+  from cfmjax.run import experiment
 
   records, params = {}, None
   settings = likelihood.BoundSettings(num_points=16, batch_size=16, candidates=(-2.0, 1.0))

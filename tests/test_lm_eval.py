@@ -1,4 +1,4 @@
-"""The lm-eval-harness adapter (cfmjax/lm_eval_adapter.py), offline, on the repository's tiny
+"""The lm-eval-harness adapter (cfmjax/evaluation/lm_eval_adapter.py), offline, on the repository's tiny
 multiple-choice task: the harness's accuracy for the AR baseline and for a flow equals a direct
 computation."""
 
@@ -8,7 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from cfmjax import ar, evaluate, lm_eval_adapter, loading
+from cfmjax.evaluation import evaluate, lm_eval_adapter
+from cfmjax.objectives import ar
+from cfmjax.run import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(REPO, "cfmjax", "lm_eval_tasks")
@@ -91,7 +93,7 @@ def test_generation_works_for_both_and_the_ar_scores_exactly(markov_base, markov
     assert len(text.split()) == 4 and all(0 <= int(t) < 12 for t in text.split())
   ar_model = lm_eval_adapter.CfmjaxLM(str(markov_ar), batch_size=8)
   # AR decoding keeps a prompt's prefix and samples the rest (ar.decode's prompt).
-  from cfmjax import inference  # noqa: PLC0415
+  from cfmjax.run import inference  # noqa: PLC0415
 
   prompts = tuple(np.asarray(a) for a in inference.prefix_prompts([[1, 2, 3], [4]], 16))
   tokens = inference.generate(ar_model.exp, ar_model.params, inference.Sampling("ar", 16, 8), 2, 0, prompts=prompts)
@@ -110,7 +112,7 @@ def test_the_readme_command_runs_the_harness_cli(markov_ar):
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
 
-  proc = subprocess.run([sys.executable, "-c", "import cfmjax.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()",
+  proc = subprocess.run([sys.executable, "-c", "import cfmjax.evaluation.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()",
                          "--model", "cfmjax", "--model_args", f"workdir={markov_ar}", "--batch_size", "16",
                          "--tasks", "cfmjax_tiny_mc", "--include_path", "cfmjax/lm_eval_tasks"],
                         cwd=REPO, env=dict(os.environ, HF_DATASETS_OFFLINE="1"), capture_output=True, text=True,

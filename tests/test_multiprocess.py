@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import checkpointing, experiment, train
+from cfmjax.run import checkpointing, experiment
+from cfmjax.training import train
 from cfmjax.data import pipeline
 from tests.conftest import tiny_config
 

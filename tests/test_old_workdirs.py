@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cfmjax import loading, schema
+from cfmjax.run import loading, schema
 from cfmjax.data.markov import MarkovSource
 from tests.conftest import TINY_FLAGS, run_cli
 

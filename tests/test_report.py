@@ -5,7 +5,7 @@ import json
 import math
 import struct
 
-from cfmjax import report
+from cfmjax.evaluation import report
 from tests.conftest import run_cli
 
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import checkpointing, experiment, train
+from cfmjax.run import checkpointing, experiment
+from cfmjax.training import train
 from tests.conftest import built_once, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +156,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoint
   # Only our own logger: an orbax read task left over from the previous case can log an asyncio error
   # later, and its text names that case's tmp dir ("test_damaged_...").
   warning = next(r.getMessage() for r in caplog.records
-                 if r.name == "cfmjax.checkpointing" and "is damaged" in r.getMessage())
+                 if r.name == "cfmjax.run.checkpointing" and "is damaged" in r.getMessage())
   assert "step 4" in warning and "falling back to step 2" in warning
   assert str(workdir / "checkpoints" / "4") in warning and str(workdir / "checkpoints" / "2") in warning
   assert any(n.startswith("damaged_4_") for n in os.listdir(workdir / "checkpoints"))

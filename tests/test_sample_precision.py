@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax import flow_map, oracles, samplers, schedules
+from cfmjax.flow import oracles, schedules
+from cfmjax.sampling import flow_map, samplers
 
 
 def _setup():

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cfmjax import model as model_lib
-from cfmjax import oracles, schedules, state_space
+from cfmjax.models import model as model_lib
+from cfmjax.flow import oracles, schedules
+from cfmjax.models import state_space
 from cfmjax.data.markov import MarkovSource
 
 

@@ -259,7 +259,7 @@ def test_mixture_config_is_parsed_and_checked(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_a_mixture_logs_tokens_per_store(tmp_path):
-  from cfmjax import train  # noqa: PLC0415
+  from cfmjax.training import train  # noqa: PLC0415
 
   for name in ("web", "books"):
     store.write_synthetic(str(tmp_path / name), 50, 16, vocab_size=64, heldout_rows=16, seed=len(name))

@@ -1,5 +1,6 @@
-"""The package's shape, read from its source (nothing is imported): no import cycles between cfmjax
-modules, no upward imports between the layers of the README's code map (which lists every module),
+"""The package's shape, read from its source (nothing is imported): one subpackage per layer of the
+README's code map (which lists every module, in its folder), no import cycles between cfmjax modules,
+no upward imports between the layers,
 no imports inside functions (they hide layering problems) except of a few heavy or optional
 dependencies, and no function with more than 8 parameters (self excluded: group them in a small
 NamedTuple, as likelihood.BoundSettings or inference.Sampling do)."""
@@ -21,8 +22,13 @@ def _modules():
     yield name.removesuffix(".__init__"), path, ast.parse(path.read_text(), str(path))
 
 
-def _imported(node, module: str, is_package: bool) -> list[str]:
-  """Absolute names an import statement brings in (for `from a import b`: a.b and a)."""
+def _packages():
+  return {".".join(p.relative_to(PACKAGE.parent).parts[:-1]) for p in PACKAGE.rglob("__init__.py")}
+
+
+def _imported(node, module: str, is_package: bool, modules=frozenset()) -> list[str]:
+  """Absolute names an import statement brings in: for `from a import b`, the module a.b if there is
+  one (importing a submodule does not make a module depend on its package's __init__), else a."""
   if isinstance(node, ast.Import):
     return [alias.name for alias in node.names]
   base = node.module or ""
@@ -30,7 +36,7 @@ def _imported(node, module: str, is_package: bool) -> list[str]:
     parts = module.split(".")
     parts = parts if is_package else parts[:-1]
     base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-  return [base] + [f"{base}.{alias.name}" for alias in node.names]
+  return [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
 
 
 def _function_imports(tree):
@@ -49,9 +55,9 @@ def _import_graph():
     deps = set()
     for node in tree.body:  # module level (imports inside functions are refused below)
       if isinstance(node, (ast.Import, ast.ImportFrom)):
-        deps |= {n for n in _imported(node, name, path.name == "__init__.py") if n in modules and n != name}
+        deps |= {n for n in _imported(node, name, path.name == "__init__.py", modules) if n in modules and n != name}
     graph[name] = deps
-  assert len(graph) > 40 and "cfmjax.train" in graph["cfmjax.cli"]  # the walk sees the package
+  assert len(graph) > 40 and "cfmjax.training.train" in graph["cfmjax.cli"]  # the walk sees the package
   return graph
 
 
@@ -67,7 +73,7 @@ def _code_map_layers():
       names.append(heading.group(1))
     for path in re.findall(r"`(cfmjax/[\w/]+\.py)`", line):
       assert names, f"{path} is listed before the code map's first layer heading"
-      layer_of[path[:-3].replace("/", ".")] = len(names) - 1
+      layer_of[path[:-3].replace("/", ".").removesuffix(".__init__")] = len(names) - 1
   return names, layer_of
 
 
@@ -75,9 +81,8 @@ def test_every_module_is_in_the_code_map_and_no_import_points_down_the_layers():
   """A module imports from its own layer or the layers listed before it, never from a later one."""
   names, layer_of = _code_map_layers()
   graph = _import_graph()
-  unlisted = sorted(m for m in graph if m not in layer_of and not m.endswith("__main__") and m.count(".") < 2
-                    and m not in ("cfmjax", "cfmjax.data"))
-  unlisted += sorted(m for m in graph if m.startswith("cfmjax.data.") and m not in layer_of)
+  packages = _packages()
+  unlisted = sorted(m for m in graph if m not in layer_of and not m.endswith("__main__") and m not in packages)
   assert not unlisted, f"modules missing from the README's code map: {unlisted}"
   stale = sorted(m for m in layer_of if m not in graph)
   assert not stale, f"the README's code map lists modules that do not exist: {stale}"
@@ -85,6 +90,22 @@ def test_every_module_is_in_the_code_map_and_no_import_points_down_the_layers():
             for m in sorted(graph) if m in layer_of for d in sorted(graph[m])
             if d in layer_of and layer_of[d] > layer_of[m]]
   assert len(names) >= 8 and not upward, "imports against the code map's layers: " + "; ".join(upward)
+
+
+def test_each_subpackage_is_one_layer_and_each_layer_one_folder():
+  """The folders are the layers: a package's modules share one code-map layer, and a layer's modules
+  share one folder (the command line's is the package root)."""
+  names, layer_of = _code_map_layers()
+  packages = _packages()
+  folder_of = {m: m if m in packages else m.rsplit(".", 1)[0] for m in layer_of}
+  layers_per_folder, folders_per_layer = {}, {}
+  for m, layer in layer_of.items():
+    layers_per_folder.setdefault(folder_of[m], set()).add(names[layer])
+    folders_per_layer.setdefault(names[layer], set()).add(folder_of[m])
+  mixed = {f: sorted(l) for f, l in layers_per_folder.items() if len(l) > 1}
+  split = {l: sorted(f) for l, f in folders_per_layer.items() if len(f) > 1}
+  assert not mixed and not split, f"folders holding several layers: {mixed}; layers over several folders: {split}"
+  assert len(folders_per_layer) == len(names) >= 9 and "cfmjax.models" in layers_per_folder
 
 
 def test_no_import_cycles_between_modules():

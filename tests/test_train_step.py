@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from cfmjax import experiment, train
+from cfmjax.run import experiment
+from cfmjax.training import train
 from tests.conftest import TINY_FLAGS, _in_repo, run_cli, tiny_config
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}

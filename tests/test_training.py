@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax import experiment, train
+from cfmjax.run import experiment
+from cfmjax.training import train
 from tests.conftest import run_steps, tiny_config
 
 
@@ -94,7 +95,7 @@ def test_mesh_larger_than_devices_is_refused(cache_dir):
 def test_a_checkpoint_of_another_model_layout_is_refused_naming_the_parameters(tmp_path):
   """Resuming with a model switch that adds parameters fails at once with the differing names and the
   fix, and the checkpoint is not set aside as damaged."""
-  from cfmjax import checkpointing  # noqa: PLC0415
+  from cfmjax.run import checkpointing  # noqa: PLC0415
 
   train.train(tiny_config(**{"train.num_steps": 2}), str(tmp_path))
   with pytest.raises(checkpointing.TreeMismatchError, match=r"this model has parameters it lacks \(.*mix"):

@@ -7,7 +7,7 @@ Environment:
   CFMJAX_TEST_STEP_DELAY seconds to sleep before each step, so that a test can signal the process
                         mid-run (the tiny model otherwise finishes before a signal can arrive);
   CFMJAX_COORDINATOR_ADDRESS / CFMJAX_NUM_PROCESSES / CFMJAX_PROCESS_ID: a multi-process run
-                        (cfmjax/distributed.py), exactly as the launch scripts set them.
+                        (cfmjax/parallel/distributed.py), exactly as the launch scripts set them.
 The config is `tiny_config` from conftest.py with the JSON overrides applied.
 """
 
@@ -29,7 +29,8 @@ os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
                                  f"--xla_force_host_platform_device_count={os.environ.get('CFMJAX_TEST_DEVICES', 8)}",
                                  os.environ["XLA_FLAGS"])
 
-from cfmjax import distributed, train  # noqa: E402
+from cfmjax.parallel import distributed  # noqa: E402
+from cfmjax.training import train  # noqa: E402
 
 
 def main():

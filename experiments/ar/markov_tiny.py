@@ -3,7 +3,7 @@
   cfmjax train --config=experiments/ar/markov_tiny.py --workdir=/tmp/ar_markov_tiny
   cfmjax eval  --workdir=/tmp/ar_markov_tiny
 
-The same 3 x 96 causal transformer (cfmjax/ar.py), trained like the base flow (1200 steps of
+The same 3 x 96 causal transformer (cfmjax/objectives/ar.py), trained like the base flow (1200 steps of
 64 x 32 tokens). `eval` writes the exact held-out NLL per token (metric "nll_per_token") and
 KV-cached samples judged by the exact chain.
 
@@ -16,7 +16,7 @@ Compare the base flow's Euler 2.37 at 128 steps.
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

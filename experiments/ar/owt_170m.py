@@ -4,7 +4,7 @@
       --config.data.tfds.data_dir=/path/to/tensorflow_datasets
   cfmjax eval  --workdir=gs://BUCKET/runs/ar_owt_170m --judge=gpt2:/path/to/gpt2-large
 
-A causal transformer of the flow's size (cfmjax/ar.py: embedding gather, learned start vector, a
+A causal transformer of the flow's size (cfmjax/objectives/ar.py: embedding gather, learned start vector, a
 constant in place of the time input), L = 1024, trained with the flows' optimizer. Not run here (it
 needs an accelerator pod and OpenWebText); published AR baselines of this size reach a held-out
 perplexity in the low twenties on OWT with the GPT-2 tokenizer.
@@ -12,7 +12,7 @@ perplexity in the low twenties on OWT with the GPT-2 tokenizer.
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

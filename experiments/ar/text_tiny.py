@@ -5,7 +5,7 @@
   cfmjax eval  --workdir=runs/text_tiny --judge=ar:runs/ar_text_tiny --steps=1,2,4,8,128 --likelihood
 
 The same 3 x 128 causal transformer (learned start vector, embedding gather, no time input; see
-cfmjax/ar.py), trained 600 steps of 32 x 64 tokens. Its tokenizer is trained into the workdir exactly
+cfmjax/objectives/ar.py), trained 600 steps of 32 x 64 tokens. Its tokenizer is trained into the workdir exactly
 as the flow's is (`judges.tokenizer_fingerprint` recognises the two as one), so the AR judge scores
 the flow's token ids directly.
 
@@ -22,7 +22,7 @@ under this judge and the rows themselves 3.85.
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

@@ -16,7 +16,7 @@ distils from this checkpoint (papers report 1/2/4-step gen PPL 94/87/79 with PSD
 Shard with --config.mesh.fsdp=... on pods where the data axis alone leaves too little memory.
 """
 
-from cfmjax.configs import base_config
+from cfmjax.run.configs import base_config
 
 
 def get_config():

@@ -20,7 +20,7 @@ Any data key can be overridden alone, e.g.
 --config.data.markov.vocab_size=32 (the model's vocabulary follows).
 """
 
-from cfmjax.configs import base_config
+from cfmjax.run.configs import base_config
 
 
 def get_config():

@@ -16,7 +16,7 @@ config holds out its last 1% (tfds.train_split="train[:-1%]", eval_split="train[
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

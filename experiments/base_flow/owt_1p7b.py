@@ -25,7 +25,7 @@ assignment only indicates what a GPU/TPU compilation would need (README, memory 
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

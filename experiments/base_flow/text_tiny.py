@@ -15,7 +15,7 @@ Euler steps for seeds 0 / 1 under an AR judge trained 600 steps on the same data
 NLL 3.88 nats/token, perplexity 48.4), 2736 / 2745 without the weight; the bound 5.83 nats/token either way.
 """
 
-from cfmjax.configs import base_config
+from cfmjax.run.configs import base_config
 
 
 def get_config():

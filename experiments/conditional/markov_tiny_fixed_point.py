@@ -23,7 +23,7 @@ self-conditioned base (same PSD settings) 3.88 / 3.32 / 3.02; entropy 2.24-2.25 
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

@@ -23,7 +23,7 @@ entropy of 8-token continuations barely moves.
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

@@ -25,7 +25,7 @@ fed μ̂ = 0 3.31 / 3.70; plain model (step 400) 3.09 / 3.53. Entropy 2.30-2.32 
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

@@ -10,7 +10,7 @@ through the prompt flag the student inherits, but that path is not refined by th
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

@@ -9,7 +9,7 @@ import os
 
 
 def get_config():
-  from cfmjax.configs import from_file  # noqa: PLC0415
+  from cfmjax.run.configs import from_file  # noqa: PLC0415
 
   c = from_file(os.path.join(os.path.dirname(__file__), "..", "flow_map", "text_tiny_psd.py"))
   c.sample.self_condition = False

@@ -14,7 +14,7 @@ written): expect each stage to take a few minutes on 2 free CPU cores, as text_t
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

@@ -12,7 +12,7 @@ Reported (gen PPL under GPT-2 Large at 1 / 2 / 4 steps): 68.1 / 77.6 / 71.5.
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

@@ -12,7 +12,7 @@ Reported (gen PPL under GPT-2 Large at 1 / 2 / 4 steps): 94.1 / 87.4 / 78.9.
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

@@ -17,7 +17,7 @@ markov_tiny base; Euler in brackets): gen NLL per token 3.28 (Euler collapses: e
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

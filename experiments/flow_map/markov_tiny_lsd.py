@@ -17,7 +17,7 @@ NLL but 10% less entropy than the data; with no curriculum it was worse than Eul
 
 import os
 
-from cfmjax.configs import from_file
+from cfmjax.run.configs import from_file
 
 
 def get_config():

@@ -20,7 +20,7 @@ Switch `objective` to lsd / esd for the other consistency losses (`markov_tiny_l
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config(loss: str = "psd"):

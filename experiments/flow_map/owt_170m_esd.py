@@ -12,7 +12,7 @@ Reported (gen PPL under GPT-2 Large at 1 / 2 / 4 steps): collapsed at 1 step (en
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

@@ -12,7 +12,7 @@ Reported (gen PPL under GPT-2 Large at 1 / 2 / 4 steps): 180.3 / 152.8 / 122.3.
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

@@ -16,7 +16,7 @@ constraints were resolved (sharding.activate).
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

@@ -12,7 +12,7 @@ grammar at this size) rather than the base flow's blurry few-step output.
 
 import os
 
-from cfmjax.configs import as_distillation, from_file
+from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():

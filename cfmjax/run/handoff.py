@@ -1,0 +1,78 @@
+"""Stage handoff: starting a distillation run from a base-flow workdir (or its `cfmjax export`).
+
+The flow map shares the base network (SPEC §3), so the distillation run inherits the base run's
+model, data (tokenizer included) and time schedule, and starts from its EMA parameters, restored
+onto the *current* mesh: Orbax reshards on restore, so the base may have been trained on any mesh.
+The optimizer starts fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+
+from cfmjax import objectives
+from cfmjax.objectives import frozen_teacher, loss_weights
+from cfmjax.run import experiment, loading
+from cfmjax.models import model as model_lib
+
+log = logging.getLogger(__name__)
+
+
+def inherit_base_config(config, workdir: str):
+  """Copies model, data and schedule settings from the base run named by `config.init_from`."""
+  base = loading.load_config(config.init_from)  # a workdir or an export; raises clearly for anything else
+  with config.unlocked():
+    config.model = base.model
+    config.data = base.data
+    config.flow.schedule = base.flow.schedule
+    config.flow.prompt = base.flow.prompt  # a conditional base gives a conditional flow map
+    tokenizer = os.path.join(config.init_from, "tokenizer.model")
+    if os.path.exists(tokenizer):
+      os.makedirs(workdir, exist_ok=True)
+      local = os.path.join(workdir, "tokenizer.model")
+      if jax.process_index() == 0 and not os.path.exists(local):
+        shutil.copyfile(tokenizer, local)
+      config.data.tokenizer.model_path = os.path.abspath(tokenizer)
+  log.info("distilling from %s: model, data and schedule (%s) taken from its config",
+           config.init_from, config.flow.schedule)
+  return config
+
+
+def load_base_params(exp: experiment.Experiment):
+  """The base run's EMA parameters (a workdir or an export), restored onto `exp`'s mesh and
+  parameter shardings."""
+  config = exp.config
+  base_config = loading.load_config(config.init_from)
+  base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
+  base_init_fn, base_apply_fn = model_lib.build(exp.model_config)  # the bare network
+  # ... plus whatever the base run kept beside it (it may itself be a distillation run).
+  base_init_fn, _ = objectives.get(base_config).attach(base_init_fn, base_apply_fn, base_config)
+  abstract, _ = experiment.state_layout(base_init_fn, base_optimizer, exp.mesh, exp.rules,
+                                        config.data.seq_len)
+  step = None if config.init_step < 0 else config.init_step
+  params, step = loading.restore_params(config.init_from, abstract, step)
+  log.info("initialised from %s step %d (EMA parameters)", config.init_from, step)
+  return params
+
+
+def start_from_base(exp: experiment.Experiment, state):
+  """Replaces a fresh state's params and EMA with the base model's EMA parameters.
+
+  Parameters the base run did not have (the learnable loss weights) keep their fresh values.
+  """
+  loaded = load_base_params(exp)
+  # Only the network itself: a source run's own loss weights or frozen teacher are not carried.
+  network = {k: v for k, v in loaded.items() if k not in (loss_weights.PARAMS_KEY, frozen_teacher.PARAMS_KEY)}
+  params = dict(state["params"], **network)
+  if frozen_teacher.PARAMS_KEY in params:  # guided / fixed-point distillation: the base, frozen
+    params[frozen_teacher.PARAMS_KEY] = network
+  copy = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
+                 out_shardings=exp.state_shardings["params"])
+  # Separate buffers: the train step donates the state, and one buffer cannot be donated twice.
+  params = copy(params)
+  return dict(state, params=params, ema_params=copy(params))
