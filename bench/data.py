@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cfmjax.run import configs  # noqa: E402
 from cfmjax.data import pipeline, store  # noqa: E402
 from cfmjax.data.tokenizer import IdentityTokenizer  # noqa: E402
+from cfmjax.run import configs  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 

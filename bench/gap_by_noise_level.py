@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cfmjax.evaluation import diagnostics, judges  # noqa: E402
-from cfmjax.flow import oracles  # noqa: E402
+from cfmjax.flow import oracles, schedules  # noqa: E402
 from cfmjax.models import state_space  # noqa: E402
 from cfmjax.run import loading  # noqa: E402
 from cfmjax.sampling import samplers  # noqa: E402
@@ -60,7 +60,7 @@ def main():
     def gen_nll(lam_star: float, exact_below: bool) -> float:
       def denoise(x, tau):
         gamma = schedule.gamma(tau)
-        lam = 2.0 * jnp.log(gamma / (1.0 - gamma))
+        lam = schedules.log_snr(gamma)
         tau32 = tau.astype(jnp.float32)
         use_exact = lam[0] < lam_star if exact_below else lam[0] >= lam_star  # one τ for all rows per step
         # lax.cond runs one of the two denoisers per step (jnp.where would run both).

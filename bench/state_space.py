@@ -25,10 +25,9 @@ import numpy as np
 import optax
 
 from cfmjax.flow import schedules
-from cfmjax.models import state_space
+from cfmjax.models import model as model_lib, state_space
 from cfmjax.objectives import losses
 from cfmjax.run import configs, experiment
-from cfmjax.models import model as model_lib
 
 
 def make_step(cfg: model_lib.ModelConfig, embedded: bool, chunk: int, batch: int, seq: int):

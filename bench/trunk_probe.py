@@ -29,9 +29,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from cfmjax.models import model as model_lib  # noqa: E402
-from cfmjax.flow import oracles  # noqa: E402
 from cfmjax.data.markov import MarkovSource  # noqa: E402
+from cfmjax.flow import oracles  # noqa: E402
+from cfmjax.models import model as model_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from recipe_ablation import SOURCES  # noqa: E402

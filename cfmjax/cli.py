@@ -30,16 +30,13 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from cfmjax.evaluation import diagnostics, evaluate, judges, likelihood
+from cfmjax import main_job, objectives, sweep
+from cfmjax.data import pipeline, store
+from cfmjax.evaluation import diagnostics, evaluate, judges, likelihood, report
 from cfmjax.objectives import ar
 from cfmjax.parallel import distributed
 from cfmjax.run import export, inference, loading
-from cfmjax.training import aot
-from cfmjax import main_job, objectives
-from cfmjax import sweep
-from cfmjax.evaluation import report
-from cfmjax.training import train
-from cfmjax.data import pipeline, store
+from cfmjax.training import aot, train
 
 COMMANDS = ("pipeline", "prepare", "train", "distill", "sample", "eval", "export", "report", "compile", "sweep")
 

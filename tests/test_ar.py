@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
+from cfmjax.data import markov as markov_lib
+from cfmjax.data.tokenizer import train_sentencepiece
 from cfmjax.evaluation import evaluate, judges
 from cfmjax.flow import scores
 from cfmjax.models import model
 from cfmjax.objectives import ar
 from cfmjax.run import inference
 from cfmjax.training import train
-from cfmjax.data import markov as markov_lib
-from cfmjax.data.tokenizer import train_sentencepiece
 from tests.conftest import tiny_config
 
 

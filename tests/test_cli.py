@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax.run import schema
 from cfmjax.data.markov import MarkovSource
+from cfmjax.run import schema
 from tests.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

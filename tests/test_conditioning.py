@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from cfmjax.flow import prompting, schedules
+from cfmjax.models import model as model_lib, state_space
 from cfmjax.objectives import distill_losses, fixed_point
 from cfmjax.sampling import flow_map, samplers
-from cfmjax.models import state_space
 from cfmjax.training import train
-from cfmjax.models import model as model_lib
 from tests.conftest import tiny_config
 
 V, L, N = 5, 6, 4

@@ -9,8 +9,7 @@ import pytest
 
 from cfmjax.data import sources
 from cfmjax.data.markov import MarkovSource
-from cfmjax.data.pipeline import build_data
-from cfmjax.data.pipeline import default_data_config
+from cfmjax.data.pipeline import build_data, default_data_config
 from cfmjax.data.tokenizer import IdentityTokenizer
 
 # ----------------------------------------------------------------------------

@@ -13,12 +13,12 @@ from tests.conftest import tiny_config
 from tests.conftest import TINY_FLAGS as TINY
 from tests.conftest import run_cli
 
+from cfmjax.data import pipeline
+from cfmjax.data.markov import MarkovSource
 from cfmjax.evaluation import diagnostics, evaluate, judges
 from cfmjax.flow import oracles, schedules, scores
 from cfmjax.models import state_space
 from cfmjax.run import experiment
-from cfmjax.data import pipeline
-from cfmjax.data.markov import MarkovSource
 
 
 def test_exact_euler_sampler_reaches_the_floor_through_the_judge(cache_dir):

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from cfmjax import objectives
+from cfmjax.data import store
 from cfmjax.models import state_space
 from cfmjax.run import configs
-from cfmjax.data import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, "experiments")

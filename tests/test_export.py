@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cfmjax.run import export, handoff, inference, loading
+from cfmjax.run import experiment, export, handoff, inference, loading
 from cfmjax.training import train
-from cfmjax.run import experiment
 from tests.conftest import tiny_config
 from tests.test_report import run_cli
 

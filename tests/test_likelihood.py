@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cfmjax.data.markov import MarkovSource
 from cfmjax.evaluation import likelihood
 from cfmjax.flow import oracles, schedules
 from cfmjax.models import state_space
-from cfmjax.data.markov import MarkovSource
 
 
 def _estimate(denoise_fn, toy, tokens, seed):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax.flow import oracles
 from cfmjax.data.markov import MarkovSource
+from cfmjax.flow import oracles
 
 GAMMAS = np.array([0.0, 0.2, 0.5, 0.8, 0.95, 0.99])
 

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from cfmjax.data import pipeline
 from cfmjax.run import checkpointing, experiment
 from cfmjax.training import train
-from cfmjax.data import pipeline
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,8 @@ import shutil
 import numpy as np
 import pytest
 
-from cfmjax.run import loading, schema
 from cfmjax.data.markov import MarkovSource
+from cfmjax.run import loading, schema
 from tests.conftest import TINY_FLAGS, run_cli
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"

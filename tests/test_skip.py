@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cfmjax.models import model as model_lib
-from cfmjax.flow import oracles, schedules
-from cfmjax.models import state_space
 from cfmjax.data.markov import MarkovSource
+from cfmjax.flow import oracles, schedules
+from cfmjax.models import model as model_lib, state_space
 
 
 def _untrained(vocab, d_model, log_prior, posterior_input=False):

@@ -17,12 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfmjax.objectives import distill, distill_losses, fixed_point, frozen_teacher, losses
-from cfmjax.sampling import flow_map
 from cfmjax.flow import schedules
-from cfmjax.sampling import samplers
-from cfmjax.models import model as model_lib
-from cfmjax.models import state_space
+from cfmjax.models import model as model_lib, state_space
+from cfmjax.objectives import distill, distill_losses, fixed_point, frozen_teacher, losses
+from cfmjax.sampling import flow_map, samplers
 from tests.conftest import run_steps, tiny_config
 
 VOCAB, LENGTH, BATCH = 40, 6, 4

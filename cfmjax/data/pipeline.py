@@ -42,13 +42,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from cfmjax.data import permutation
-from cfmjax.data import sources
-from cfmjax.data import store as store_lib
+from cfmjax.data import permutation, sources, store as store_lib
 from cfmjax.data.markov import MarkovSource
-from cfmjax.data.tokenizer import IdentityTokenizer
-from cfmjax.data.tokenizer import SentencePieceTokenizer
-from cfmjax.data.tokenizer import train_sentencepiece
+from cfmjax.data.tokenizer import IdentityTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 SOURCES = ("markov", "text", "tfds", "bible", "prepared")
 _TOKENS = "tokens"

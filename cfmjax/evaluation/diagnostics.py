@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfmjax import objectives
-from cfmjax.flow import corruption, oracles, scores
+from cfmjax.flow import corruption, oracles, schedules, scores
 from cfmjax.models import state_space
 from cfmjax.parallel import sharding
 from cfmjax.run import inference
@@ -45,11 +45,6 @@ class GapSettings(NamedTuple):
   lambda_range: tuple = LAMBDA_RANGE
   seed: int = 0
   batch_size: int = 64
-
-
-def gamma_of_lambda(lam):
-  """γ with 2 log(γ/(1 − γ)) = λ: γ = sigmoid(λ/2)."""
-  return 1.0 / (1.0 + np.exp(-0.5 * np.asarray(lam, np.float64)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ def gap_per_bin(model_ce, rows, vocab_size: int, *, settings: GapSettings = GapS
     # Stratified λ inside the bin: one draw per stratum of rows, strata shuffled over the rows.
     rng = np.random.default_rng([seed, b])
     u = (rng.permutation(num_rows) + rng.random(num_rows)) / num_rows
-    gammas = gamma_of_lambda(edges[b] + (edges[b + 1] - edges[b]) * u).astype(np.float32)
+    gammas = schedules.gamma_of_log_snr(edges[b] + (edges[b + 1] - edges[b]) * u).astype(np.float32)
     model, exact, context_free = [], [], []
     for c, start in enumerate(range(0, num_rows, batch_size)):
       tokens = rows[start:start + batch_size]
@@ -160,11 +155,11 @@ def gap_per_bin(model_ce, rows, vocab_size: int, *, settings: GapSettings = GapS
     model = np.concatenate(model).astype(np.float64)
     mid = 0.5 * (edges[b] + edges[b + 1])
     entry = {"lambda_lo": float(edges[b]), "lambda_hi": float(edges[b + 1]), "lambda_mid": float(mid),
-             "gamma_mid": float(gamma_of_lambda(mid)),
+             "gamma_mid": float(schedules.gamma_of_log_snr(mid)),
              "denoiser_ce": float(np.mean(model)),
              "denoiser_ce_stderr": float(np.std(model, ddof=1) / math.sqrt(num_rows)) if num_rows > 1 else None}
     if tau_of_gamma is not None:
-      entry["tau_mid"] = float(tau_of_gamma(np.float32(gamma_of_lambda(mid))))
+      entry["tau_mid"] = float(tau_of_gamma(np.float32(schedules.gamma_of_log_snr(mid))))
     if posterior is not None:
       exact = np.concatenate(exact)
       entry["exact_ce"] = float(np.mean(exact))

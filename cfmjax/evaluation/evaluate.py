@@ -28,9 +28,9 @@ import numpy as np
 
 from cfmjax.evaluation import diagnostics, judges, likelihood
 from cfmjax.flow import oracles
+from cfmjax.flow.scores import exact_markov_conditional_nll, unigram_entropy
 from cfmjax.models import state_space
 from cfmjax.parallel import sharding
-from cfmjax.flow.scores import exact_markov_conditional_nll, unigram_entropy
 
 EXACT_SAMPLER = "euler_exact"  # the Euler sampler run with the exact Markov posterior (SPEC §9)
 

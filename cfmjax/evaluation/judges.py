@@ -32,10 +32,10 @@ import os
 
 import numpy as np
 
+from cfmjax.data.tokenizer import IdentityTokenizer
 from cfmjax.evaluation import gpt2
 from cfmjax.objectives import ar
 from cfmjax.run import loading
-from cfmjax.data.tokenizer import IdentityTokenizer
 
 
 class Judge(abc.ABC):

@@ -61,10 +61,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfmjax.flow import corruption
-from cfmjax.models import state_space
+from cfmjax.flow import corruption, schedules
+from cfmjax.models import model as model_lib, state_space
 from cfmjax.objectives import losses
-from cfmjax.models import model as model_lib
 
 LAMBDA_MIN = -12.0  # λ0: the prior term there is L e^λ0 / 2 ≈ 3e-6 L nats
 # λ1 candidates (log SNR -4 .. 12): a model that is poor near the clean end does best stopping early.
@@ -91,10 +90,6 @@ class Terms(NamedTuple):
   position)."""
   terms_fn: Callable
   prior_fn: Callable | None = None
-
-
-def gamma_of_lambda(lam):
-  return jax.nn.sigmoid(0.5 * lam)
 
 
 def prior_term(length: int, lambda_min: float) -> float:
@@ -226,7 +221,7 @@ def point_terms(terms_fn, tokens, rng, lam, points_per_call: int):
 
   def chunk(_, index):
     lam_c = jax.lax.dynamic_slice_in_dim(lam, index * per_call, per_call, axis=1)
-    brier, ce = terms_fn(rows, gamma_of_lambda(lam_c).reshape(-1), jax.random.fold_in(rng, index))
+    brier, ce = terms_fn(rows, schedules.gamma_of_log_snr(lam_c).reshape(-1), jax.random.fold_in(rng, index))
     return None, (brier.reshape(batch, per_call), ce.reshape(batch, per_call))
 
   _, (brier, ce) = jax.lax.scan(chunk, None, jnp.arange(num_calls))
@@ -257,7 +252,7 @@ def bound_terms(terms_fn, tokens, rng, *, lambda_max: float, proposal=None, sett
   lam, weight = proposal_points(rng_lam, batch, settings.num_points, edges, masses)
   brier, _ = point_terms(terms_fn, tokens, rng_points, lam, settings.points_per_call)
   diffusion = jnp.sum(0.5 * jnp.exp(lam) * brier * weight, axis=1)
-  _, reconstruction = terms_fn(tokens, jnp.full((batch,), gamma_of_lambda(jnp.float32(lambda_max))), rng_recon)
+  _, reconstruction = terms_fn(tokens, jnp.full((batch,), schedules.gamma_of_log_snr(jnp.float32(lambda_max))), rng_recon)
   prior = _prior(prior_fn, tokens, lambda_min)
   return prior + diffusion + reconstruction, {"prior": prior, "diffusion": diffusion,
                                                "reconstruction": reconstruction}

@@ -37,10 +37,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from cfmjax import objectives
+from cfmjax.evaluation.evaluate import bound_endpoint, conditional_scorer
 from cfmjax.objectives import ar
 from cfmjax.parallel import distributed
 from cfmjax.run import inference, loading
-from cfmjax.evaluation.evaluate import bound_endpoint, conditional_scorer
 
 
 # Model args (`--model_args k=v,...`; the CLI passes strings) and their defaults.

@@ -11,11 +11,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
 SCHEDULES = ("linear", "argmax", "mixed")
+
+
+def log_snr(gamma):
+  """λ = log SNR = 2 log(γ/(1 − γ)) of x_γ = (1 − γ)ε + γ x1: the noise level that diagnostics bin in and
+  the bound (SPEC §5) integrates over, the same whatever schedule maps τ to γ."""
+  return 2.0 * jnp.log(gamma / (1.0 - gamma))
+
+
+def gamma_of_log_snr(lam):
+  """γ = sigmoid(λ/2), the inverse of `log_snr`: a JAX array (or tracer) in, a JAX array out; anything
+  else in, float64 NumPy out (diagnostics draw their bins' γ in float64)."""
+  if isinstance(lam, jax.Array):
+    return jax.nn.sigmoid(0.5 * lam)
+  return special.expit(0.5 * np.asarray(lam, np.float64))
 
 
 def argmax_probability(gamma: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cfmjax.models import model as model_lib
 from cfmjax.objectives import losses
 from cfmjax.parallel import sharding
-from cfmjax.models import model as model_lib
 
 
 class ARTransformer(nn.Module):

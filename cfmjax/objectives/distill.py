@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from cfmjax.flow import corruption, prompting
-from cfmjax.objectives import distill_losses, frozen_teacher, loss_weights, losses
 from cfmjax.models import model as model_lib, state_space
+from cfmjax.objectives import distill_losses, frozen_teacher, loss_weights, losses
 
 MODES = ("two_stage", "joint")
 TEACHERS = ("ema", "student")

@@ -12,9 +12,9 @@ import os
 
 import ml_collections
 
+from cfmjax.data import pipeline
 from cfmjax.parallel import sharding
 from cfmjax.run import schema
-from cfmjax.data import pipeline
 
 
 def base_config() -> ml_collections.ConfigDict:

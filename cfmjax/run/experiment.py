@@ -19,13 +19,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from cfmjax.models import model as model_lib
 from cfmjax import objectives
+from cfmjax.data import pipeline
 from cfmjax.flow import prompting, schedules
+from cfmjax.models import model as model_lib
 from cfmjax.objectives import ar
 from cfmjax.parallel import sharding
 from cfmjax.run import checkpointing
-from cfmjax.data import pipeline
 
 log = logging.getLogger(__name__)
 

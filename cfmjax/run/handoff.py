@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from cfmjax import objectives
+from cfmjax.models import model as model_lib
 from cfmjax.objectives import frozen_teacher, loss_weights
 from cfmjax.run import experiment, loading
-from cfmjax.models import model as model_lib
 
 log = logging.getLogger(__name__)
 

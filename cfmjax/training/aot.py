@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfmjax import objectives
+from cfmjax.data import pipeline
 from cfmjax.models import model as model_lib
 from cfmjax.run import experiment
 from cfmjax.training import train
-from cfmjax.data import pipeline
 
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 

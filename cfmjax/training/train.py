@@ -28,13 +28,10 @@ import optax
 from jax._src import distributed as jax_distributed  # the coordination-service client (a barrier before step 1)
 
 from cfmjax import objectives
-from cfmjax.evaluation import diagnostics
-from cfmjax.run import checkpointing, experiment, handoff, metrics as metrics_lib, preflight
-from cfmjax.models import state_space
-from cfmjax.run import schema
-from cfmjax.models import flops as flops_lib
-from cfmjax.models import model as model_lib
 from cfmjax.data import pipeline
+from cfmjax.evaluation import diagnostics
+from cfmjax.models import flops as flops_lib, model as model_lib, state_space
+from cfmjax.run import checkpointing, experiment, handoff, metrics as metrics_lib, preflight, schema
 
 log = logging.getLogger(__name__)
 
