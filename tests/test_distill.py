@@ -18,18 +18,19 @@ from tests.conftest import run_cli, tiny_config
 
 def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_base, tmp_path):
   """The base ran on a 2x2x2 mesh; the distillation starts on 8x1x1 from exactly its EMA weights
-  (params and EMA alike), and a frozen teacher (fixed point, guided) is the base too."""
+  (params and EMA alike), and a frozen teacher (guided here; fixed point keeps one the same way) is the
+  base too."""
   base = str(markov_base[0])
   _, base_ema, step = loading.load(base)  # the base's EMA weights, on its own mesh
   assert step == 4
   base_ema = jax.device_get(base_ema)
-  for loss in ("psd", "fixed_point"):
+  for guidance in (-1.0, 1.0):  # plain PSD; guided PSD, which keeps the base frozen beside the student
     config = configs.from_file(os.path.join(REPO, "experiments", "flow_map", "markov_tiny_psd.py"))
     with config.unlocked():
       config.init_from = base
-      config.objective = loss
+      config.distill.guidance = guidance
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 8, 1, 1
-    config = handoff.inherit_base_config(config, str(tmp_path / loss))
+    config = handoff.inherit_base_config(config, str(tmp_path / f"psd_{guidance}"))
     exp = experiment.build(config, None)
     state = handoff.start_from_base(exp, experiment.init_state(exp, config.seed))
     for key in ("params", "ema_params"):
@@ -39,8 +40,19 @@ def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_
       _assert_same(network, base_ema)
       leaf = jax.tree_util.tree_leaves(network)[0]
       assert dict(leaf.sharding.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
-    if loss == "fixed_point":
+    if guidance >= 0:
       _assert_same(state["params"][frozen_teacher.PARAMS_KEY], base_ema)
+
+
+def test_fixed_point_from_a_base_without_self_conditioning_is_refused_naming_the_key(markov_base, tmp_path):
+  """Before the step compiles (it used to fail inside the first step with a model error)."""
+  config = configs.from_file(os.path.join(REPO, "experiments", "conditional", "markov_tiny_fixed_point.py"))
+  with config.unlocked():
+    config.init_from = str(markov_base[0])
+  config = handoff.inherit_base_config(config, str(tmp_path / "fixed_point"))
+  with pytest.raises(ValueError, match="trained with model.self_condition=False: train the base with "
+                                       "--config.model.self_condition=True"):
+    experiment.build(config, None)
 
 
 @pytest.mark.slow

@@ -181,6 +181,16 @@ class FixedPoint(_Distillation):
     del config
     return True
 
+  def validate(self, config):
+    super().validate(config)
+    # The model section is the base run's (handoff.inherit_base_config) by the time the experiment is
+    # built: a base without a μ̂ input has no iteration to distil (it failed inside the first step).
+    if config.init_from and not config.model.self_condition:
+      raise ValueError(f"objective=fixed_point distils the base run's self-conditioning iteration, but "
+                       f"{config.init_from} was trained with model.self_condition=False: train the base "
+                       f"with --config.model.self_condition=True (experiments/conditional/"
+                       f"markov_tiny_selfcond.py, text_tiny_selfcond.py)")
+
   def grad_fn(self, exp):
     return fixed_point.make_grad_fn(state_space.from_config(exp.apply_fn, exp.vocab_size, exp.config),
                                     exp.schedule, exp.config)
