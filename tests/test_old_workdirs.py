@@ -1,12 +1,14 @@
 """Workdirs written by older cfmjax keep working (schema.py): tests/golden/workdir_v<k>/ holds a tiny
 run as the code of schema version k wrote it, and each is sampled, evaluated and resumed by today's.
 
-workdir_v0 (main at 62c2607, before the schema) and workdir_v1 (6d46e27, before `objective`
-replaced stage / model.causal / distill.loss): each is the shared tiny base of conftest.markov_base
+workdir_v0 (main at 62c2607, before the schema), workdir_v1 (6d46e27, before `objective` replaced
+stage / model.causal / distill.loss) and workdir_v2 (dfb90d5, before the frozen teacher of guided and
+fixed-point distillation left the parameters): each is the shared tiny base of conftest.markov_base
 (experiments/base_flow/markov_tiny.py, V = 12, the TINY_FLAGS sizes, 2x2x2 mesh, 4 steps; its step-2
 checkpoint dropped to keep the fixture small) and a PSD map distilled from it for 2 steps on an 8x1x1
 mesh, as conftest.markov_psd does. The same shapes as those fixtures, so their compiled programs are
-shared through the compile cache.
+shared through the compile cache. workdir_v2 also holds a fixed-point run (2 steps, 8x1x1) distilled
+from a 2-step self-conditioned base of the same sizes, sc_base.
 """
 
 import json
@@ -16,8 +18,12 @@ import shutil
 import numpy as np
 import pytest
 
+import jax
+import orbax.checkpoint as ocp
+
 from cfmjax.data.markov import MarkovSource
-from cfmjax.run import loading, schema
+from cfmjax.objectives import frozen_teacher
+from cfmjax.run import checkpointing, loading, schema
 from tests.conftest import TINY_FLAGS, run_cli
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
@@ -87,3 +93,57 @@ def test_an_old_workdir_resumes_training(version, tmp_path, session_cache):
   steps = [r["step"] for r in records if "loss" in r]
   assert steps == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
   assert json.loads((base / "config.json").read_text())[schema.KEY] == schema.VERSION  # rewritten as today's
+
+
+def _saved_state(step_dir):
+  """A checkpoint's state tree exactly as written (no target: today's layout does not shape it)."""
+  return jax.device_get(ocp.PyTreeCheckpointer().restore(str(step_dir / "state")))
+
+
+def _assert_same(a, b):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_v2_fixed_point_run_restores_with_its_frozen_teacher_beside_the_parameters(tmp_path):
+  """Schema 2 kept the frozen base inside the parameters, with EMA and Adam copies of it; today's state
+  holds it once, beside them. The migration moves the saved teacher out and drops its copies."""
+  run = tmp_path / "fixed_point"
+  shutil.copytree(GOLDEN / "workdir_v2" / "fixed_point", run)
+  saved = _saved_state(run / "checkpoints" / "2")
+  assert frozen_teacher.STATE_KEY in saved["params"] and frozen_teacher.STATE_KEY in saved["ema_params"]
+
+  exp, ema, step = loading.load(str(run))
+  assert step == 2 and frozen_teacher.STATE_KEY not in ema
+  _assert_same(ema, {k: v for k, v in saved["ema_params"].items() if k != frozen_teacher.STATE_KEY})
+  state, _ = checkpointing.Checkpointer(str(run / "checkpoints")).restore(2, exp.abstract_state)
+  _assert_same(jax.device_get(state[frozen_teacher.STATE_KEY]), saved["params"][frozen_teacher.STATE_KEY])
+  _assert_same(jax.device_get(state["params"]),
+               {k: v for k, v in saved["params"].items() if k != frozen_teacher.STATE_KEY})
+  # The optimizer state is today's: moments of the trained parameters only.
+  assert (jax.tree_util.tree_structure(state["opt_state"])
+          == jax.tree_util.tree_structure(exp.abstract_state["opt_state"]))
+  teacher_leaves = len(jax.tree_util.tree_leaves(state[frozen_teacher.STATE_KEY]))
+  assert len(jax.tree_util.tree_leaves(saved["opt_state"])) - len(jax.tree_util.tree_leaves(state["opt_state"])) \
+      == 2 * teacher_leaves  # Adam's two moments of the teacher, gone
+
+
+@pytest.mark.slow
+def test_a_v2_fixed_point_run_resumes_with_its_teacher_unchanged(tmp_path):
+  root = tmp_path / "v2"
+  shutil.copytree(GOLDEN / "workdir_v2", root)
+  run = root / "fixed_point"
+  teacher = _saved_state(run / "checkpoints" / "2")["params"][frozen_teacher.STATE_KEY]
+  from tests.conftest import _in_repo  # noqa: PLC0415
+  with _in_repo():
+    _, log = run_cli("distill", "--config=experiments/conditional/markov_tiny_fixed_point.py", f"--workdir={run}",
+                     f"--config.init_from={root / 'sc_base'}",  # the fixture's base moved with it
+                     "--config.train.num_steps=4", "--config.train.batch_size=16", "--config.train.log_every=1",
+                     "--config.train.checkpoint_every=2", "--config.mesh.data=8")
+  assert "resumed from step 2" in log or "resuming from step 2" in log, log[-2000:]
+  losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+  assert len(losses) == 4 and all(np.isfinite(losses))
+  resumed = _saved_state(run / "checkpoints" / "4")
+  assert frozen_teacher.STATE_KEY not in resumed["params"]  # written as today's
+  _assert_same(resumed[frozen_teacher.STATE_KEY], teacher)  # two more steps did not move it

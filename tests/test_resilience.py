@@ -207,8 +207,8 @@ def _poison(group):
   def grad_fn_for(exp):
     grad_fn = real(exp)
 
-    def poisoned(params, tokens, rng, ema_params, step):
-      grads, metrics = grad_fn(params, tokens, rng, ema_params, step)
+    def poisoned(params, tokens, rng, ema_params, step, frozen_base=None):
+      grads, metrics = grad_fn(params, tokens, rng, ema_params, step, frozen_base)
       hit = step + 1 == POISON_STEP
       grads = jax.tree_util.tree_map_with_path(
           lambda path, g: jnp.where(hit, jnp.nan, g) if jax.tree_util.keystr(path) == group else g, grads)

@@ -8,8 +8,10 @@ builder and the handoff ask it instead of branching on config keys.
 | `psd`, `lsd`, `esd` | `cfmjax distill` | distill.mode = two_stage | loss weights w(s, t); the frozen base when guided | the flow map's own teacher (distill.py) |
 | `fixed_point` | `cfmjax distill` | always | loss weights; the frozen self-conditioned base | the base's self-conditioning iteration (fixed_point.py) |
 
-Each declares `validate(config)`, `attach(init_fn, apply_fn, config)` (the parameters it keeps
-beside the network), `sampler` (what generates from the trained model), `grad_fn(exp)`,
+Each declares `validate(config)`, `attach(init_fn, apply_fn, config)` (the trained parameters it keeps
+beside the network), `needs_frozen_base(config)` (a frozen copy of the base network in the train
+state, outside the trained parameters: frozen_teacher.py), `sampler` (what generates from the trained
+model), `grad_fn(exp)`,
 `eval_loss_fn(exp)` (the held-out loss logged during training), `flops(config, dims, batch_size,
 hardware)` (its parts of one step), `base_run(config)` and `starts_from_base(config)` (handoff.py).
 `get(config)` returns the one `config.objective` names; `stage` says which command trains it.
@@ -25,11 +27,12 @@ from cfmjax.models import flops, state_space
 from cfmjax.objectives import ar, distill, fixed_point, frozen_teacher, loss_weights, losses
 
 def _value_and_grad_fn(loss_fn):
-  """(params, tokens, rng, ema_params, step) -> (grads, metrics) of a loss with no teacher or curriculum."""
+  """(params, tokens, rng, ema_params, step, frozen_base) -> (grads, metrics) of a loss with no teacher or
+  curriculum. Every objective's gradient function takes these arguments (train.make_train_step)."""
   grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def grad_fn(params, tokens, rng, ema_params, step):
-    del ema_params, step
+  def grad_fn(params, tokens, rng, ema_params, step, frozen_base=None):
+    del ema_params, step, frozen_base
     (_, metrics), grads = grad(params, tokens, rng)
     return grads, metrics
 
@@ -55,6 +58,10 @@ class Flow:
   def attach(self, init_fn, apply_fn, config):
     del config
     return init_fn, apply_fn
+
+  def needs_frozen_base(self, config) -> bool:
+    del config
+    return False
 
   def eval_loss_fn(self, exp):
     return _flow_loss_fn(exp)
@@ -101,7 +108,8 @@ class AutoRegressive(Flow):
 
 class _Distillation(Flow):
   """What the distillation objectives share: learnable loss weights and, when the objective reads the
-  base as it was, a frozen copy of it beside the network (frozen_teacher.py)."""
+  base as it was, a frozen copy of it in the train state, outside the trained parameters
+  (frozen_teacher.py)."""
 
   stage = "distill"
 
@@ -110,14 +118,8 @@ class _Distillation(Flow):
     if self.needs_frozen_base(config):
       frozen_teacher.validate(config)
 
-  def needs_frozen_base(self, config) -> bool:
-    raise NotImplementedError
-
   def attach(self, init_fn, apply_fn, config):
-    init_fn, apply_fn = loss_weights.attach(init_fn, apply_fn, config.distill.learned_weighting)
-    if self.needs_frozen_base(config):
-      init_fn, apply_fn = frozen_teacher.attach(init_fn, apply_fn)
-    return init_fn, apply_fn
+    return loss_weights.attach(init_fn, apply_fn, config.distill.learned_weighting)
 
   def grad_fn(self, exp):
     return distill.make_grad_fn(exp.apply_fn, exp.schedule, exp.vocab_size, exp.config)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from cfmjax.flow import corruption, prompting
 from cfmjax.models import model as model_lib, state_space
-from cfmjax.objectives import distill_losses, frozen_teacher, loss_weights, losses
+from cfmjax.objectives import distill_losses, loss_weights, losses
 
 MODES = ("two_stage", "joint")
 TEACHERS = ("ema", "student")
@@ -80,7 +80,9 @@ def sample_time_pairs(rng, num: int, boundary_prob: float, t_max: float = 1.0, m
 
 
 def make_losses(apply_fn, schedule, vocab_size: int, config):
-  """(diagonal_loss, consistency_loss), each f(params, teacher_params, tokens, rng, step) -> (loss, metrics)."""
+  """(diagonal_loss, consistency_loss): f(params, frozen_base, tokens, rng, step) and
+  f(params, teacher_params, tokens, rng, step), each -> (loss, metrics). The diagonal reads the frozen
+  base only when guided; the consistency rows read the EMA (or detached student) teacher."""
   d = config.distill
   loss = config.objective
   t_max = 1.0 if loss == "psd" else d.t_max
@@ -89,11 +91,11 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   prompt_settings = losses.prompt_settings(config)
   diagonal_options = losses.FlowOptions(losses.adaptive_weight(config.flow), prompt_settings)
 
-  def diagonal_loss(params, teacher_params, tokens, rng, step):
-    del teacher_params, step
+  def diagonal_loss(params, frozen_base, tokens, rng, step):
+    del step
     if d.guidance >= 0:
-      return guided_diagonal_loss(params, tokens, rng, space=space, schedule=schedule, guidance=d.guidance,
-                                  prompt=prompt_settings)
+      return guided_diagonal_loss(params, frozen_base, tokens, rng, space=space, schedule=schedule,
+                                  guidance=d.guidance, prompt=prompt_settings)
     return losses.flow_matching_loss(params, tokens, rng, space=space, schedule=schedule, options=diagonal_options)
 
   def consistency_loss(params, teacher_params, tokens, rng, step):
@@ -165,7 +167,7 @@ def make_losses(apply_fn, schedule, vocab_size: int, config):
   return diagonal_loss, consistency_loss
 
 
-def guided_diagonal_loss(params, tokens, rng, *, space: state_space.StateSpace, schedule, guidance: float,
+def guided_diagonal_loss(params, base, tokens, rng, *, space: state_space.StateSpace, schedule, guidance: float,
                          prompt):
   """KL(μ_ω of the frozen base ‖ student's conditional diagonal) on generated positions.
 
@@ -177,7 +179,7 @@ def guided_diagonal_loss(params, tokens, rng, *, space: state_space.StateSpace, 
     raise ValueError("distill.guidance needs a prompt-trained base (flow.prompt.max_len > 0)")
   rng_time, rng_noise = jax.random.split(rng)
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
-  base = frozen_teacher.teacher_params(params)
+  base = jax.lax.stop_gradient(base)  # the frozen base (frozen_teacher.py) never trains
   x, x_base = space.noisy_states(params, base, rng_noise, tokens, schedule.gamma(tau))
   lengths, _ = prompting.draw_prompt_lengths(jax.random.fold_in(rng, 1), tokens.shape[0], prompt[0],
                                              prompt[1], 0.0)
@@ -201,7 +203,8 @@ def project_conflict(g_cons, g_diag):
 
 
 def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
-  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for flow-map distillation (psd, lsd, esd)."""
+  """(params, tokens, rng, ema_params, step, frozen_base) -> (grads, metrics) for flow-map distillation
+  (psd, lsd, esd); frozen_base is the base run's network when guided (frozen_teacher.py), else None."""
   d = config.distill
   diagonal_loss, consistency_loss = make_losses(apply_fn, schedule, vocab_size, config)
   num_diag = num_diagonal_rows(config.train.batch_size, d.diag_fraction)
@@ -209,7 +212,7 @@ def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
   def split(tokens):
     return tokens[:num_diag], tokens[num_diag:]
 
-  def grad_fn(params, tokens, rng, ema_params, step):
+  def grad_fn(params, tokens, rng, ema_params, step, frozen_base=None):
     teacher_params = ema_params if d.teacher == "ema" else jax.lax.stop_gradient(params)
     rng_diag, rng_cons = jax.random.split(rng)
     diag_tokens, cons_tokens = split(tokens)
@@ -223,7 +226,7 @@ def make_grad_fn(apply_fn, schedule, vocab_size: int, config):
       return g_cons, dict(metrics, loss=cons)
 
     diag_grad = jax.value_and_grad(diagonal_loss, has_aux=True)
-    (diag, diag_metrics), g_diag = diag_grad(params, teacher_params, diag_tokens, rng_diag, step)
+    (diag, diag_metrics), g_diag = diag_grad(params, frozen_base, diag_tokens, rng_diag, step)
     metrics.update(diagonal_loss=diag, diagonal_accuracy=diag_metrics["accuracy"])
     if d.gradient_surgery:
       g_cons, conflicted = project_conflict(g_cons, g_diag)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from cfmjax.flow import corruption
 from cfmjax.models import state_space
-from cfmjax.objectives import distill_losses, frozen_teacher
+from cfmjax.objectives import distill_losses
 
 
 def iterate(denoise_fn, mu_init, num_iters: int):
@@ -41,14 +41,14 @@ def iterate(denoise_fn, mu_init, num_iters: int):
   return jax.lax.scan(step, mu_init.astype(jnp.float32), None, length=num_iters)
 
 
-def fixed_point_loss(params, tokens, rng, *, space: state_space.StateSpace, schedule, num_iters: int = 1):
+def fixed_point_loss(params, base, tokens, rng, *, space: state_space.StateSpace, schedule, num_iters: int = 1):
   """KL(T^k(stopgrad S) ‖ S) at τ ~ stratified U(0, 1) (see the module docstring). (loss, metrics).
 
   Either state space: student and frozen teacher see one draw of ε through their own W, and the
   teacher's μ̂ input is μ̂ or μ̂W_sc (`StateSpace.self_cond_input`)."""
   rng_time, rng_noise = jax.random.split(rng)
   tau = corruption.stratified_uniform(rng_time, tokens.shape[0])
-  teacher = frozen_teacher.teacher_params(params)
+  teacher = jax.lax.stop_gradient(base)  # the frozen base (frozen_teacher.py) never trains
   x, x_teacher = space.noisy_states(params, teacher, rng_noise, tokens, schedule.gamma(tau))
   student_logits = space.logits(params, x, tau, tau)  # μ̂ = 0: the single pass being trained
   student = jax.lax.stop_gradient(jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1))
@@ -63,12 +63,12 @@ def fixed_point_loss(params, tokens, rng, *, space: state_space.StateSpace, sche
 
 
 def make_grad_fn(space: state_space.StateSpace, schedule, config):
-  """(params, tokens, rng, ema_params, step) -> (grads, metrics) for objective = 'fixed_point'."""
+  """(params, tokens, rng, ema_params, step, frozen_base) -> (grads, metrics) for objective = 'fixed_point'."""
   grad = jax.value_and_grad(fixed_point_loss, has_aux=True)
 
-  def grad_fn(params, tokens, rng, ema_params, step):
+  def grad_fn(params, tokens, rng, ema_params, step, frozen_base=None):
     del ema_params, step  # the teacher is the frozen base, and there is no curriculum
-    (_, metrics), grads = grad(params, tokens, rng, space=space, schedule=schedule,
+    (_, metrics), grads = grad(params, frozen_base, tokens, rng, space=space, schedule=schedule,
                                num_iters=config.distill.fixed_point_iters)
     return grads, metrics
 

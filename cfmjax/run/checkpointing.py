@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cfmjax.objectives import frozen_teacher
 from cfmjax.run import schema
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,20 @@ class TreeMismatchError(ValueError):
   """The checkpoint's parameters are not this model's: a config difference, not damage."""
 
 
+def _teacher_inside_params(saved: dict | None, abstract_state) -> bool:
+  """A checkpoint of schema version 2 or older that kept the frozen teacher of guided / fixed-point
+  distillation inside the parameters (params[frozen_teacher.STATE_KEY], with EMA and Adam copies of
+  it), restored for a state that keeps it beside them (frozen_teacher.py)."""
+  return (saved is not None and frozen_teacher.STATE_KEY in abstract_state
+          and any(key[:2] == ("params", frozen_teacher.STATE_KEY) for key in map(ast.literal_eval, saved)))
+
+
 def _param_paths_mismatch(saved: dict | None, abstract_state) -> str | None:
   """None when the checkpoint holds exactly this model's parameter names, else a description."""
   if saved is None:
     return None
-  saved_paths = {key for key in (ast.literal_eval(k) for k in saved) if key[:1] == ("params",)}
+  saved_paths = {key for key in (ast.literal_eval(k) for k in saved)
+                 if key[:1] == ("params",) and key[1:2] != (frozen_teacher.STATE_KEY,)}
   model_paths = {("params", *(getattr(p, "key", str(p)) for p in path))
                  for path, _ in jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]}
   if not saved_paths or saved_paths == model_paths:
@@ -150,10 +160,14 @@ class Checkpointer:
           f"--workdir.")
     added = _keys_added_since(saved, abstract_state)
     target = {k: v for k, v in abstract_state.items() if k not in added}
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
-    restored = self.manager.restore(step, args=args)
-    state = dict(restored.state, **{k: _zeros_like(abstract_state[k]) for k in added})
-    data = restored.data or {}
+    if _teacher_inside_params(saved, abstract_state):
+      state, data = self._restore_teacher_inside_params(step, target), self._restore_data(step)
+    else:
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+      restored = self.manager.restore(step, args=args)
+      state, data = restored.state, restored.data
+    state = dict(state, **{k: _zeros_like(abstract_state[k]) for k in added})
+    data = data or {}
     if "iterator" not in data:  # written before the data stream was process-independent
       return state, data.get(f"process_{jax.process_index()}")
     saved_batch = data.get("global_batch")
@@ -166,6 +180,23 @@ class Checkpointer:
       log.info("checkpoint step %d was written by %d processes; resuming its data stream in %d",
                step, data["process_count"], jax.process_count())
     return state, data["iterator"]
+
+  def _restore_teacher_inside_params(self, step: int, target):
+    """The migration of schema version 2 to 3 (schema.py): restores the teacher from inside the saved
+    parameters and drops its EMA and optimizer copies (a partial restore, which needs Orbax's PyTree
+    handler, hence a checkpointer of its own), then moves it beside the parameters."""
+    key = frozen_teacher.STATE_KEY
+    target = dict(target, params=dict(target["params"], **{key: target[key]}))
+    del target[key]
+    restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                     partial_restore=True)
+    state = ocp.PyTreeCheckpointer().restore(os.path.join(self.step_dir(step), "state"), args=restore)
+    params = dict(state["params"])
+    teacher = params.pop(key)
+    return dict(state, params=params, **{key: teacher})
+
+  def _restore_data(self, step: int):
+    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
 
   def restore_latest(self, abstract_state, global_batch: int | None = None):
     """(step, state, data_state) from the newest checkpoint that restores, or None if there is none.

@@ -4,7 +4,9 @@
 state is a plain dict so that Orbax, `jax.jit` shardings and humans all see the same tree:
 
   {"step": int32[], "params": ..., "ema_params": ..., "opt_state": ..., "rng": uint32[2],
-   "skipped_steps": int32[]}   # updates dropped for a non-finite loss/gradient (train.on_nonfinite)
+   "skipped_steps": int32[],   # updates dropped for a non-finite loss/gradient (train.on_nonfinite)
+   "frozen_teacher": ...}      # only for guided / fixed-point distillation: the base network, never
+                               # trained (frozen_teacher.py)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cfmjax import objectives
 from cfmjax.data import pipeline
 from cfmjax.flow import prompting, schedules
 from cfmjax.models import model as model_lib
-from cfmjax.objectives import ar
+from cfmjax.objectives import ar, frozen_teacher, loss_weights
 from cfmjax.parallel import sharding
 from cfmjax.run import checkpointing
 
@@ -153,8 +155,14 @@ def param_shardings(boxed_abstract_params, mesh, rules):
       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-def state_layout(init_fn, optimizer, mesh, rules, seq_len: int):
-  """Returns (abstract_state, shardings) for the train state dict."""
+def network_part(params: dict) -> dict:
+  """The network's own parameters, without the learnable loss weights kept beside them."""
+  return {k: v for k, v in params.items() if k != loss_weights.PARAMS_KEY}
+
+
+def state_layout(init_fn, optimizer, mesh, rules, seq_len: int, frozen_base: bool = False):
+  """Returns (abstract_state, shardings) for the train state dict; `frozen_base`: the objective keeps
+  a frozen copy of the base network beside the parameters (objectives: needs_frozen_base)."""
   boxed = jax.eval_shape(lambda rng: init_fn(rng, 1, seq_len), jax.random.key(0))
   p_shardings = param_shardings(boxed, mesh, rules)
   abstract_params = nn.meta.unbox(boxed)
@@ -170,6 +178,9 @@ def state_layout(init_fn, optimizer, mesh, rules, seq_len: int):
               "ema_params": abstract_params, "opt_state": abstract_opt,
               "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
               "skipped_steps": jax.ShapeDtypeStruct((), jnp.int32)}
+  if frozen_base:
+    shardings[frozen_teacher.STATE_KEY] = network_part(p_shardings)
+    abstract[frozen_teacher.STATE_KEY] = network_part(abstract_params)
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return abstract, shardings
@@ -202,9 +213,12 @@ def init_state(exp: Experiment, seed: int):
     params = nn.meta.unbox(exp.init_fn(rng, 1, exp.config.data.seq_len))
     if prior is not None:
       params = dict(params, head=dict(params["head"], bias=jnp.asarray(prior)))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params,
-            "opt_state": exp.optimizer.init(params), "rng": jax.random.key_data(rng),
-            "skipped_steps": jnp.zeros((), jnp.int32)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params,
+             "opt_state": exp.optimizer.init(params), "rng": jax.random.key_data(rng),
+             "skipped_steps": jnp.zeros((), jnp.int32)}
+    if frozen_teacher.STATE_KEY in exp.state_shardings:  # a placeholder until the handoff fills in the base
+      state[frozen_teacher.STATE_KEY] = network_part(params)
+    return state
 
   with exp.activate():
     return jax.jit(init, out_shardings=exp.state_shardings)(jax.random.key(seed))
@@ -228,10 +242,12 @@ def build(config, workdir: str | None, devices=None, data: pipeline.Data | None 
     init_fn, apply_fn = ar.build(model_config)
   else:
     init_fn, apply_fn = model_lib.build(model_config)
-  init_fn, apply_fn = objectives.get(config).attach(init_fn, apply_fn, config)  # loss weights, a frozen base
+  objective = objectives.get(config)
+  init_fn, apply_fn = objective.attach(init_fn, apply_fn, config)  # learnable loss weights
   schedule = schedules.get_schedule(config.flow.schedule, data.vocab_size)
   optimizer, lr = make_optimizer(config.optim, config.train.num_steps)
-  abstract_state, shardings = state_layout(init_fn, optimizer, mesh, rules, config.data.seq_len)
+  abstract_state, shardings = state_layout(init_fn, optimizer, mesh, rules, config.data.seq_len,
+                                           objective.needs_frozen_base(config))
   log.info("mesh %s, %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
   return Experiment(config=config, mesh=mesh, rules=rules, data=data, model_config=model_config,
                     init_fn=init_fn, apply_fn=apply_fn, schedule=schedule, optimizer=optimizer,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from cfmjax import objectives
 from cfmjax.models import model as model_lib
-from cfmjax.objectives import frozen_teacher, loss_weights
+from cfmjax.objectives import frozen_teacher
 from cfmjax.run import experiment, loading
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,10 @@ def load_base_params(exp: experiment.Experiment):
   base_optimizer, _ = experiment.make_optimizer(base_config.optim, base_config.train.num_steps)
   base_init_fn, base_apply_fn = model_lib.build(exp.model_config)  # the bare network
   # ... plus whatever the base run kept beside it (it may itself be a distillation run).
-  base_init_fn, _ = objectives.get(base_config).attach(base_init_fn, base_apply_fn, base_config)
+  base_objective = objectives.get(base_config)
+  base_init_fn, _ = base_objective.attach(base_init_fn, base_apply_fn, base_config)
   abstract, _ = experiment.state_layout(base_init_fn, base_optimizer, exp.mesh, exp.rules,
-                                        config.data.seq_len)
+                                        config.data.seq_len, base_objective.needs_frozen_base(base_config))
   step = None if config.init_step < 0 else config.init_step
   params, step = loading.restore_params(config.init_from, abstract, step)
   log.info("initialised from %s step %d (EMA parameters)", config.init_from, step)
@@ -61,18 +62,19 @@ def load_base_params(exp: experiment.Experiment):
 
 
 def start_from_base(exp: experiment.Experiment, state):
-  """Replaces a fresh state's params and EMA with the base model's EMA parameters.
+  """Replaces a fresh state's params and EMA (and, for guided and fixed-point distillation, its frozen
+  teacher) with the base model's EMA parameters.
 
   Parameters the base run did not have (the learnable loss weights) keep their fresh values.
   """
-  loaded = load_base_params(exp)
-  # Only the network itself: a source run's own loss weights or frozen teacher are not carried.
-  network = {k: v for k, v in loaded.items() if k not in (loss_weights.PARAMS_KEY, frozen_teacher.PARAMS_KEY)}
+  network = experiment.network_part(load_base_params(exp))  # a source run's own loss weights stay there
   params = dict(state["params"], **network)
-  if frozen_teacher.PARAMS_KEY in params:  # guided / fixed-point distillation: the base, frozen
-    params[frozen_teacher.PARAMS_KEY] = network
-  copy = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
-                 out_shardings=exp.state_shardings["params"])
-  # Separate buffers: the train step donates the state, and one buffer cannot be donated twice.
-  params = copy(params)
-  return dict(state, params=params, ema_params=copy(params))
+
+  def copy(tree, key):
+    # Separate buffers: the train step donates the state, and one buffer cannot be donated twice.
+    return jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=exp.state_shardings[key])(tree)
+
+  out = dict(state, params=copy(params, "params"), ema_params=copy(params, "ema_params"))
+  if frozen_teacher.STATE_KEY in state:
+    out[frozen_teacher.STATE_KEY] = copy(network, frozen_teacher.STATE_KEY)
+  return out

@@ -15,12 +15,15 @@ Versions:
   1  config.json and the checkpoint's data item record `schema_version`; the same keys and tree.
   2  one config key names the objective (objectives.py): `objective` = flow | ar | psd | lsd | esd |
      fixed_point replaces `stage`, `model.causal` and `distill.loss`. Checkpoints as in 1.
+  3  guided and fixed-point distillation keep their frozen base network beside the parameters
+     (state["frozen_teacher"]), not inside them (params["frozen_teacher"], with EMA and Adam copies);
+     checkpointing.py moves it when it restores an older checkpoint. config.json as in 2.
 """
 
 from __future__ import annotations
 
 KEY = "schema_version"
-VERSION = 2
+VERSION = 3
 
 # Config keys whose default changed after they were added, with the value a run had before the
 # key existed: a version-0 workdir written then must load as it trained, not with today's default.
@@ -46,7 +49,7 @@ def _config_1_to_2(saved: dict) -> dict:
   return saved
 
 
-_CONFIG_MIGRATIONS = {0: _config_0_to_1, 1: _config_1_to_2}  # version k -> k + 1
+_CONFIG_MIGRATIONS = {0: _config_0_to_1, 1: _config_1_to_2, 2: dict}  # version k -> k + 1 (3: checkpoints only)
 
 
 def _version(record: dict, what: str) -> int:
@@ -68,5 +71,7 @@ def migrate_config(saved: dict, what: str = "config.json") -> dict:
 
 def check_checkpoint(data: dict, what: str) -> int:
   """The version of a checkpoint from its data item (refusing newer ones). Versions 0 to 2 hold the
-  same state tree; the state keys added later (checkpointing._ADDED_STATE_KEYS) restore as zeros."""
+  same state tree; the state keys added later (checkpointing._ADDED_STATE_KEYS) restore as zeros, and
+  a frozen teacher saved inside the parameters (versions up to 2) is moved out on restore
+  (checkpointing.Checkpointer.restore)."""
   return _version(data, what)

@@ -28,6 +28,7 @@ import numpy as np
 from cfmjax import objectives
 from cfmjax.data import pipeline
 from cfmjax.models import model as model_lib
+from cfmjax.objectives import frozen_teacher
 from cfmjax.run import experiment
 from cfmjax.training import train
 
@@ -148,6 +149,8 @@ def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -
           "params": _bytes_per_device(state["params"]) / gib,
           "ema_params": _bytes_per_device(state["ema_params"]) / gib,
           "opt_state": _bytes_per_device(state["opt_state"]) / gib,
+          # guided / fixed-point distillation: the frozen base, one copy (frozen_teacher.py)
+          **{k: _bytes_per_device(state[k]) / gib for k in (frozen_teacher.STATE_KEY,) if k in state},
           "arguments": mem.argument_size_in_bytes / gib,
           "outputs": mem.output_size_in_bytes / gib,
           "aliased": mem.alias_size_in_bytes / gib,

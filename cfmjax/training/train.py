@@ -31,6 +31,7 @@ from cfmjax import objectives
 from cfmjax.data import pipeline
 from cfmjax.evaluation import diagnostics
 from cfmjax.models import flops as flops_lib, model as model_lib, state_space
+from cfmjax.objectives import frozen_teacher
 from cfmjax.run import checkpointing, experiment, handoff, metrics as metrics_lib, preflight, schema
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ ON_NONFINITE = ("stop", "skip")
 
 
 def grad_fn_for(exp: experiment.Experiment):
-  """(params, tokens, rng, ema_params, step) -> (grads, metrics) of the run's objective (objectives.py)."""
+  """(params, tokens, rng, ema_params, step, frozen_base) -> (grads, metrics) of the run's objective."""
   return objectives.get(exp.config).grad_fn(exp)
 
 
@@ -75,7 +76,7 @@ def accumulate_grads(grad_fn, num_micro: int, batch_sharding):
   if num_micro <= 1:
     return grad_fn
 
-  def accumulated(params, tokens, rng, ema_params, step):
+  def accumulated(params, tokens, rng, ema_params, step, frozen_base=None):
     rows, length = tokens.shape
     micro = tokens.reshape(rows // num_micro, num_micro, length).swapaxes(0, 1)
     micro = jax.lax.with_sharding_constraint(micro, jax.sharding.NamedSharding(
@@ -83,10 +84,10 @@ def accumulate_grads(grad_fn, num_micro: int, batch_sharding):
 
     def body(carry, xs):
       index, batch = xs
-      grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, index), ema_params, step)
+      grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, index), ema_params, step, frozen_base)
       return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
 
-    shapes = jax.eval_shape(grad_fn, params, micro[0], rng, ema_params, step)
+    shapes = jax.eval_shape(grad_fn, params, micro[0], rng, ema_params, step, frozen_base)
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
     total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
     return jax.tree_util.tree_map(lambda t: t / num_micro, total)
@@ -100,7 +101,9 @@ def make_train_step(exp: experiment.Experiment, grad_fn=None):
   skip_nonfinite = exp.config.train.get("on_nonfinite", "stop") == "skip"
 
   def train_step(state, tokens):
-    grads, metrics = grad_fn(state["params"], tokens, step_rng(state), state["ema_params"], state["step"])
+    frozen_base = state.get(frozen_teacher.STATE_KEY)  # guided / fixed-point distillation only
+    grads, metrics = grad_fn(state["params"], tokens, step_rng(state), state["ema_params"], state["step"],
+                             frozen_base)
     updates, opt_state = exp.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"]
@@ -112,6 +115,8 @@ def make_train_step(exp: experiment.Experiment, grad_fn=None):
         "opt_state": opt_state,
         "rng": state["rng"],
     }
+    if frozen_base is not None:
+      new_state[frozen_teacher.STATE_KEY] = frozen_base
     # One flag per gradient leaf (in tree order), so that a stop can name the first bad group.
     grads_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
     finite = jnp.all(grads_finite) & jnp.isfinite(metrics["loss"])
@@ -333,7 +338,7 @@ def train(config, workdir: str, devices=None) -> dict:
   # --- Setup --------------------------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
   objective = objectives.get(config)
-  objective.validate(config)
+  # Validated by experiment.build below, after a distillation has taken its model from the base run.
   if objective.base_run(config):
     config = handoff.inherit_base_config(config, workdir)
   exp = experiment.build(config, workdir, devices)

@@ -14,7 +14,9 @@ from cfmjax.run.configs import as_distillation, from_file
 
 
 def get_config():
-  base = from_file(os.path.join(os.path.dirname(__file__), "..", "base_flow", "text_tiny.py"))
+  # The model section is the base run's at handoff; starting from the self-conditioned config keeps this
+  # file valid on its own (fixed point refuses a model without self-conditioning).
+  base = from_file(os.path.join(os.path.dirname(__file__), "text_tiny_selfcond.py"))
   c = as_distillation(base, "fixed_point", num_steps=300, lr=3e-4, warmup_steps=50, ema_decay=0.99,
                       gap_warmup_steps=0)
   c.sample.self_condition = False
