@@ -8,8 +8,8 @@
 `--sweep` is `key=v1,v2,...` items joined by `;`; the points are their product. Each point gets
 `<root>/<name>/` (the name lists the swept keys' last parts and values) and its overrides are
 recorded in `<root>/sweep.json` with the exact commands. `local` runs the points in sequence, each
-as `cfmjax train` (or `cfmjax distill`, when the point's objective is a distillation) then
-`cfmjax eval` (the same commands a user runs by hand; a point whose eval
+as `cfmjax train` (which trains every objective, distillations included) then `cfmjax eval` (the
+same commands a user runs by hand; a point whose eval
 results exist is skipped, so a rerun finishes an interrupted sweep). `slurm` and `tpu` write the
 commands as a SLURM job array (`<root>/sweep.sbatch`) or a list of `launch/tpu_pod.sh` lines
 (`<root>/tpu_jobs.sh`) and run nothing.
@@ -25,8 +25,6 @@ import shlex
 import subprocess
 import sys
 
-from cfmjax import objectives
-from cfmjax.run import configs
 
 LAUNCHES = ("local", "slurm", "tpu")
 
@@ -76,21 +74,18 @@ def point_name(point: dict) -> str:
   return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", f"{k.split('.')[-1]}-{v}") for k, v in point.items())
 
 
-def commands(config_path: str, root: str, point: dict, extra: list[str], stage: str = "base") -> dict:
-  """The training and eval command lines of one point (what `local` runs and the launchers emit);
-  `stage` is the point's objective's ('distill': `cfmjax distill` trains it)."""
+def commands(config_path: str, root: str, point: dict, extra: list[str]) -> dict:
+  """The training and eval command lines of one point (what `local` runs and the launchers emit)."""
   workdir = os.path.join(root, point_name(point))
   sets = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in point.items()]
-  command = "distill" if stage == "distill" else "train"
-  train = ["cfmjax", command, f"--config={config_path}", f"--workdir={workdir}", *extra, *sets]
+  train = ["cfmjax", "train", f"--config={config_path}", f"--workdir={workdir}", *extra, *sets]
   return {"name": point_name(point), "workdir": workdir, "overrides": point, "train": train,
           "eval": ["cfmjax", "eval", f"--workdir={workdir}"]}
 
 
 def plan(config, config_path: str, root: str, grid_text: str, extra: list[str]) -> list[dict]:
   """Writes <root>/sweep.json (points, overrides, commands) and returns its entries."""
-  stage_of = lambda point: objectives.stage(configs.override(config.copy_and_resolve_references(), point))
-  entries = [commands(config_path, root, p, extra, stage_of(p)) for p in points(config, parse_grid(grid_text))]
+  entries = [commands(config_path, root, p, extra) for p in points(config, parse_grid(grid_text))]
   names = [e["name"] for e in entries]
   if len(set(names)) != len(names):
     raise ValueError(f"--sweep gives two points the same name: {names}")
