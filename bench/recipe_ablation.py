@@ -74,6 +74,10 @@ VARIANTS = {
                        "flow.position_noise": 0.5},
     # the same weight at power 1: up to 100x on confident positions
     "recipe_aw1": {"flow.adaptive_weighting": True, "flow.weight_power": 1.0},
+    # today's defaults at twice the width, and at twice the depth (issue 12 lists width among the
+    # candidates): is the denoiser's error in λ ∈ [1, 3] a matter of capacity?
+    "recipe_w2": {"model.d_model": 192, "model.mlp_dim": 768},
+    "recipe_l6": {"model.num_layers": 6},
 }
 
 
