@@ -14,6 +14,8 @@ per token 1.896 / 1.906 at 128 steps for seeds 0 / 1 (1.32x / 1.33x the data's e
 `cfmjax eval`). Held-out CE averaged over λ bins: 1.388 vs the exact posterior's 1.350 and the
 context-free posterior's 1.443 (the weight trades average CE for the confident positions).
 With self-conditioning as well: experiments/conditional/markov_tiny_selfcond.py (1.20x / 1.19x).
+Twice the width (--config.model.d_model=192 --config.model.mlp_dim=768): 1.24x / 1.25x, about 4x the
+parameters and past this config's few-minute budget (results/recipe_ablation.md, "Capacity").
 1 Euler step collapses onto one repeated token.
 The gap at few steps is what the flow-map stage closes (experiments/flow_map/markov_tiny_*.py).
 Any data key can be overridden alone, e.g.
