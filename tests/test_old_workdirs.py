@@ -28,6 +28,9 @@ from tests.conftest import TINY_FLAGS, run_cli
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 VERSIONS = sorted(int(p.name.removeprefix("workdir_v")) for p in GOLDEN.glob("workdir_v*"))
+# The newest fixture is sampled and evaluated in the default tier, the older ones in the slow tier
+# (pytest.ini: later variants of a compile-heavy check are slow).
+BY_AGE = [pytest.param(v, marks=() if v == VERSIONS[-1] else pytest.mark.slow) for v in VERSIONS]
 
 
 def _copy(version, tmp_path):
@@ -41,7 +44,7 @@ def test_there_is_a_fixture_for_every_version_before_this_one():
   assert VERSIONS == list(range(schema.VERSION))
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", BY_AGE)
 def test_an_old_workdir_samples_and_evaluates(version, tmp_path, session_cache):
   base, psd = _copy(version, tmp_path)
   saved = json.loads((base / "config.json").read_text())
