@@ -74,6 +74,18 @@ def run_steps(config, devices=None, num_steps=3):
   return np.array(out), state
 
 
+def assert_same_tree(tree, reference):
+  """Bit-equal pytrees: the same leaf paths, each array equal (the tree is fetched to the host)."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  flat_ref = dict(jax.tree_util.tree_flatten_with_path(reference)[0])
+  flat = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0])
+  assert flat.keys() == flat_ref.keys()
+  for k in flat_ref:
+    np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(flat_ref[k]), err_msg=str(k))
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("CFMJAX_CACHE", str(tmp_path / "cache"))

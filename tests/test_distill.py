@@ -13,7 +13,7 @@ from cfmjax.objectives import distill, frozen_teacher, loss_weights
 from cfmjax.run import configs, experiment, handoff, loading
 from cfmjax.training import train
 from tests.conftest import REPO_ROOT as REPO
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import assert_same_tree, run_cli, tiny_config
 
 
 def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_base, tmp_path):
@@ -37,12 +37,12 @@ def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_
       got = state[key]
       network = {k: v for k, v in got.items() if k != loss_weights.PARAMS_KEY}
       assert set(network) == set(base_ema)
-      _assert_same(network, base_ema)
+      assert_same_tree(network, base_ema)
       leaf = jax.tree_util.tree_leaves(network)[0]
       assert dict(leaf.sharding.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert (frozen_teacher.STATE_KEY in state) == (guidance >= 0)
     if guidance >= 0:  # beside the parameters, not inside them: no EMA or optimizer copy of it
-      _assert_same(state[frozen_teacher.STATE_KEY], base_ema)
+      assert_same_tree(state[frozen_teacher.STATE_KEY], base_ema)
 
 
 def test_fixed_point_from_a_base_without_self_conditioning_is_refused_naming_the_key(markov_base, tmp_path):
@@ -70,14 +70,6 @@ def test_cfmjax_train_runs_a_distillation_config_and_distill_refuses_a_base_one(
     assert json.loads((workdir / "config.json").read_text())["objective"] == "psd"
     with pytest.raises(Exception, match="not a distillation: it is trained by `cfmjax train`"):
       run_cli("distill", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={tmp_path / 'base'}")
-
-
-def _assert_same(tree, reference):
-  flat_ref = dict(jax.tree_util.tree_flatten_with_path(reference)[0])
-  flat = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0])
-  assert flat.keys() == flat_ref.keys()
-  for k in flat_ref:
-    np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(flat_ref[k]), err_msg=str(k))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from cfmjax.data.markov import MarkovSource
 from cfmjax.objectives import frozen_teacher
 from cfmjax.run import checkpointing, loading, schema
-from tests.conftest import TINY_FLAGS, run_cli
+from tests.conftest import TINY_FLAGS, assert_same_tree, run_cli
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 VERSIONS = sorted(int(p.name.removeprefix("workdir_v")) for p in GOLDEN.glob("workdir_v*"))
@@ -103,12 +103,6 @@ def _saved_state(step_dir):
   return jax.device_get(ocp.PyTreeCheckpointer().restore(str(step_dir / "state")))
 
 
-def _assert_same(a, b):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_a_v2_fixed_point_run_restores_with_its_frozen_teacher_beside_the_parameters(tmp_path):
   """Schema 2 kept the frozen base inside the parameters, with EMA and Adam copies of it; today's state
   holds it once, beside them. The migration moves the saved teacher out and drops its copies."""
@@ -119,10 +113,10 @@ def test_a_v2_fixed_point_run_restores_with_its_frozen_teacher_beside_the_parame
 
   exp, ema, step = loading.load(str(run))
   assert step == 2 and frozen_teacher.STATE_KEY not in ema
-  _assert_same(ema, {k: v for k, v in saved["ema_params"].items() if k != frozen_teacher.STATE_KEY})
+  assert_same_tree(ema, {k: v for k, v in saved["ema_params"].items() if k != frozen_teacher.STATE_KEY})
   state, _ = checkpointing.Checkpointer(str(run / "checkpoints")).restore(2, exp.abstract_state)
-  _assert_same(jax.device_get(state[frozen_teacher.STATE_KEY]), saved["params"][frozen_teacher.STATE_KEY])
-  _assert_same(jax.device_get(state["params"]),
+  assert_same_tree(jax.device_get(state[frozen_teacher.STATE_KEY]), saved["params"][frozen_teacher.STATE_KEY])
+  assert_same_tree(jax.device_get(state["params"]),
                {k: v for k, v in saved["params"].items() if k != frozen_teacher.STATE_KEY})
   # The optimizer state is today's: moments of the trained parameters only.
   assert (jax.tree_util.tree_structure(state["opt_state"])
@@ -149,4 +143,4 @@ def test_a_v2_fixed_point_run_resumes_with_its_teacher_unchanged(tmp_path):
   assert len(losses) == 4 and all(np.isfinite(losses))
   resumed = _saved_state(run / "checkpoints" / "4")
   assert frozen_teacher.STATE_KEY not in resumed["params"]  # written as today's
-  _assert_same(resumed[frozen_teacher.STATE_KEY], teacher)  # two more steps did not move it
+  assert_same_tree(resumed[frozen_teacher.STATE_KEY], teacher)  # two more steps did not move it

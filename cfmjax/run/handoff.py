@@ -61,6 +61,10 @@ def load_base_params(exp: experiment.Experiment):
   return params
 
 
+def _copy_onto(shardings):
+  return jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree), out_shardings=shardings)
+
+
 def start_from_base(exp: experiment.Experiment, state):
   """Replaces a fresh state's params and EMA (and, for guided and fixed-point distillation, its frozen
   teacher) with the base model's EMA parameters.
@@ -70,11 +74,9 @@ def start_from_base(exp: experiment.Experiment, state):
   network = experiment.network_part(load_base_params(exp))  # a source run's own loss weights stay there
   params = dict(state["params"], **network)
 
-  def copy(tree, key):
-    # Separate buffers: the train step donates the state, and one buffer cannot be donated twice.
-    return jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=exp.state_shardings[key])(tree)
-
-  out = dict(state, params=copy(params, "params"), ema_params=copy(params, "ema_params"))
+  # Separate buffers: the train step donates the state, and one buffer cannot be donated twice.
+  copy_params = _copy_onto(exp.state_shardings["params"])  # params and EMA share one compiled copy
+  out = dict(state, params=copy_params(params), ema_params=copy_params(params))
   if frozen_teacher.STATE_KEY in state:
-    out[frozen_teacher.STATE_KEY] = copy(network, frozen_teacher.STATE_KEY)
+    out[frozen_teacher.STATE_KEY] = _copy_onto(exp.state_shardings[frozen_teacher.STATE_KEY])(network)
   return out
