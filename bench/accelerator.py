@@ -42,7 +42,6 @@ def owt_170m(batch: int, length: int, smoke: bool = False, **overrides):
   if smoke:
     configs.override(c, SMOKE)
   with c.unlocked():
-    c.model.vocab_size = c.data.tokenizer.vocab_size
     c.data.seq_len = length
     c.train.batch_size = batch
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1

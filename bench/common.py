@@ -37,7 +37,7 @@ def sized_config(args, vocab: int, seq_len: int | None = None, **overrides):
   """A base-flow config of the requested size on one device (the markov source stands in for data)."""
   c = configs.base_config()
   c.data.source = "markov"
-  c.model.vocab_size = vocab
+  c.data.markov.vocab_size = vocab  # what the (abstract) data stand-in gives: aot.vocab_size_of
   c.data.seq_len = seq_len or args.seq_len
   c.model.d_model, c.model.num_layers, c.model.num_heads = args.d_model, args.layers, args.heads
   c.model.mlp_dim, c.model.time_features, c.model.dtype = args.mlp, 64, args.dtype
@@ -63,7 +63,7 @@ def build(config):
 
 def random_tokens(config, seed: int = 0):
   rng = np.random.default_rng(seed)
-  return rng.integers(0, config.model.vocab_size, (config.train.batch_size, config.data.seq_len), dtype=np.int32)
+  return rng.integers(0, aot.vocab_size_of(config), (config.train.batch_size, config.data.seq_len), dtype=np.int32)
 
 
 def time_train_step(config, steps: int) -> dict:
@@ -84,7 +84,7 @@ def time_train_step(config, steps: int) -> dict:
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
   seconds = float(np.median(times))
-  step_flops = objectives.step_flops(exp.config)["total"]
+  step_flops = objectives.step_flops(exp.config, vocab=exp.vocab_size)["total"]
   return {"ms_per_step": 1000 * seconds,
           "peak_mib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2 ** 20,
           "temp_mib": mem.temp_size_in_bytes / 2 ** 20,

@@ -40,7 +40,7 @@ def time_generation(config, sampler: str, steps: int, batch: int, repeats: int) 
       run(i + 1)
       best = min(best, time.perf_counter() - t)
   length = config.data.seq_len
-  gflops = flops.generation_flops(exp.config, sampler, steps, batch) / 1e9
+  gflops = flops.generation_flops(exp.config, sampler, steps, batch, vocab=exp.vocab_size) / 1e9
   return {"latency_s": best, "tokens_per_sec": batch * length / best, "model_gflops": gflops,
           "gflops_per_sec": gflops / best}
 

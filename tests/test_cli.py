@@ -48,7 +48,8 @@ def test_train_sample_eval_on_markov(markov_base, tmp_path):
   for name in ("config.json", "metrics.jsonl", "checkpoints", "tensorboard"):
     assert (workdir / name).exists(), name
   config = json.loads((workdir / "config.json").read_text())
-  assert config["model"]["vocab_size"] == 12  # the vocabulary followed the overridden data source
+  # config.json is the request; the vocabulary it led to (the overridden data source's) is in run.json.
+  assert config["data"]["markov"]["vocab_size"] == 12 and "vocab_size" not in config["model"]
   # run.json: one entry per start (trained to 2, resumed to 4), with what config.json does not say.
   starts = json.loads((workdir / "run.json").read_text())["starts"]
   assert [s["from_step"] for s in starts] == [0, 2]

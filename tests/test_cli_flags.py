@@ -92,7 +92,8 @@ def test_prompts_guidance_and_self_conditioning_in_embedding_space(tmp_path, ses
             "--config.model.state_space=embedding", "--config.model.self_condition=True",
             "--config.train.num_steps=2", "--config.train.eval_every=0")
   saved = json.loads((workdir / "config.json").read_text())["model"]
-  assert saved["state_space"] == "embedding" and saved["self_condition"] and saved["prompt_flag"]
+  start = json.loads((workdir / "run.json").read_text())["starts"][-1]
+  assert saved["state_space"] == "embedding" and saved["self_condition"] and start["prompt_flag"]
   run_cli("sample", f"--checkpoint={workdir}", f"--workdir={out}", "--prompt=3 1 4", "--block_size=4",
           "--num_blocks=2", "--guidance=1.5", "--steps=2", "--num_samples=2")
   name, rows = _samples(out)

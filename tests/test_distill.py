@@ -30,7 +30,7 @@ def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_
       config.init_from = base
       config.distill.guidance = guidance
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 8, 1, 1
-    config = handoff.inherit_base_config(config, str(tmp_path / f"psd_{guidance}"))
+    config, _ = handoff.inherit_base_config(config, str(tmp_path / f"psd_{guidance}"))
     exp = experiment.build(config, None)
     state = handoff.start_from_base(exp, experiment.init_state(exp, config.seed))
     for key in ("params", "ema_params"):
@@ -50,7 +50,7 @@ def test_fixed_point_from_a_base_without_self_conditioning_is_refused_naming_the
   config = configs.from_file(os.path.join(REPO, "experiments", "conditional", "markov_tiny_fixed_point.py"))
   with config.unlocked():
     config.init_from = str(markov_base[0])
-  config = handoff.inherit_base_config(config, str(tmp_path / "fixed_point"))
+  config, _ = handoff.inherit_base_config(config, str(tmp_path / "fixed_point"))
   with pytest.raises(ValueError, match="trained with model.self_condition=False: train the base with "
                                        "--config.model.self_condition=True"):
     experiment.build(config, None)
@@ -67,9 +67,16 @@ def test_cfmjax_train_runs_a_distillation_config_and_distill_refuses_a_base_one(
                          f"--config.init_from={markov_base[0]}", "--config.train.num_steps=2",
                          "--config.train.batch_size=16", "--config.train.log_every=1", "--config.mesh.data=8")
     assert "\ntrain done: " in "\n" + printed
-    assert json.loads((workdir / "config.json").read_text())["objective"] == "psd"
-    with pytest.raises(Exception, match="not a distillation: it is trained by `cfmjax train`"):
-      run_cli("distill", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={tmp_path / 'base'}")
+    requested = json.loads((workdir / "config.json").read_text())
+    assert requested["objective"] == "psd"
+  # The model is the base run's (d_model 32), not the distill file's: config.json keeps the request,
+  # run.json the sections taken from the base, and the loader reads both.
+  (start,) = json.loads((workdir / "run.json").read_text())["starts"]
+  assert start["from_base"]["model"]["d_model"] == 32 and start["vocab_size"] == 12
+  assert requested["model"]["d_model"] != 32 and "vocab_size" not in requested["model"]
+  assert loading.load_config(str(workdir)).model.d_model == 32
+  with _in_repo(), pytest.raises(Exception, match="not a distillation: it is trained by `cfmjax train`"):
+    run_cli("distill", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={tmp_path / 'base'}")
 
 
 @pytest.mark.slow
@@ -100,9 +107,8 @@ def test_handoff_from_a_different_mesh_and_each_loss_runs(markov_base, markov_ps
     records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["consistency_kl"]) and r["consistency_kl"] >= 0 for r in records)
-    saved = json.loads((workdir / "config.json").read_text())
-    assert saved["model"]["d_model"] == 32  # inherited from the base run, not the distill file
-    assert saved["model"]["vocab_size"] == 12
+    (start,) = json.loads((workdir / "run.json").read_text())["starts"]
+    assert start["from_base"]["model"]["d_model"] == 32 and start["vocab_size"] == 12
 
 
 def _distill_config(**overrides):

@@ -64,7 +64,7 @@ def test_exported_checkpoint_matches_the_workdir(base_workdir, tmp_path):
   # A distillation seeded from the export starts from exactly the workdir's EMA weights.
   def base_params(init_from):
     config = tiny_config(**{"objective": "psd", "init_from": init_from})
-    exp = experiment.build(handoff.inherit_base_config(config, str(tmp_path / "d")), None)
+    exp = experiment.build(handoff.inherit_base_config(config, str(tmp_path / "d"))[0], None)
     return handoff.load_base_params(exp)
 
   from_export, from_workdir = base_params(str(out32)), base_params(str(base_workdir))

@@ -2,13 +2,15 @@
 run as the code of schema version k wrote it, and each is sampled, evaluated and resumed by today's.
 
 workdir_v0 (main at 62c2607, before the schema), workdir_v1 (6d46e27, before `objective` replaced
-stage / model.causal / distill.loss) and workdir_v2 (dfb90d5, before the frozen teacher of guided and
-fixed-point distillation left the parameters): each is the shared tiny base of conftest.markov_base
+stage / model.causal / distill.loss), workdir_v2 (dfb90d5, before the frozen teacher of guided and
+fixed-point distillation left the parameters) and workdir_v3 (4050cf6, before config.json stopped
+holding derived values and a distillation's base sections): each is the shared tiny base of conftest.markov_base
 (experiments/base_flow/markov_tiny.py, V = 12, the TINY_FLAGS sizes, 2x2x2 mesh, 4 steps; its step-2
 checkpoint dropped to keep the fixture small) and a PSD map distilled from it for 2 steps on an 8x1x1
 mesh, as conftest.markov_psd does. The same shapes as those fixtures, so their compiled programs are
 shared through the compile cache. workdir_v2 also holds a fixed-point run (2 steps, 8x1x1) distilled
-from a 2-step self-conditioned base of the same sizes, sc_base.
+from a 2-step self-conditioned base of the same sizes, sc_base; workdir_v3 also holds prompt_base, a
+2-step base of experiments/conditional/markov_tiny_prompt.py (flow.prompt.max_len = 4, 8x1x1).
 """
 
 import json
@@ -96,6 +98,25 @@ def test_an_old_workdir_resumes_training(version, tmp_path, session_cache):
   steps = [r["step"] for r in records if "loss" in r]
   assert steps == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
   assert json.loads((base / "config.json").read_text())[schema.KEY] == schema.VERSION  # rewritten as today's
+
+
+def test_a_v3_workdir_reads_its_derived_values_as_today_s(tmp_path):
+  """Schema 3 wrote model.vocab_size and model.prompt_flag into config.json, and a distillation's
+  config.json held its base's sections. Read today, the keys are gone and the values are derived as a
+  fresh run derives them; the distillation still loads with the base's model."""
+  root = tmp_path / "v3"
+  shutil.copytree(GOLDEN / "workdir_v3", root)
+  saved = json.loads((root / "prompt_base" / "config.json").read_text())
+  assert saved[schema.KEY] == 3 and saved["model"]["prompt_flag"] and saved["model"]["vocab_size"] == 12
+  config = loading.load_config(str(root / "prompt_base"))
+  assert "vocab_size" not in config.model and "prompt_flag" not in config.model
+  exp, params, step = loading.load(str(root / "prompt_base"))
+  assert (exp.vocab_size, exp.model_config.prompt_flag, step) == (12, True, 2)
+  assert "prompt_embed" in params  # the prompt flag's learned vector
+  assert loading.saved_vocab_size(str(root / "base")) == 12
+  psd = loading.load_config(str(root / "psd"))
+  assert psd.model.d_model == 32 and psd.objective == "psd"  # the base's sections, from its own config.json
+  assert not loading.load(str(root / "base"))[0].model_config.prompt_flag
 
 
 def _saved_state(step_dir):

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from cfmjax.run import loading
 from tests.conftest import _in_repo, run_cli
 from tests.test_experiments import write_corpus
 
@@ -36,9 +37,9 @@ def test_text_tiny_train_distill_sample_eval_in_embedding_space(tmp_path, sessio
     run_cli("distill", "--config=experiments/flow_map/text_tiny_psd.py", f"--workdir={psd}",
             f"--config.init_from={base}", "--config.train.num_steps=2", "--config.train.batch_size=8",
             "--config.train.log_every=1")
-  saved = json.loads((psd / "config.json").read_text())
-  assert saved["model"]["state_space"] == "embedding" and saved["model"]["vocab_size"] == 64
-  assert saved["data"]["source"] == "text"
+  saved = loading.load_config(str(psd))  # config.json with the base run's sections from run.json
+  assert saved.model.state_space == "embedding" and saved.data.source == "text"
+  assert json.loads((psd / "run.json").read_text())["starts"][-1]["vocab_size"] == 64
 
   run_cli("sample", f"--workdir={psd}", "--sampler=flowmap", "--steps=2", "--renoise=0.5", "--num_samples=4",
           "--batch_size=8")

@@ -134,7 +134,7 @@ def test_conditioned_distillation_is_the_same_in_either_space(conditioned_net):
   def consistency(kind):
     c = tiny_config(**{"objective": "psd", "flow.prompt.max_len": 4,
                        "flow.prompt.min_len": 1, "model.state_space": kind, "model.embedded_noise": "project",
-                       "model.d_model": CFG.d_model, "model.prompt_flag": True})
+                       "model.d_model": CFG.d_model})  # flow.prompt.max_len > 0: the prompt flag is on
     _, loss = distill.make_losses(apply_fn, schedule, VOCAB, c)
     return lambda p, teacher: loss(p, teacher, tokens, rng_loss, 0)
 
@@ -358,8 +358,8 @@ def test_bfloat16_training_keeps_float32_weights_optimizer_and_sampler_state(cac
   dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves((state["params"], state["opt_state"]))
             if jnp.issubdtype(leaf.dtype, jnp.floating)}
   assert dtypes == {jnp.dtype(jnp.float32)}
-  config = _config(**{"model.dtype": "bfloat16", "model.vocab_size": 48})
-  _, apply_fn = model_lib.build(model_lib.model_config_from(config))
+  config = _config(**{"model.dtype": "bfloat16"})
+  _, apply_fn = model_lib.build(model_lib.model_config_from(config, 48))
   space = state_space.from_config(apply_fn, 48, config)
   assert space.embedded
   _, mu_w = samplers.euler_sample(space.bind(jax.device_get(state["params"])), jax.random.key(0), (2, 16, 48),

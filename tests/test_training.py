@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from cfmjax.run import experiment
+from cfmjax.run import experiment, loading
 from cfmjax.training import train
 from tests.conftest import run_steps, tiny_config
 
@@ -90,6 +90,24 @@ def test_mesh_larger_than_devices_is_refused(cache_dir):
   config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 4})
   with pytest.raises(ValueError, match="needs 16 devices but 8 are available"):
     experiment.build(config, None)
+
+
+def test_build_reads_the_config_once_and_never_rewrites_it(cache_dir):
+  """What a run derives (vocabulary, prompt flag, state space, mesh) lives in the experiment's typed
+  views, not in the config: the config given is left as it was, and the experiment's is frozen."""
+  config = tiny_config(**{"mesh.data": -1, "flow.prompt.max_len": 4, "data.markov.vocab_size": 40})
+  asked = json.loads(config.to_json_best_effort())
+  exp = experiment.build(config, None)
+  assert json.loads(config.to_json_best_effort()) == asked == json.loads(exp.config.to_json_best_effort())
+  assert (exp.vocab_size, exp.model_config.prompt_flag, exp.state_space_kind) == (40, True, "embedding")
+  assert dict(exp.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1} and exp.config.mesh.data == -1
+  with pytest.raises(AttributeError, match="immutable"):
+    exp.config.model.d_model = 64
+
+
+def test_a_saved_mesh_that_does_not_fit_this_machine_is_replaced_for_loading_only():
+  assert loading.mesh_for_this_machine({"data": 2, "fsdp": 2, "tensor": 2}) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert loading.mesh_for_this_machine({"data": 4, "fsdp": 4, "tensor": 1}) == {"data": -1, "fsdp": 1, "tensor": 1}
 
 
 def test_a_checkpoint_of_another_model_layout_is_refused_naming_the_parameters(tmp_path):

@@ -88,12 +88,12 @@ def _get(node, key, default):
     return getattr(node, key, default)
 
 
-def dims_from_config(config, *, seq_len: int | None = None, vocab: int | None = None) -> Dims:
-  """Dims of an experiment config; `vocab` overrides model.vocab_size (-1 until the data fill it)."""
+def dims_from_config(config, *, vocab: int, seq_len: int | None = None) -> Dims:
+  """Dims of an experiment config with the data's vocabulary `vocab` (Experiment.vocab_size)."""
   m = config.model
-  vocab = int(vocab if vocab is not None else m.vocab_size)
+  vocab = int(vocab)
   if vocab <= 0:
-    raise ValueError("the vocabulary size is unknown (model.vocab_size=-1): pass vocab=...")
+    raise ValueError(f"vocab={vocab}: pass the data's vocabulary size (Experiment.vocab_size)")
   seq_len = int(seq_len if seq_len is not None else config.data.seq_len)
   state_space = state_space_lib.resolve(_get(m, "state_space", "vocab"), vocab, int(m.d_model))
   causal = config.objective == "ar"
@@ -211,8 +211,8 @@ def jvp_macs(d: Dims, rows: int, tangent_in: str) -> float:
   return _total(macs) + _total(macs, _JVP_TANGENT[tangent_in])
 
 
-def generation_flops(config, sampler: str, steps: int, num_samples: int, *, seq_len: int | None = None,
-                     vocab: int | None = None) -> float:
+def generation_flops(config, sampler: str, steps: int, num_samples: int, *, vocab: int,
+                     seq_len: int | None = None) -> float:
   """FLOPs to generate `num_samples` sequences.
 
   euler / flowmap: `steps` full forwards (plus ψW per step in embedding space, and the noise draw).

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfmjax.flow import schedules
+from cfmjax.flow import prompting, schedules
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -116,10 +116,14 @@ class ModelConfig:
     return self.d_model // self.num_heads
 
 
-def model_config_from(config) -> ModelConfig:
-  """Builds a ModelConfig from the `model` section of an experiment config plus the data's vocab."""
+def model_config_from(config, vocab_size: int) -> ModelConfig:
+  """The typed, frozen view of an experiment config's `model` section, with the values that are not
+  config keys: the data's vocabulary and the prompt flag (flow.prompt: prompt-trained models add a
+  learned vector at prompt positions)."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   kwargs = {k: v for k, v in config.model.items() if k in fields}
+  kwargs["vocab_size"] = int(vocab_size)
+  kwargs["prompt_flag"] = prompting.enabled(config)
   kwargs["schedule"] = config.flow.schedule  # the skip term is written in γ = g(τ)
   kwargs["causal"] = config.objective == "ar"  # the autoregressive baseline's causal trunk (ar.py)
   return ModelConfig(**kwargs)

@@ -730,10 +730,18 @@ def logits_readout(logits_fn, vocab_size: int, prompt_flag: bool = True) -> Boun
 def from_config(apply_fn, vocab_size: int, config) -> StateSpace:
   """The state space an experiment config asks for (`model.state_space`, `model.vocab_chunk`, ...)."""
   m = config.model
+  validate_config(m)
   kind = resolve(m.state_space, vocab_size, m.d_model)
-  if m.vocab_chunk < 0:
-    raise ValueError(f"model.vocab_chunk must be >= 0 (0 = no chunking), got {m.vocab_chunk}")
-  if m.embedded_noise not in NOISE_MODES:
-    raise ValueError(f"unknown model.embedded_noise={m.embedded_noise!r}; choose one of {NOISE_MODES}")
   return StateSpace(apply_fn, vocab_size, embedded=kind == "embedding", vocab_chunk=int(m.vocab_chunk),
-                    noise=m.embedded_noise, dtype=m.dtype, prompt_flag=bool(m.get("prompt_flag", False)))
+                    noise=m.embedded_noise, dtype=m.dtype, prompt_flag=prompting.enabled(config))
+
+
+def validate_config(model_config) -> None:
+  """The state-space keys of a config's `model` section (experiment.validate calls this first)."""
+  if model_config.state_space not in STATE_SPACES:
+    raise ValueError(f"unknown model.state_space={model_config.state_space!r}; choose one of {STATE_SPACES}")
+  if model_config.vocab_chunk < 0:
+    raise ValueError(f"model.vocab_chunk must be >= 0 (0 = no chunking), got {model_config.vocab_chunk}")
+  if model_config.embedded_noise not in NOISE_MODES:
+    raise ValueError(f"unknown model.embedded_noise={model_config.embedded_noise!r}; choose one of "
+                     f"{NOISE_MODES}")

@@ -225,9 +225,10 @@ def stage(config) -> str:
   return get(config).stage
 
 
-def step_flops(config, *, batch_size: int | None = None, seq_len: int | None = None,
-               vocab: int | None = None, hardware: bool = False) -> dict:
-  """FLOPs of one train step of `config` (global batch), with the objective's parts.
+def step_flops(config, *, vocab: int, batch_size: int | None = None, seq_len: int | None = None,
+               hardware: bool = False) -> dict:
+  """FLOPs of one train step of `config` (global batch) with the data's vocabulary `vocab`, with the
+  objective's parts.
 
   Returns {'objective', 'total', 'forward', parts...}; `hardware` adds rematerialised work.
   """

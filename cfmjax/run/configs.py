@@ -16,6 +16,11 @@ from cfmjax.data import pipeline
 from cfmjax.parallel import sharding
 from cfmjax.run import schema
 
+ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite
+
+# Not config keys: the vocabulary follows the data (experiment.Experiment.vocab_size) and the prompt
+# flag follows flow.prompt (prompting.enabled); run.json records both (run_record.py).
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -29,7 +34,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = pipeline.default_data_config()
 
   c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = -1  # filled in from the data source at run time
   c.model.d_model = 256
   c.model.num_layers = 4
   c.model.num_heads = 4
@@ -46,7 +50,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_chunk = 0  # > 0: losses and ψW fuse the head matmul per chunk of this many tokens
   c.model.embedded_noise = "cholesky"  # cholesky (ξCᵀ, CCᵀ = WᵀW) | project (draw ε ∈ R^V, reference)
   c.model.self_condition = False  # feed the previous estimate μ̂ through a zero-init projection (SPEC §8)
-  c.model.prompt_flag = False  # set at run time: True when flow.prompt.max_len > 0 (prompting.py)
   # Skip parametrisation (SPEC §9, model.py): logits = f_θ + the context-free posterior's evidence
   # term, so the network learns only the correction from context; the head starts at zero with its
   # bias at the data's log unigram law, so an untrained model is the context-free posterior. On
@@ -122,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 64
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
-  c.train.on_nonfinite = "stop"  # NaN/Inf loss or gradient: stop (naming step and group) | skip the update
+  c.train.on_nonfinite = "stop"  # one of ON_NONFINITE: NaN/Inf loss or gradient: stop (naming step and group) | skip the update
   # Periodic diagnostics of the EMA parameters (diagnostics.py), logged to metrics.jsonl / TensorBoard:
   # denoiser_ce (held-out CE averaged over λ = log SNR bins in [-9, 9]) and, for a Markov source,
   # exact_ce, context_free_ce, denoiser_gap and the exact gen_nll_per_token / gen_entropy of samples.
@@ -168,8 +171,14 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A workdir's config.json, brought to today's schema (schema.py), on top of today's defaults, so
   that workdirs written before a key existed still load (config.json records every key, so a
   missing key takes today's default only for workdirs older than the key itself)."""
-  saved = schema.migrate_config(saved)
-  config = base_config()
+  return with_sections(base_config(), schema.migrate_config(saved))
+
+
+def with_sections(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with the nested `values` ({"model": {...}, "flow": {"schedule": ...}})
+  written over it: how a saved config lands on today's defaults, and how a distillation run takes
+  the sections of its base run (handoff.py, run_record.py)."""
+  config = ml_collections.ConfigDict(config.to_dict())
 
   def merge(node, values):
     for key, value in values.items():
@@ -178,8 +187,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
       else:
         node[key] = value
 
-  with config.unlocked():
-    merge(config, saved)
+  merge(config, values)
   return config
 
 

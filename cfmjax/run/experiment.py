@@ -1,7 +1,11 @@
 """Everything `train`, `sample` and `eval` share: mesh, data, model, schedule, optimizer, state layout.
 
-`build(config, workdir)` turns a config into an `Experiment`; nothing here runs a step. The train
-state is a plain dict so that Orbax, `jax.jit` shardings and humans all see the same tree:
+`build(config, workdir)` validates a config once, then turns it into an `Experiment`; nothing here
+runs a step. The experiment holds the config frozen (an ml_collections FrozenConfigDict: nothing
+after `build` can rewrite it) beside typed views of what the config does not say: the vocabulary
+the data gave and the model (`model_config`, a frozen dataclass with the prompt flag), the state
+space it resolves to, and the mesh actually used. run.json records those (run_record.py); the
+config itself stays what the user asked for. The train state is a plain dict so that Orbax, `jax.jit` shardings and humans all see the same tree:
 
   {"step": int32[], "params": ..., "ema_params": ..., "opt_state": ..., "rng": uint32[2],
    "skipped_steps": int32[],   # updates dropped for a non-finite loss/gradient (train.on_nonfinite)
@@ -17,6 +21,7 @@ import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
@@ -24,17 +29,17 @@ from jax.sharding import NamedSharding
 from cfmjax import objectives
 from cfmjax.data import pipeline
 from cfmjax.flow import prompting, schedules
-from cfmjax.models import model as model_lib
+from cfmjax.models import model as model_lib, state_space
 from cfmjax.objectives import ar, frozen_teacher, loss_weights
 from cfmjax.parallel import sharding
-from cfmjax.run import checkpointing
+from cfmjax.run import checkpointing, configs
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Experiment:
-  config: object
+  config: ml_collections.FrozenConfigDict
   mesh: jax.sharding.Mesh
   rules: tuple
   data: pipeline.Data
@@ -50,7 +55,13 @@ class Experiment:
 
   @property
   def vocab_size(self) -> int:
+    """The data's vocabulary (the model's input and output size)."""
     return self.model_config.vocab_size
+
+  @property
+  def state_space_kind(self) -> str:
+    """'vocab' or 'embedding': model.state_space resolved for this vocabulary (state_space.resolve)."""
+    return state_space.resolve(self.config.model.state_space, self.vocab_size, self.model_config.d_model)
 
   def activate(self):
     """The context to trace this experiment's model in: its mesh and its logical-axis rules."""
@@ -62,6 +73,7 @@ class Experiment:
 
 
 def validate(config, mesh, rules):
+  """Every check of a config, before anything is built: each error names the key and the fix."""
   batch = config.train.batch_size
   dp = sharding.data_parallel_size(mesh, rules)
   if batch % dp:
@@ -75,12 +87,17 @@ def validate(config, mesh, rules):
   if batch % jax.process_count():
     raise ValueError(f"train.batch_size={batch} is not divisible by the {jax.process_count()} processes")
   schedules.get_schedule(config.flow.schedule, 2)  # raises on an unknown name
+  state_space.validate_config(config.model)
+  prompting.validate(config, config.data.seq_len)
   objectives.get(config).validate(config)
   best_metric = config.train.get("best_metric", "")
   if best_metric:
     _validate_best_metric(config, best_metric)
   if config.optim.decay not in ("constant", "cosine"):
     raise ValueError(f"unknown optim.decay={config.optim.decay!r}; choose 'constant' or 'cosine'")
+  if config.train.on_nonfinite not in configs.ON_NONFINITE:
+    raise ValueError(f"unknown train.on_nonfinite={config.train.on_nonfinite!r}; choose one of "
+                     f"{configs.ON_NONFINITE}")
 
 
 def _validate_best_metric(config, metric: str):
@@ -227,17 +244,17 @@ def init_state(exp: Experiment, seed: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def build(config, workdir: str | None, devices=None, data: pipeline.Data | None = None) -> Experiment:
-  """`data`: an already-built (or, for `cfmjax compile`, dataset-free) Data; default: build it."""
-  mesh = sharding.make_mesh(config.mesh, devices)
+def build(config, workdir: str | None, devices=None, data: pipeline.Data | None = None,
+          mesh_shape: dict | None = None) -> Experiment:
+  """`data`: an already-built (or, for `cfmjax compile`, dataset-free) Data; default: build it.
+  `mesh_shape`: {"data": ..., "fsdp": ..., "tensor": ...} to use instead of config.mesh (loading.py
+  fits a saved run's mesh to this machine's devices without rewriting its config)."""
+  mesh = sharding.make_mesh(config.mesh if mesh_shape is None else mesh_shape, devices)
   rules = sharding.rules_from_config(config)
   validate(config, mesh, rules)
+  config = ml_collections.FrozenConfigDict(config)  # read once: from here on nothing rewrites it
   data = data if data is not None else pipeline.build_data(config.data, workdir)
-  prompting.validate(config, config.data.seq_len)
-  with config.unlocked():
-    config.model.vocab_size = data.vocab_size  # the model's vocabulary follows the data source
-    config.model.prompt_flag = prompting.enabled(config)  # prompt-trained models carry the flag
-  model_config = model_lib.model_config_from(config)
+  model_config = model_lib.model_config_from(config, data.vocab_size)  # the model follows the data
   if model_config.causal:  # the autoregressive baseline reads token ids, not a flow state (ar.py)
     init_fn, apply_fn = ar.build(model_config)
   else:

@@ -6,11 +6,12 @@ An exported directory D holds
                       parameter paths joined by "/", e.g. "blocks/attn/qkv/kernel" or
                       "output/kernel"; with `model.scan_layers` (the default) the layer weights are
                       stacked along a leading axis of size num_layers. dtype float32 or bfloat16.
-  config.json         the complete run config (model, data, tokenizer, schedule, ...), so that the
+  config.json         the complete run config (model, data, tokenizer, schedule, ...; for a
+                      distillation run, with the sections it took from its base run), so that the
                       model, data pipeline and sampler can be rebuilt exactly as in the workdir.
   tokenizer.model     the run's SentencePiece model (text sources only; Markov data has none).
   export_info.json    {"format": "cfmjax-export", "version": 1, "step", "dtype", "num_params",
-                       "source_workdir", "objective"}.
+                       "source_workdir", "objective", "vocab_size"} (vocab_size since schema 4).
 
 The files are open formats (safetensors, JSON, SentencePiece): any framework can read the weights.
 A bfloat16 export is loaded back as float32 parameters holding the bf16-rounded values.
@@ -29,7 +30,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from safetensors import numpy as safetensors_np
 
-from cfmjax.run import configs
+from cfmjax.run import configs, schema
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,15 @@ def write(exp, params, step: int, workdir: str, out: str, dtype: str = "float32"
   tensors = flatten_params(params, dtype)
   info = {"format": FORMAT, "version": 1, "step": int(step), "dtype": dtype,
           "num_params": int(sum(t.size for t in tensors.values())),
-          "source_workdir": os.path.abspath(workdir), "objective": exp.config.objective}
+          "source_workdir": os.path.abspath(workdir), "objective": exp.config.objective,
+          "vocab_size": exp.vocab_size}
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     safetensors_np.save_file(tensors, os.path.join(out, PARAMS_FILE),
                              metadata={"format": FORMAT, "step": str(step), "dtype": dtype})
     os.chmod(os.path.join(out, PARAMS_FILE), 0o644)  # safetensors writes 0600; exports are for sharing
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      saved_config = json.load(f)
+    # The config the run trained with (loading.load_config): an export has no run.json to complete it.
+    saved_config = dict(json.loads(exp.config.to_json_best_effort()), **{schema.KEY: schema.VERSION})
     tokenizer = os.path.join(workdir, TOKENIZER_FILE)
     if os.path.exists(tokenizer):
       shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))

@@ -18,29 +18,34 @@ import jax.numpy as jnp
 from cfmjax import objectives
 from cfmjax.models import model as model_lib
 from cfmjax.objectives import frozen_teacher
-from cfmjax.run import experiment, loading
+from cfmjax.run import configs, experiment, loading
 
 log = logging.getLogger(__name__)
 
 
+def base_sections(base_config) -> dict:
+  """The sections a distillation run takes from its base run's config, as plain values."""
+  return {"model": base_config.model.to_dict(), "data": base_config.data.to_dict(),
+          "flow": {"schedule": base_config.flow.schedule,
+                   "prompt": base_config.flow.prompt.to_dict()}}  # a conditional base, a conditional map
+
+
 def inherit_base_config(config, workdir: str):
-  """Copies model, data and schedule settings from the base run named by `config.init_from`."""
+  """(the config to run, the sections taken): `config` with the model, data and schedule settings of
+  the base run named by `config.init_from`. `config` itself is left as the user wrote it (config.json
+  records it); the sections go to run.json (run_record.py), where loading finds them again."""
   base = loading.load_config(config.init_from)  # a workdir or an export; raises clearly for anything else
-  with config.unlocked():
-    config.model = base.model
-    config.data = base.data
-    config.flow.schedule = base.flow.schedule
-    config.flow.prompt = base.flow.prompt  # a conditional base gives a conditional flow map
-    tokenizer = os.path.join(config.init_from, "tokenizer.model")
-    if os.path.exists(tokenizer):
-      os.makedirs(workdir, exist_ok=True)
-      local = os.path.join(workdir, "tokenizer.model")
-      if jax.process_index() == 0 and not os.path.exists(local):
-        shutil.copyfile(tokenizer, local)
-      config.data.tokenizer.model_path = os.path.abspath(tokenizer)
+  sections = base_sections(base)
+  tokenizer = os.path.join(config.init_from, "tokenizer.model")
+  if os.path.exists(tokenizer):
+    os.makedirs(workdir, exist_ok=True)
+    local = os.path.join(workdir, "tokenizer.model")
+    if jax.process_index() == 0 and not os.path.exists(local):
+      shutil.copyfile(tokenizer, local)
+    sections["data"]["tokenizer"]["model_path"] = os.path.abspath(tokenizer)
   log.info("distilling from %s: model, data and schedule (%s) taken from its config",
-           config.init_from, config.flow.schedule)
-  return config
+           config.init_from, base.flow.schedule)
+  return configs.with_sections(config, sections), sections
 
 
 def load_base_params(exp: experiment.Experiment):

@@ -51,7 +51,7 @@ def make_generator(exp: experiment.Experiment, sampling: Sampling, *, conditiona
                      "with distill.guidance has its ω built in")
   if guidance is not None and not conditional:
     raise ValueError("--guidance needs a prompt (--prompt, --prompts_file or --prompt_len)")
-  if guidance is not None and not exp.config.model.get("prompt_flag", False):
+  if guidance is not None and not exp.model_config.prompt_flag:
     raise ValueError("--guidance needs a model trained with prompts (flow.prompt.max_len > 0); this one can "
                      "be prompted (by inpainting) but not guided")
   if renoise and sampler != "flowmap":

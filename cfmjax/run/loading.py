@@ -18,12 +18,9 @@ import os
 import jax
 import numpy as np
 
-from cfmjax.run import checkpointing, configs, experiment, export
+from cfmjax.run import checkpointing, configs, experiment, export, run_record
 
 log = logging.getLogger(__name__)
-
-WORKDIR_CONFIG = "config.json"
-
 
 def kind(path: str) -> str:
   """'export' for a directory written by `cfmjax export`, 'workdir' for a training workdir.
@@ -36,7 +33,7 @@ def kind(path: str) -> str:
       raise FileNotFoundError(f"{path} looks like an exported checkpoint but lacks {', '.join(missing)}: "
                               f"export it again with `cfmjax export --workdir=W --out={path}`")
     return "export"
-  if os.path.exists(os.path.join(path, WORKDIR_CONFIG)) and os.path.isdir(os.path.join(path, "checkpoints")):
+  if os.path.exists(os.path.join(path, run_record.CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints")):
     return "workdir"
   raise FileNotFoundError(
       f"{path} is neither an exported checkpoint ({', '.join(export.FILES)}, written by `cfmjax export`) "
@@ -44,21 +41,39 @@ def kind(path: str) -> str:
 
 
 def load_config(path: str):
-  """The run config saved in a workdir or an export (an export's tokenizer is the copy inside it)."""
+  """The config a run trained with: a workdir's config.json (the request) with the sections a
+  distillation took from its base run (run.json's `from_base`, run_record.py), or an export's
+  config.json (complete; its tokenizer is the copy inside it)."""
   if kind(path) == "export":
     return export.load_config(path)
-  with open(os.path.join(path, WORKDIR_CONFIG)) as f:
-    return configs.from_saved(json.load(f))
+  with open(os.path.join(path, run_record.CONFIG_FILE)) as f:
+    config = configs.from_saved(json.load(f))
+  start = run_record.latest_start(path)
+  if start and start.get("from_base"):
+    config = configs.with_sections(config, start["from_base"])
+  return config
 
 
-def fit_mesh_to_devices(config):
-  """Lets the data axis absorb all devices when the saved mesh does not fit this machine."""
-  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
-  if -1 not in sizes and int(np.prod(sizes)) != jax.device_count():
+def saved_vocab_size(path: str) -> int | None:
+  """The vocabulary the run at `path` trained with, from what it recorded (None: nothing recorded)."""
+  start = run_record.latest_start(path) if kind(path) == "workdir" else None
+  if start and "vocab_size" in start:
+    return int(start["vocab_size"])
+  if kind(path) == "export" and "vocab_size" in export.read_info(path):
+    return int(export.read_info(path)["vocab_size"])
+  with open(os.path.join(path, run_record.CONFIG_FILE)) as f:  # written before schema 4: in the config
+    vocab = json.load(f).get("model", {}).get("vocab_size", -1)
+  return int(vocab) if vocab > 0 else None
+
+
+def mesh_for_this_machine(mesh_config) -> dict:
+  """The saved mesh, or data=-1, fsdp=1, tensor=1 when it does not fit this machine's devices."""
+  sizes = {a: int(mesh_config[a]) for a in ("data", "fsdp", "tensor")}
+  if -1 not in sizes.values() and int(np.prod(list(sizes.values()))) != jax.device_count():
     log.info("saved mesh %s does not fit %d devices; using data=-1, fsdp=1, tensor=1",
              sizes, jax.device_count())
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  return config
+    return {"data": -1, "fsdp": 1, "tensor": 1}
+  return sizes
 
 
 def restore_params(path: str, abstract_state, step: int | str | None = None):
@@ -98,7 +113,7 @@ def load(path: str, step: int | str | None = None):
   devices than the saved mesh, the data axis absorbs the difference, since inference needs no
   particular layout.
   """
-  config = fit_mesh_to_devices(load_config(path))
-  exp = experiment.build(config, path)
+  config = load_config(path)
+  exp = experiment.build(config, path, mesh_shape=mesh_for_this_machine(config.mesh))
   params, step = restore_params(path, exp.abstract_state, step)
   return exp, params, step

@@ -7,19 +7,10 @@ changed under a checkpoint would otherwise surface as an opaque shape error deep
 
 from __future__ import annotations
 
-import json
 import os
 
 from cfmjax import objectives
-
-
-
-def _saved_vocab(run_dir: str) -> int | None:
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f).get("model", {}).get("vocab_size")
+from cfmjax.run import loading
 
 
 def _has_checkpoints(run_dir: str) -> bool:
@@ -30,16 +21,16 @@ def _has_checkpoints(run_dir: str) -> bool:
 def check_vocab_matches_checkpoints(exp, workdir: str) -> None:
   """The data's vocabulary must match the checkpoints this run resumes or starts from."""
   vocab = exp.vocab_size
-  saved = _saved_vocab(workdir)
-  if saved not in (None, -1, vocab) and _has_checkpoints(workdir):
+  saved = loading.saved_vocab_size(workdir) if _has_checkpoints(workdir) else None
+  if saved not in (None, vocab):
     raise ValueError(
         f"{workdir} holds checkpoints of a model with a vocabulary of {saved} tokens, but this run's "
         f"data/tokenizer gives {vocab} (data.source={exp.config.data.source!r}). Resume with the data and "
         "tokenizer settings in its config.json, or use a new --workdir.")
   init_from = exp.config.get("init_from", "")
   if objectives.get(exp.config).starts_from_base(exp.config) and init_from:
-    base = _saved_vocab(init_from)
-    if base not in (None, -1, vocab):
+    base = loading.saved_vocab_size(init_from)
+    if base not in (None, vocab):
       raise ValueError(
           f"init_from={init_from} was trained with a vocabulary of {base} tokens, but this run's "
           f"tokenizer gives {vocab}: its checkpoint cannot be loaded. Use the base run's tokenizer "

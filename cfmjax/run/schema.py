@@ -18,12 +18,18 @@ Versions:
   3  guided and fixed-point distillation keep their frozen base network beside the parameters
      (state["frozen_teacher"]), not inside them (params["frozen_teacher"], with EMA and Adam copies);
      checkpointing.py moves it when it restores an older checkpoint. config.json as in 2.
+  4  config.json records only what the user asked for: `model.vocab_size` and `model.prompt_flag`
+     are no longer keys (the data and flow.prompt decide them), and a distillation run's config.json
+     no longer holds its base run's model, data and flow sections: run.json does, as the latest
+     start's `from_base` (run_record.py). Older config.json files hold both and load as they are,
+     the two keys dropped. Checkpoints as in 3. run.json entries carry their own `schema_version`,
+     so a later change to what `from_base` holds can migrate it.
 """
 
 from __future__ import annotations
 
 KEY = "schema_version"
-VERSION = 3
+VERSION = 4
 
 # Config keys whose default changed after they were added, with the value a run had before the
 # key existed: a version-0 workdir written then must load as it trained, not with today's default.
@@ -49,7 +55,13 @@ def _config_1_to_2(saved: dict) -> dict:
   return saved
 
 
-_CONFIG_MIGRATIONS = {0: _config_0_to_1, 1: _config_1_to_2, 2: dict}  # version k -> k + 1 (3: checkpoints only)
+def _config_3_to_4(saved: dict) -> dict:
+  model = {k: v for k, v in saved.get("model", {}).items() if k not in ("vocab_size", "prompt_flag")}
+  return dict(saved, model=model)
+
+
+# version k -> k + 1 (2 -> 3 changed checkpoints only)
+_CONFIG_MIGRATIONS = {0: _config_0_to_1, 1: _config_1_to_2, 2: dict, 3: _config_3_to_4}
 
 
 def _version(record: dict, what: str) -> int:
@@ -71,7 +83,7 @@ def migrate_config(saved: dict, what: str = "config.json") -> dict:
 
 def check_checkpoint(data: dict, what: str) -> int:
   """The version of a checkpoint from its data item (refusing newer ones). Versions 0 to 2 hold the
-  same state tree; the state keys added later (checkpointing._ADDED_STATE_KEYS) restore as zeros, and
+  same state tree, and 3 and 4 another; the state keys added later (checkpointing._ADDED_STATE_KEYS) restore as zeros, and
   a frozen teacher saved inside the parameters (versions up to 2) is moved out on restore
   (checkpointing.Checkpointer.restore)."""
   return _version(data, what)

@@ -29,7 +29,7 @@ from cfmjax import objectives
 from cfmjax.data import pipeline
 from cfmjax.models import model as model_lib
 from cfmjax.objectives import frozen_teacher
-from cfmjax.run import experiment
+from cfmjax.run import configs, experiment
 from cfmjax.training import train
 
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -62,21 +62,20 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def vocab_size_of(config) -> int:
   """The vocabulary the data would give, read from the config (no tokenizer is trained or loaded)."""
-  if config.model.vocab_size > 0:
-    return int(config.model.vocab_size)
   if config.data.source == "markov":
     return int(config.data.markov.vocab_size)
   # Text sources: the SentencePiece size asked for (a tiny corpus may end up with fewer pieces).
   return int(config.data.tokenizer.vocab_size)
 
 
-def abstract_experiment(config, devices):
-  """An Experiment whose data is a stand-in carrying only the vocabulary size (nothing is read)."""
-
+def abstract_experiment(config, devices, mesh_sizes=None):
+  """An Experiment whose data is a stand-in carrying only the vocabulary size (nothing is read);
+  `mesh_sizes` (data, fsdp, tensor): the mesh to lay it out on instead of config.mesh."""
   data = pipeline.Data(source_name=config.data.source, seq_len=config.data.seq_len,
                        vocab_size=vocab_size_of(config), tokenizer=None, markov=None,
                        stats={"abstract": True})
-  return experiment.build(config, None, devices, data=data)
+  mesh_shape = None if mesh_sizes is None else dict(zip(("data", "fsdp", "tensor"), mesh_sizes))
+  return experiment.build(config, None, devices, data=data, mesh_shape=mesh_shape)
 
 
 def _bytes_per_device(tree) -> int:
@@ -94,12 +93,9 @@ def sharding_table(config, mesh_sizes, devices=None) -> dict:
   train state on a (data, fsdp, tensor) mesh, from shapes only (nothing is compiled or allocated).
   Committed for owt_1p7b on 4x8x2 (tests/golden/): a change of sharding shows up in review."""
 
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.init_from = ""
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_sizes
+  config = configs.override(config.copy_and_resolve_references(), {"init_from": ""})  # shapes only
   num = mesh_sizes[0] * mesh_sizes[1] * mesh_sizes[2]
-  exp = abstract_experiment(config, list(devices if devices is not None else jax.devices())[:num])
+  exp = abstract_experiment(config, list(devices if devices is not None else jax.devices())[:num], mesh_sizes)
   table = {}
   for part in ("params", "opt_state"):
     for path, leaf in jax.tree_util.tree_flatten_with_path(exp.abstract_state[part])[0]:
@@ -110,22 +106,18 @@ def sharding_table(config, mesh_sizes, devices=None) -> dict:
 
 def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -> dict:
   """Lowers and compiles `config`'s train step on a (data, fsdp, tensor) mesh; returns the report."""
-
-
   config = config.copy_and_resolve_references()
   stage = stage or objectives.stage(config)
-  with config.unlocked():
-    if stage != objectives.stage(config):  # a base config's distillation step is PSD's
-      config.objective = "psd" if stage == "distill" else "flow"
-    if stage == "distill":
-      # Only the step is compiled: no base run to start from is needed (the step is the same one).
-      config.init_from = ""
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_sizes
+  if stage != objectives.stage(config):  # a base config's distillation step is PSD's
+    config = configs.override(config, {"objective": "psd" if stage == "distill" else "flow"})
+  if stage == "distill":
+    # Only the step is compiled: no base run to start from is needed (the step is the same one).
+    config = configs.override(config, {"init_from": ""})
   num = mesh_sizes[0] * mesh_sizes[1] * mesh_sizes[2]
   devices = list(devices if devices is not None else jax.devices())
   if len(devices) < num:
     raise ValueError(f"mesh {mesh_sizes} needs {num} devices, JAX has {len(devices)}")
-  exp = abstract_experiment(config, devices[:num])
+  exp = abstract_experiment(config, devices[:num], mesh_sizes)
   batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32,
                                sharding=exp.batch_sharding)
   step_fn = train.make_train_step(exp)
@@ -137,7 +129,7 @@ def compile_report(config, mesh_sizes, stage: str | None = None, devices=None) -
     t2 = time.perf_counter()
   mem = compiled.memory_analysis()
   state = exp.abstract_state
-  step_flops = objectives.step_flops(exp.config)
+  step_flops = objectives.step_flops(exp.config, vocab=exp.vocab_size)
   num_params = model_lib.count_params(state["params"])
   gib = 2.0 ** 30
   report = {

@@ -13,12 +13,9 @@ SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, writes a check
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import logging
 import os
 import signal
-import subprocess
 import time
 
 import jax
@@ -30,9 +27,9 @@ from jax._src import distributed as jax_distributed  # the coordination-service 
 from cfmjax import objectives
 from cfmjax.data import pipeline
 from cfmjax.evaluation import diagnostics
-from cfmjax.models import flops as flops_lib, model as model_lib, state_space
+from cfmjax.models import flops as flops_lib, model as model_lib
 from cfmjax.objectives import frozen_teacher
-from cfmjax.run import checkpointing, experiment, handoff, metrics as metrics_lib, preflight, schema
+from cfmjax.run import checkpointing, experiment, handoff, metrics as metrics_lib, preflight, run_record
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +37,6 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(RuntimeError):
   pass
 
-
-ON_NONFINITE = ("stop", "skip")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,83 +167,6 @@ def check_finite(step: int, metrics: dict, params, ckpt) -> None:
       "data, or set --config.train.on_nonfinite=skip to drop such updates and count them.")
 
 
-# ----------------------------------------------------------------------------------------------
-# Workdir bookkeeping.
-
-RUN_RECORD = "run.json"
-
-
-def write_config(config, workdir: str):
-  """Writes config.json; on resume, logs which settings differ from the saved run."""
-  path = os.path.join(workdir, "config.json")
-  new = dict(json.loads(config.to_json_best_effort()), **{schema.KEY: schema.VERSION})
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    old.setdefault(schema.KEY, 0)  # a workdir written before the schema (schema.py)
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    changed = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
-    if changed:
-      log.warning("config differs from the one saved in %s: %s", path,
-                      ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed))
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-
-
-def _git_commit() -> str | None:
-  """The commit of the cfmjax checkout this runs from (None outside a git checkout)."""
-  try:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         capture_output=True, text=True, timeout=10, check=False)
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return out.stdout.strip() or None
-
-
-def append_run_record(exp: experiment.Experiment, workdir: str, start_step: int):
-  """Appends this start of the run to run.json: what config.json does not say because it was
-  derived or depends on the machine (resolved state space, mesh actually used, devices, versions,
-  commit), one entry per start, so a run resumed elsewhere keeps the history of where it ran."""
-  path = os.path.join(workdir, RUN_RECORD)
-  record = {"starts": []}
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
-  m = exp.model_config
-  record["starts"].append({
-      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": int(start_step),
-      schema.KEY: schema.VERSION, "objective": exp.config.objective, "base_run": exp.config.init_from or None,
-      "vocab_size": exp.vocab_size, "prompt_flag": bool(m.prompt_flag),
-      "state_space": state_space.resolve(exp.config.model.state_space, exp.vocab_size, m.d_model),
-      "mesh": {k: int(v) for k, v in exp.mesh.shape.items()}, "devices": int(exp.mesh.size),
-      "processes": jax.process_count(), "device_kind": exp.mesh.devices.flat[0].device_kind,
-      "versions": {name: importlib.metadata.version(name)
-                   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")},
-      "git_commit": _git_commit()})
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(record, f, indent=2)
-
-
-def write_data_stats(stats: dict, workdir: str):
-  """What data preparation counted (documents, skipped bad bytes, empty documents...), for people."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
-      json.dump(stats, f, indent=2, sort_keys=True, default=str)
-  log.info("data: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if not isinstance(v, dict)))
-
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 class StopRequest:
   """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
 
@@ -338,16 +256,14 @@ def train(config, workdir: str, devices=None) -> dict:
   # --- Setup --------------------------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
   objective = objectives.get(config)
+  request, from_base = config, None  # config.json records the request; run.json what was derived
   # Validated by experiment.build below, after a distillation has taken its model from the base run.
   if objective.base_run(config):
-    config = handoff.inherit_base_config(config, workdir)
+    config, from_base = handoff.inherit_base_config(config, workdir)
   exp = experiment.build(config, workdir, devices)
-  if exp.config.train.get("on_nonfinite", "stop") not in ON_NONFINITE:
-    raise ValueError(f"unknown train.on_nonfinite={exp.config.train.on_nonfinite!r}; choose one of "
-                     f"{ON_NONFINITE}")
   preflight.check_vocab_matches_checkpoints(exp, workdir)
-  write_config(exp.config, workdir)
-  write_data_stats(exp.data.stats, workdir)
+  run_record.write_config(request, workdir)
+  run_record.write_data_stats(exp.data.stats, workdir)
   cfg = exp.config.train
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir)
@@ -371,7 +287,7 @@ def train(config, workdir: str, devices=None) -> dict:
     start = 0
   log.info("model: %s parameters, vocab %d, seq_len %d", f"{model_lib.count_params(state['params']):,}",
            exp.vocab_size, exp.config.data.seq_len)
-  append_run_record(exp, workdir, start)
+  run_record.append_start(exp, workdir, start, from_base)
   if start >= cfg.num_steps:
     log.info("already at step %d of %d: nothing to do (raise --config.train.num_steps to continue)",
              start, cfg.num_steps)
@@ -388,7 +304,7 @@ def train(config, workdir: str, devices=None) -> dict:
   # --- Loop ---------------------------------------------------------------------------------
   tokens_per_step = cfg.batch_size * exp.config.data.seq_len
   # Model FLOPs per step (MFU convention, cfmjax/models/flops.py) and the device's peak (None: MFU is null).
-  flops_per_step = objectives.step_flops(exp.config)["total"]
+  flops_per_step = objectives.step_flops(exp.config, vocab=exp.vocab_size)["total"]
   peak = flops_lib.device_peak(exp.mesh.devices.flat[0], exp.config.model.dtype, num_devices=exp.mesh.size)
   log.info("MFU peak per device: %s (%s)", f"{peak.flops:.3g} FLOP/s" if peak.flops else "unknown", peak.source)
   progress = metrics_lib.Progress(cfg.num_steps, tokens_per_step, start_step=start)
