@@ -24,8 +24,7 @@ import pytest
 
 from cfmjax import objectives
 from cfmjax.data import store
-from cfmjax.models import state_space
-from cfmjax.run import configs
+from cfmjax.run import configs, loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, "experiments")
@@ -191,7 +190,9 @@ def _check_step(workdir, expect_stage):
   assert record["model_tflops_per_sec_per_device"] > 0  # the FLOP count ran (fixed_point crashed here)
   saved = json.loads(open(os.path.join(workdir, "config.json")).read())
   assert objectives.stage(configs.from_saved(saved)) == expect_stage
-  return record, saved
+  # What the run used: the request with a distillation's base sections (run.json), and what it derived.
+  start = json.loads(open(os.path.join(workdir, "run.json")).read())["starts"][-1]
+  return record, saved, loading.load_config(workdir), start
 
 
 @pytest.mark.slow
@@ -199,18 +200,17 @@ def _check_step(workdir, expect_stage):
 def test_one_step_of_every_config(runs, rel):
   c = load(rel)
   workdir = runs(rel)
-  record, saved = _check_step(workdir, objectives.stage(c))
+  record, saved, used, start = _check_step(workdir, objectives.stage(c))
   if objectives.stage(c) == "distill":
     assert saved["init_from"] and saved["objective"] == c.objective
     if c.objective == "fixed_point":
-      assert "fixed_point_kl" in record and saved["model"]["self_condition"]
+      assert "fixed_point_kl" in record and used.model.self_condition
     else:
       assert "consistency_kl" in record
   if rel.startswith(("base_flow/text_tiny", "conditional/text_tiny")) or rel == "flow_map/text_tiny_psd.py":
     # The README's main job, and the conditioned features on its corpus (prompts, self-conditioning,
     # fixed-point distillation), run in embedding space (V = 64 > d_model = 32 under 'auto').
-    assert state_space.resolve(saved["model"]["state_space"], saved["model"]["vocab_size"],
-                               saved["model"]["d_model"]) == "embedding"
+    assert start["state_space"] == "embedding" and start["vocab_size"] > used.model.d_model
   if c.objective == "ar":
     assert saved["objective"] == "ar" and "causal" not in saved["model"]
 
@@ -220,9 +220,7 @@ def test_one_step_of_every_config(runs, rel):
 def test_one_step_of_each_variant(runs, name):
   rel, base, overrides = VARIANTS[name]
   workdir = runs(rel, base=base, overrides=overrides, name=name)
-  record, saved = _check_step(workdir, "distill")
-  assert saved["distill"]["guidance"] == overrides["distill.guidance"] and saved["flow"]["prompt"]["max_len"] > 0
-  assert "consistency_kl" in record
-  model = saved["model"]
-  space = state_space.resolve(model["state_space"], model["vocab_size"], model["d_model"])
-  assert space == ("embedding" if name.endswith("_text") else "vocab")
+  record, saved, used, start = _check_step(workdir, "distill")
+  assert saved["distill"]["guidance"] == overrides["distill.guidance"] and used.flow.prompt.max_len > 0
+  assert "consistency_kl" in record and start["prompt_flag"]
+  assert start["state_space"] == ("embedding" if name.endswith("_text") else "vocab")
