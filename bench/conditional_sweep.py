@@ -53,7 +53,7 @@ def main():
     prompt = (jnp.asarray(tokens), jnp.asarray(mask))
   guidances = floats(args.guidance) or [None]
   self_conds = [bool(int(v)) for v in args.self_condition.split(",") if v.strip()] or [
-      bool(exp.config.model.self_condition) and exp.config.sample.self_condition]
+      bool(exp.config.model.self_condition) and exp.config.sample.feed_back_estimate]
 
   # The run's own state space, as `cfmjax sample` uses it: embedding space where configured, and a
   # model trained without prompts is prompted by inpainting.

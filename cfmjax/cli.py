@@ -58,7 +58,7 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", None, "sample: tokens per gener
                                    "the rest of the window after the prompt).")
 _NUM_BLOCKS = flags.DEFINE_integer("num_blocks", 1, "sample: blocks generated one after another.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance ω for the Euler sampler "
-                               "(0 unconditional, 1 conditional); default: sample.guidance (< 0: off).")
+                               "(0 unconditional, 1 conditional; < 0: off); default: sample.guidance (unset: off).")
 _RENOISE = flags.DEFINE_float("renoise", None, "Flow-map sampler: CTM-style renoising η in [0, 1] "
                               "(0 deterministic); default: sample.renoise.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "eval: condition on the first N tokens of held-out "
@@ -237,9 +237,9 @@ def _steps_for(exp, sampler: str, default, allow_none: bool = False) -> list[int
 
 
 def _guidance_and_renoise(cfg):
-  guidance = _GUIDANCE.value if _GUIDANCE.value is not None else cfg.get("guidance", -1.0)
-  renoise = _RENOISE.value if _RENOISE.value is not None else cfg.get("renoise", 0.0)
-  return (None if guidance < 0 else guidance), renoise
+  guidance = _GUIDANCE.value if _GUIDANCE.value is not None else cfg.guidance
+  renoise = _RENOISE.value if _RENOISE.value is not None else cfg.renoise
+  return (None if guidance is None or guidance < 0 else guidance), renoise
 
 
 def _read_prompts(tokenizer) -> list[list[int]] | None:

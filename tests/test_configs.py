@@ -79,6 +79,23 @@ def test_workdirs_older_than_a_changed_default_load_as_they_trained():
     configs.from_saved(dict(saved, **{schema.KEY: schema.VERSION + 1}))
 
 
+def test_a_version_3_config_reads_without_its_derived_keys_and_placeholders():
+  """Schema 4: config.json holds no derived values, and no -1 standing for "unset"."""
+  v3 = configs.base_config().to_dict()
+  v3["model"].update(vocab_size=12, prompt_flag=True)
+  v3["sample"]["self_condition"] = False
+  del v3["sample"]["feed_back_estimate"]
+  v3.update(init_step=-1, **{schema.KEY: 3})
+  v3["sample"]["guidance"] = -1.0
+  config = configs.from_saved(v3)
+  assert "vocab_size" not in config.model and "prompt_flag" not in config.model
+  assert config.sample.feed_back_estimate is False and "self_condition" not in config.sample
+  assert config.init_step is None and config.sample.guidance is None
+  v3.update(init_step=5)
+  v3["sample"]["guidance"] = 1.5
+  assert (configs.from_saved(v3).init_step, configs.from_saved(v3).sample.guidance) == (5, 1.5)
+
+
 def test_override_refuses_a_key_that_does_not_exist():
   c = configs.base_config()
   with pytest.raises(KeyError, match="model.posterior_inptu"):

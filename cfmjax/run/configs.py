@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from cfmjax.data import pipeline
 from cfmjax.parallel import sharding
@@ -29,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   # `cfmjax train` — or psd | lsd | esd (flow-map distillation) | fixed_point — by `cfmjax distill`.
   c.objective = "flow"
   c.init_from = ""  # distill: a base-flow workdir (or exported checkpoint) to start from
-  c.init_step = -1  # its checkpoint step; -1 = latest
+  c.init_step = config_dict.placeholder(int)  # its checkpoint step; unset (None): the latest
 
   c.data = pipeline.default_data_config()
 
@@ -151,10 +152,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.steps = 128
   c.sample.num_samples = 16
   c.sample.batch_size = 64
-  c.sample.guidance = -1.0  # < 0: no classifier-free guidance (conditional sampler); else ω
-  # Euler sampling of a self-conditioned model feeds back the last estimate; a fixed-point-distilled
-  # student (fixed_point.py) answers for the limit in one pass and is sampled with μ̂ = 0 (False).
-  c.sample.self_condition = True
+  c.sample.guidance = config_dict.placeholder(float)  # ω of classifier-free guidance; unset (None): none
+  # Euler sampling of a self-conditioned model (model.self_condition) feeds the last estimate μ̂ back
+  # in; a fixed-point-distilled student (fixed_point.py) answers for the limit in one pass and is
+  # sampled with μ̂ = 0 (False). No effect on a model without self-conditioning.
+  c.sample.feed_back_estimate = True
   c.sample.renoise = 0.0  # flow-map sampler: CTM-style renoising η in [0, 1]; 0 = deterministic
   # Euler / flow-map sampler state and affine updates: "float32" | "float64" (the network keeps its
   # own dtype; samplers.py). Overridden by `--sample_precision` on sample / eval.

@@ -60,7 +60,7 @@ def load_base_params(exp: experiment.Experiment):
   base_init_fn, _ = base_objective.attach(base_init_fn, base_apply_fn, base_config)
   abstract, _ = experiment.state_layout(base_init_fn, base_optimizer, exp.mesh, exp.rules,
                                         config.data.seq_len, base_objective.needs_frozen_base(base_config))
-  step = None if config.init_step < 0 else config.init_step
+  step = config.init_step  # None: the latest
   params, step = loading.restore_params(config.init_from, abstract, step)
   log.info("initialised from %s step %d (EMA parameters)", config.init_from, step)
   return params

@@ -59,7 +59,7 @@ def make_generator(exp: experiment.Experiment, sampling: Sampling, *, conditiona
   if sampler == "ar" and (guidance is not None or renoise):
     raise ValueError("--guidance and --renoise apply to the flow samplers (euler / flowmap), not ar")
   length, vocab = exp.config.data.seq_len, exp.vocab_size
-  self_condition = bool(exp.config.model.get("self_condition", False)) and exp.config.sample.self_condition
+  self_condition = bool(exp.config.model.get("self_condition", False)) and exp.config.sample.feed_back_estimate
 
   space = None if sampler == "ar" else state_space.from_config(exp.apply_fn, vocab, exp.config)
 

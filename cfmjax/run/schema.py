@@ -22,7 +22,9 @@ Versions:
      are no longer keys (the data and flow.prompt decide them), and a distillation run's config.json
      no longer holds its base run's model, data and flow sections: run.json does, as the latest
      start's `from_base` (run_record.py). Older config.json files hold both and load as they are,
-     the two keys dropped. Checkpoints as in 3. run.json entries carry their own `schema_version`,
+     the two keys dropped. Keys that meant two things or held -1 for "unset" were renamed or made
+     unset-able: `sample.self_condition` -> `sample.feed_back_estimate` (model.self_condition is the
+     model's input), `sample.guidance` and `init_step` are None when unset (were < 0 / -1). Checkpoints as in 3. run.json entries carry their own `schema_version`,
      so a later change to what `from_base` holds can migrate it.
 """
 
@@ -57,7 +59,13 @@ def _config_1_to_2(saved: dict) -> dict:
 
 def _config_3_to_4(saved: dict) -> dict:
   model = {k: v for k, v in saved.get("model", {}).items() if k not in ("vocab_size", "prompt_flag")}
-  return dict(saved, model=model)
+  sample = dict(saved.get("sample", {}))
+  if "self_condition" in sample:
+    sample["feed_back_estimate"] = sample.pop("self_condition")
+  if sample.get("guidance") is not None and sample["guidance"] < 0:
+    sample["guidance"] = None
+  init_step = saved.get("init_step")
+  return dict(saved, model=model, sample=sample, init_step=None if init_step is None or init_step < 0 else init_step)
 
 
 # version k -> k + 1 (2 -> 3 changed checkpoints only)

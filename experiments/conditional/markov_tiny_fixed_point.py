@@ -9,7 +9,7 @@
   cfmjax eval    --workdir=/tmp/markov_fp_psd --sampler=flowmap --steps=1,2,4,8
 
 The student's single pass (μ̂ = 0) learns the limit of the frozen base's self-conditioning
-iteration; it is then sampled with μ̂ = 0 (sample.self_condition = False) and distilled into a
+iteration; it is then sampled with μ̂ = 0 (sample.feed_back_estimate = False) and distilled into a
 flow map by the ordinary PSD stage.
 
 Measured on a saturated machine, so with shortened stages: base cut at step 350 of 1200,
@@ -33,7 +33,7 @@ def get_config():
   c = as_distillation(base, "fixed_point", num_steps=400, lr=3e-4, warmup_steps=50, ema_decay=0.99,
                       gap_warmup_steps=0)
   c.distill.fixed_point_iters = 1
-  c.sample.self_condition = False
+  c.sample.feed_back_estimate = False
   c.eval.steps = "128,16,4"
   c.train.log_every = 25
   c.train.checkpoint_every = 200

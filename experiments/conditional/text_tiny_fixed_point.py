@@ -19,6 +19,6 @@ def get_config():
   base = from_file(os.path.join(os.path.dirname(__file__), "text_tiny_selfcond.py"))
   c = as_distillation(base, "fixed_point", num_steps=300, lr=3e-4, warmup_steps=50, ema_decay=0.99,
                       gap_warmup_steps=0)
-  c.sample.self_condition = False
+  c.sample.feed_back_estimate = False
   c.eval.steps = "128,16,4"
   return c
