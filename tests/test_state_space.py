@@ -101,7 +101,7 @@ def test_conditioning_is_the_same_in_either_space(conditioned_net):
       np.testing.assert_array_equal(np.asarray(tokens)[np.asarray(mask)], np.asarray(prompt_tokens)[np.asarray(mask)])
       _close(mu_w, np.asarray(ref_mu) @ w, atol=1e-5)
     if not flag:
-      with pytest.raises(ValueError, match="prompt_flag=False"):
+      with pytest.raises(ValueError, match="no prompt flag"):
         samplers.euler_sample(vocab.bind(params), jax.random.key(3), (BATCH, LENGTH, VOCAB), schedule, 2,
                               conditioning=samplers.Conditioning(prompt, guidance=1.5))
   tokens = jax.random.randint(jax.random.key(8), (BATCH, LENGTH), 0, VOCAB)

@@ -3,7 +3,8 @@
 A prompt is a pair (tokens [B, L] int32, mask [B, L] bool): row b's prompt is tokens[b][mask[b]],
 a prefix (mask True on positions 0 .. P_b − 1). Prompt positions hold the clean one-hot (γ = 1),
 are never noised and carry no loss; the network is told where they are by `prompt_mask`, which
-adds a learned vector to those positions (model.prompt_flag).
+adds a learned vector to those positions (the prompt flag, ModelConfig.prompt_flag: on whenever
+flow.prompt.max_len > 0).
 
 The unconditional input (prompt dropped, classifier-free guidance): prompt positions hold the zero
 vector and the mask is off. Zero is a value a noisy state x_γ = (1 − γ) ε + γ x1 takes with

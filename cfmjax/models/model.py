@@ -488,7 +488,7 @@ class FlowTransformer(nn.Module):
       if prompt_mask is not None:
         h = h + prompt_mask[..., None].astype(dtype) * self.prompt_embed.astype(dtype)
     elif prompt_mask is not None:
-      raise ValueError("prompt_mask was given but model.prompt_flag is False (set flow.prompt.max_len > 0)")
+      raise ValueError("prompt_mask was given but ModelConfig.prompt_flag is False (train with flow.prompt.max_len > 0)")
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     cond = self.conditioning(tau_s, tau_t).astype(dtype)
     rope = rotary_tables(x.shape[1], cfg.head_dim)

@@ -507,7 +507,7 @@ class StateSpace:
   vocab_chunk: int = 0
   noise: str = "cholesky"
   dtype: str = "float32"  # the model's activation dtype (the chunked head matmul runs in it)
-  prompt_flag: bool = False  # the model was trained with prompts (model.prompt_flag): see `readout`
+  prompt_flag: bool = False  # the model was trained with prompts (ModelConfig.prompt_flag): see `readout`
 
   def _call(self, params, state, tau_s, tau_t, hidden=False, **conditioning):
     # conditioning: the model's prompt_mask= / self_cond= (prompting.py), passed only when given
@@ -619,7 +619,7 @@ class StateSpace:
 
     Conditioning (SPEC §8) is the same in either space, as data:
       `prompt` = (tokens, mask [B, L]): ψ is clamped to the clean state at the prompt positions,
-        so every affine update keeps them (or, for a model without model.prompt_flag, moves them
+        so every affine update keeps them (or, for a model without the prompt flag, moves them
         along x_γ = (1 − γ) ε + γ x1: inpainting). A prompt-trained model also sees the clean
         prompt and its flag there (`conditional_input`).
       `guidance` = ω: an unconditional pass (prompt positions zeroed, no flag) is mixed in,
@@ -695,7 +695,7 @@ class StateSpace:
       return [self.conditional_input(params, state, prompt)]
     if not self.prompt_flag:
       raise ValueError("guidance needs a model trained with prompts (flow.prompt.max_len > 0): this one "
-                       "has model.prompt_flag=False, so it can be prompted (inpainting) but not guided")
+                       "was trained without (no prompt flag), so it can be prompted (inpainting) but not guided")
     return [self.conditional_input(params, state, prompt), (prompting.unconditional_input(state, prompt[1]), {})]
 
   def clamp(self, params, state, prompt):
