@@ -126,7 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 64
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
-  c.train.on_nonfinite = "stop"  # one of ON_NONFINITE: NaN/Inf loss or gradient: stop (naming step and group) | skip the update
+  # A NaN/Inf loss or gradient (ON_NONFINITE): stop, naming the step and parameter group | skip the update.
+  c.train.on_nonfinite = "stop"
   # Periodic diagnostics of the EMA parameters (diagnostics.py), logged to metrics.jsonl / TensorBoard:
   # denoiser_ce (held-out CE averaged over λ = log SNR bins in [-9, 9]) and, for a Markov source,
   # exact_ce, context_free_ce, denoiser_gap and the exact gen_nll_per_token / gen_entropy of samples.

@@ -5,7 +5,9 @@ runs a step. The experiment holds the config frozen (an ml_collections FrozenCon
 after `build` can rewrite it) beside typed views of what the config does not say: the vocabulary
 the data gave and the model (`model_config`, a frozen dataclass with the prompt flag), the state
 space it resolves to, and the mesh actually used. run.json records those (run_record.py); the
-config itself stays what the user asked for. The train state is a plain dict so that Orbax, `jax.jit` shardings and humans all see the same tree:
+config itself stays what the user asked for.
+
+The train state is a plain dict so that Orbax, `jax.jit` shardings and humans all see the same tree:
 
   {"step": int32[], "params": ..., "ema_params": ..., "opt_state": ..., "rng": uint32[2],
    "skipped_steps": int32[],   # updates dropped for a non-finite loss/gradient (train.on_nonfinite)

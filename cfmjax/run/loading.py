@@ -22,6 +22,7 @@ from cfmjax.run import checkpointing, configs, experiment, export, run_record
 
 log = logging.getLogger(__name__)
 
+
 def kind(path: str) -> str:
   """'export' for a directory written by `cfmjax export`, 'workdir' for a training workdir.
 
@@ -56,13 +57,13 @@ def load_config(path: str):
 
 def saved_vocab_size(path: str) -> int | None:
   """The vocabulary the run at `path` trained with, from what it recorded (None: nothing recorded)."""
-  start = run_record.latest_start(path) if kind(path) == "workdir" else None
-  if start and "vocab_size" in start:
-    return int(start["vocab_size"])
-  if kind(path) == "export" and "vocab_size" in export.read_info(path):
-    return int(export.read_info(path)["vocab_size"])
-  with open(os.path.join(path, run_record.CONFIG_FILE)) as f:  # written before schema 4: in the config
-    vocab = json.load(f).get("model", {}).get("vocab_size", -1)
+  if kind(path) == "export":
+    vocab = export.read_info(path).get("vocab_size")
+  else:
+    vocab = (run_record.latest_start(path) or {}).get("vocab_size")
+  if vocab is None:  # written before schema 4, which kept it in config.json
+    with open(os.path.join(path, run_record.CONFIG_FILE)) as f:
+      vocab = json.load(f).get("model", {}).get("vocab_size", -1)
   return int(vocab) if vocab > 0 else None
 
 
