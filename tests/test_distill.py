@@ -10,7 +10,7 @@ import pytest
 
 from cfmjax import objectives
 from cfmjax.objectives import distill, frozen_teacher, loss_weights
-from cfmjax.run import configs, experiment, handoff, loading
+from cfmjax.run import configs, experiment, export, handoff, loading, run_record
 from cfmjax.training import train
 from tests.conftest import REPO_ROOT as REPO
 from tests.conftest import assert_same_tree, run_cli, tiny_config
@@ -45,6 +45,25 @@ def test_handoff_restores_the_base_ema_weights_exactly_onto_another_mesh(markov_
       assert_same_tree(state[frozen_teacher.STATE_KEY], base_ema)
 
 
+def test_a_distillation_records_its_request_and_the_base_sections_apart(markov_base, tmp_path):
+  """config.json keeps what was asked for; the base's sections go to run.json, and the loader merges
+  them back (schema 4): the flow map loads with the base's model, without the base run."""
+  workdir = tmp_path / "psd"
+  request = configs.override(configs.from_file(os.path.join(REPO, "experiments", "flow_map", "markov_tiny_psd.py")),
+                             {"init_from": str(markov_base[0]), "mesh.data": 8})
+  asked = json.loads(request.to_json_best_effort())
+  config, sections = handoff.inherit_base_config(request, str(workdir))
+  assert json.loads(request.to_json_best_effort()) == asked  # left as written
+  exp = experiment.build(config, None)
+  (workdir / "checkpoints").mkdir(parents=True)  # as `cfmjax train` makes it
+  run_record.write_config(request, str(workdir))
+  run_record.append_start(exp, str(workdir), 0, sections)
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["d_model"] == asked["model"]["d_model"] != 32 and "vocab_size" not in saved["model"]
+  assert loading.load_config(str(workdir)).model.d_model == exp.model_config.d_model == 32  # the base's
+  assert loading.saved_vocab_size(str(workdir)) == exp.vocab_size == 12
+
+
 def test_fixed_point_from_a_base_without_self_conditioning_is_refused_naming_the_key(markov_base, tmp_path):
   """Before the step compiles (it used to fail inside the first step with a model error)."""
   config = configs.from_file(os.path.join(REPO, "experiments", "conditional", "markov_tiny_fixed_point.py"))
@@ -75,6 +94,11 @@ def test_cfmjax_train_runs_a_distillation_config_and_distill_refuses_a_base_one(
   assert start["from_base"]["model"]["d_model"] == 32 and start["vocab_size"] == 12
   assert requested["model"]["d_model"] != 32 and "vocab_size" not in requested["model"]
   assert loading.load_config(str(workdir)).model.d_model == 32
+  # An export has no run.json: its config.json is the complete one, and its info holds the vocabulary.
+  exp, params, step = loading.load(str(workdir))
+  export.write(exp, params, step, str(workdir), str(tmp_path / "export"))
+  assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["d_model"] == 32
+  assert loading.saved_vocab_size(str(tmp_path / "export")) == 12
   with _in_repo(), pytest.raises(Exception, match="not a distillation: it is trained by `cfmjax train`"):
     run_cli("distill", "--config=experiments/base_flow/markov_tiny.py", f"--workdir={tmp_path / 'base'}")
 
