@@ -729,8 +729,7 @@ def logits_readout(logits_fn, vocab_size: int, prompt_flag: bool = True) -> Boun
 
 def from_config(apply_fn, vocab_size: int, config) -> StateSpace:
   """The state space an experiment config asks for (`model.state_space`, `model.vocab_chunk`, ...)."""
-  m = config.model
-  validate_config(m)
+  m = config.model  # checked once, by experiment.validate (validate_config below)
   kind = resolve(m.state_space, vocab_size, m.d_model)
   return StateSpace(apply_fn, vocab_size, embedded=kind == "embedding", vocab_chunk=int(m.vocab_chunk),
                     noise=m.embedded_noise, dtype=m.dtype, prompt_flag=prompting.enabled(config))

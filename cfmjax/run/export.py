@@ -30,7 +30,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from safetensors import numpy as safetensors_np
 
-from cfmjax.run import configs, schema
+from cfmjax.run import configs, run_record
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def write(exp, params, step: int, workdir: str, out: str, dtype: str = "float32"
                              metadata={"format": FORMAT, "step": str(step), "dtype": dtype})
     os.chmod(os.path.join(out, PARAMS_FILE), 0o644)  # safetensors writes 0600; exports are for sharing
     # The config the run trained with (loading.load_config): an export has no run.json to complete it.
-    saved_config = dict(json.loads(exp.config.to_json_best_effort()), **{schema.KEY: schema.VERSION})
+    saved_config = run_record.config_record(exp.config)
     tokenizer = os.path.join(workdir, TOKENIZER_FILE)
     if os.path.exists(tokenizer):
       shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))

@@ -18,6 +18,7 @@ import os
 import jax
 import numpy as np
 
+from cfmjax.parallel import sharding
 from cfmjax.run import checkpointing, configs, experiment, export, run_record
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def saved_vocab_size(path: str) -> int | None:
 
 def mesh_for_this_machine(mesh_config) -> dict:
   """The saved mesh, or data=-1, fsdp=1, tensor=1 when it does not fit this machine's devices."""
-  sizes = {a: int(mesh_config[a]) for a in ("data", "fsdp", "tensor")}
+  sizes = {a: int(mesh_config[a]) for a in sharding.MESH_AXES}
   if -1 not in sizes.values() and int(np.prod(list(sizes.values()))) != jax.device_count():
     log.info("saved mesh %s does not fit %d devices; using data=-1, fsdp=1, tensor=1",
              sizes, jax.device_count())

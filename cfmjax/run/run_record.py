@@ -34,33 +34,38 @@ RUN_FILE = "run.json"
 DATA_STATS_FILE = "data_stats.json"
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
+def _flatten(tree: dict, prefix: str = "") -> dict:
   """{"model.d_model": 256, ...} for a nested dict."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
+      out.update(_flatten(v, f"{prefix}{k}."))
     else:
       out[prefix + k] = v
   return out
+
+
+def config_record(config) -> dict:
+  """A config as config.json holds it: its keys and `schema_version` (an export's config.json too)."""
+  return dict(json.loads(config.to_json_best_effort()), **{schema.KEY: schema.VERSION})
 
 
 def write_config(config, workdir: str):
   """Writes the requested config to config.json; on resume, logs which settings differ from the
   request saved there (older files are read as today's schema first)."""
   path = os.path.join(workdir, CONFIG_FILE)
-  new = json.loads(config.to_json_best_effort())
+  new = config_record(config)
   if os.path.exists(path):
     with open(path) as f:
-      old = schema.migrate_config(json.load(f), path)
-    flat_old, flat_new = flatten(old), flatten(new)
+      old = dict(schema.migrate_config(json.load(f), path), **{schema.KEY: schema.VERSION})
+    flat_old, flat_new = _flatten(old), _flatten(new)
     changed = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
     if changed:
       log.warning("config differs from the one saved in %s: %s", path,
                   ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed))
   if jax.process_index() == 0:
     with open(path, "w") as f:
-      json.dump(dict(new, **{schema.KEY: schema.VERSION}), f, indent=2, sort_keys=True)
+      json.dump(new, f, indent=2, sort_keys=True)
 
 
 def _git_commit() -> str | None:

@@ -29,6 +29,7 @@ from cfmjax import objectives
 from cfmjax.data import pipeline
 from cfmjax.models import model as model_lib
 from cfmjax.objectives import frozen_teacher
+from cfmjax.parallel import sharding
 from cfmjax.run import configs, experiment
 from cfmjax.training import train
 
@@ -74,7 +75,7 @@ def abstract_experiment(config, devices, mesh_sizes=None):
   data = pipeline.Data(source_name=config.data.source, seq_len=config.data.seq_len,
                        vocab_size=vocab_size_of(config), tokenizer=None, markov=None,
                        stats={"abstract": True})
-  mesh_shape = None if mesh_sizes is None else dict(zip(("data", "fsdp", "tensor"), mesh_sizes))
+  mesh_shape = None if mesh_sizes is None else dict(zip(sharding.MESH_AXES, mesh_sizes))
   return experiment.build(config, None, devices, data=data, mesh_shape=mesh_shape)
 
 
